@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny CIFAR data and fake ImageNet weights, never the network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fakedata import write_cifar10, write_cifar100, write_torchvision_weights  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: overrides that make any preset run in seconds on the tiny data
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "data.val_size=50",
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "callbacks.progress_bar=null",
+]
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory) -> Path:
+    return write_cifar10(tmp_path_factory.mktemp("cifar10"))
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(tmp_path_factory) -> Path:
+    return write_cifar100(tmp_path_factory.mktemp("cifar100"))
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("torch_home")
+    write_torchvision_weights(home, names=("vgg11_bn", "resnet18", "resnet50"))
+    return home
+
+
+@pytest.fixture(autouse=True)
+def _offline_torch_home(torch_home, monkeypatch):
+    """Every test sees only the fake weights; nothing reaches for the network's cache."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    import torch.hub
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+
+
+def cli_env(torch_home: Path, **extra) -> dict[str, str]:
+    env = dict(os.environ, TORCH_HOME=str(torch_home), PYTHONWARNINGS="ignore", **extra)
+    env.pop("TRANSFERLAB_DEBUG", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def compose_config(overrides: list[str], output_dir: Path):
+    """The real configs, composed as `python -m transferlab` would, writing to `output_dir`."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from transferlab.runinfo import config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def run_training(overrides: list[str], output_dir: Path) -> dict:
+    """Train in this process through `transferlab.train.run` and return metrics.json."""
+    import json
+
+    from transferlab.train import run
+
+    run(compose_config(overrides, output_dir))
+    return json.loads((Path(output_dir) / "metrics.json").read_text())

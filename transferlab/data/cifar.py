@@ -1,0 +1,198 @@
+"""CIFAR-10 and CIFAR-100 from the official "python version" files.
+
+Looked for under `root`, in this order: the extracted folder (`cifar-10-batches-py/`,
+`cifar-100-python/`), the official archive next to it (extracted once), and finally
+torchvision's own download when `download=true`. Offline with nothing on disk, the
+download fails fast with one line saying where the files were looked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import socket
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferlab.data.datamodule import TensorImageDataModule
+from transferlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: seconds a download may wait on the network before we call the machine offline
+DOWNLOAD_TIMEOUT_S = 10
+
+
+class CIFARDataModule(TensorImageDataModule):
+    """Shared reader for the two CIFAR datasets; subclasses name files and label keys."""
+
+    folder: str
+    archive: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: str
+    names_key: str
+    torchvision_class: str
+
+    def prepare_data(self) -> None:
+        self._locate()
+
+    # ---- finding the files --------------------------------------------------------------
+    def _locate(self) -> Path:
+        folder = self.root / self.folder
+        if folder.is_dir():
+            return folder
+        archive = self.root / self.archive
+        if archive.is_file():
+            self._extract(archive)
+            return folder
+        if self.root.is_dir() and any(self.root.iterdir()) and not self.download:
+            raise UserError(
+                f"data.root={self.root} exists but holds no {self.name} ({self.folder}/ or "
+                f"{self.archive}); point data.root at the folder that contains {self.folder}/"
+            )
+        if not self.download:
+            raise UserError(
+                f"{self.name} not found: no {self.folder}/ or {self.archive} in {self.root}; "
+                f"put the official python-version files there or set data.download=true"
+            )
+        self._download()
+        return folder
+
+    def _extract(self, archive: Path) -> None:
+        log.info("extracting %s", archive)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(self.root, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UserError(f"cannot extract {archive}: {e}; delete it or replace it with the official archive") from e
+
+    def _download(self) -> None:
+        import torchvision.datasets as tvd
+
+        dataset_class = getattr(tvd, self.torchvision_class)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # an offline machine must not hang
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            dataset_class(str(self.root), train=True, download=True)
+        except Exception as e:  # urllib, socket and http errors all mean "could not fetch"
+            raise UserError(
+                f"{self.name} not found in {self.root} (looked for {self.folder}/ and {self.archive}) "
+                f"and the download failed ({type(e).__name__}: {_first_line(e)}); on a machine without "
+                f"internet copy the official python-version files there or set data.root to where they are"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+
+    # ---- reading --------------------------------------------------------------------------
+    def read_split(self, train: bool):
+        folder = self._locate()
+        files = self.train_files if train else self.test_files
+        images, labels = [], []
+        for name in files:
+            entry = self._load_pickle(folder / name)
+            try:
+                data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                label = np.asarray(entry[self.label_key.encode()], dtype=np.int64)
+            except (KeyError, ValueError) as e:
+                raise UserError(
+                    f"{folder / name} is not a {self.name} batch file ({type(e).__name__}: {e}); "
+                    f"replace it with the official file"
+                ) from None
+            if len(data) != len(label):
+                raise UserError(f"{folder / name} holds {len(data)} images but {len(label)} labels")
+            images.append(torch.from_numpy(data))
+            labels.append(torch.from_numpy(label))
+        meta = self._load_pickle(folder / self.meta_file)
+        self._warn_if_not_official(folder, list(files) + [self.meta_file])
+        names = [n.decode() if isinstance(n, bytes) else n for n in meta[self.names_key.encode()]]
+        return torch.cat(images), torch.cat(labels), names
+
+    def _load_pickle(self, path: Path) -> dict:
+        if not path.is_file():
+            raise UserError(
+                f"{path} is missing; the folder {path.parent} is not a complete copy of the "
+                f"official {self.name} python-version files"
+            )
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except Exception as e:
+            raise UserError(
+                f"cannot read {path} ({type(e).__name__}: {_first_line(e)}); replace it with the official file"
+            ) from None
+
+    def _warn_if_not_official(self, folder: Path, names: list[str]) -> None:
+        """A re-encoded copy reads fine: say so once, don't refuse it."""
+        official = self.md5
+        differ = [n for n in names if n in official and _md5(folder / n) != official[n]]
+        if differ:
+            warnings.warn(
+                f"{len(differ)} file(s) in {folder} ({', '.join(differ)}) do not match the official "
+                f"{self.name} MD5 sums (a re-encoded copy?); reading them anyway",
+                stacklevel=2,
+            )
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    name = "cifar10"
+    folder = "cifar-10-batches-py"
+    archive = "cifar-10-python.tar.gz"
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
+    meta_file = "batches.meta"
+    label_key = "labels"
+    names_key = "label_names"
+    torchvision_class = "CIFAR10"
+    dataset_mean = (0.4914, 0.4822, 0.4465)
+    dataset_std = (0.2470, 0.2435, 0.2616)
+    @property
+    def md5(self) -> dict[str, str]:
+        return _official_md5("CIFAR10")
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    name = "cifar100"
+    folder = "cifar-100-python"
+    archive = "cifar-100-python.tar.gz"
+    train_files = ("train",)
+    test_files = ("test",)
+    meta_file = "meta"
+    label_key = "fine_labels"  # the 100 fine classes, not the 20 superclasses
+    names_key = "fine_label_names"
+    torchvision_class = "CIFAR100"
+    dataset_mean = (0.5071, 0.4865, 0.4409)
+    dataset_std = (0.2673, 0.2564, 0.2762)
+
+    @property
+    def md5(self) -> dict[str, str]:
+        return _official_md5("CIFAR100")
+
+
+def _official_md5(torchvision_class: str) -> dict[str, str]:
+    """File name -> official MD5, from torchvision's own table (not a copy of ours)."""
+    import torchvision.datasets as tvd
+
+    dataset = getattr(tvd, torchvision_class)
+    pairs = dataset.train_list + dataset.test_list + [[dataset.meta["filename"], dataset.meta["md5"]]]
+    return {name: md5 for name, md5 in pairs}
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"

@@ -1,0 +1,277 @@
+"""The shared DataModule: images live in memory as one uint8 tensor per split.
+
+Subclasses only say how to read a split (`read_split`); everything else (class subsets,
+the validation split, few-shot subsampling, batching, on-device augmentation) lives here,
+so CIFAR-10, CIFAR-100 and image folders behave the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab.data import transforms as T
+from transferlab.data.subsets import fewshot_indices, select_classes, split_train_val
+from transferlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """A split held in memory. `positions` are indices into the official training/test order."""
+
+    images: torch.Tensor  # uint8 (N, 3, H, W), or images decoded on demand (imagefolder.LazyImages)
+    labels: torch.Tensor  # int64 (N,)
+    positions: torch.Tensor  # int64 (N,)
+
+    def take(self, idx: torch.Tensor) -> "Split":
+        return Split(self.images[idx], self.labels[idx], self.positions[idx])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class TensorDataset(Dataset):
+    """(image, label) pairs from in-memory tensors; fetches whole batches in one indexing op."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        images, labels = self.__getitems__([i])
+        return images[0], labels[0]
+
+    # DataLoader calls this with a list of indices when it exists: one gather per batch
+    # instead of one Python call per image.
+    def __getitems__(self, indices: Sequence[int]):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        images = self.split.images[idx]
+        if not isinstance(images, torch.Tensor):  # streamed from disk (see imagefolder.LazyImages)
+            images = images.load()
+        return images, self.split.labels[idx]
+
+
+def _keep_batch(batch):
+    return batch
+
+
+class TensorImageDataModule(L.LightningDataModule):
+    """Base DataModule. See `conf/data/*.yaml` for what every argument means."""
+
+    #: the dataset's own per-channel mean/std, used by `normalization=dataset`/`cifar`.
+    dataset_mean: tuple[float, ...] | None = None
+    dataset_std: tuple[float, ...] | None = None
+    name = "images"
+
+    def __init__(
+        self,
+        root: str = "./data",
+        download: bool = True,
+        image_size: int = 32,
+        normalization: str | None = "imagenet",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        augment: bool = False,
+        crop_padding: int = 4,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        classes: Sequence[str | int] | None = None,
+        fewshot: dict | None = None,
+        seed: int = 0,
+        output_dir: str | None = None,
+    ):
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.download = download
+        self.image_size = int(image_size)
+        self.normalization = normalization
+        # Explicit statistics (e.g. those a reused checkpoint was trained with) win over the name.
+        self.explicit_stats = (tuple(mean), tuple(std)) if mean is not None and std is not None else None
+        self.val_size = int(val_size)
+        self.split_seed = split_seed
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.classes = list(classes) if classes is not None else None
+        self.fewshot = dict(fewshot or {})
+        self.seed = seed
+        self.output_dir = Path(output_dir) if output_dir else None
+        self._check_arguments()
+        self.train: Split | None = None
+        self.val: Split | None = None
+        self.test: Split | None = None
+        self.class_names: list[str] = []
+        self.mean: tuple[float, ...] | None = None
+        self.std: tuple[float, ...] | None = None
+
+    # ---- what subclasses provide -------------------------------------------------------
+    def read_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Return (uint8 images (N,3,H,W), int64 labels (N,), class names) of a split.
+
+        Datasets with a fixed train/test split implement this; others override `load_splits`.
+        """
+        raise NotImplementedError
+
+    def compute_dataset_stats(self, train: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean/std of the training images, for datasets with no published statistics."""
+        return T.channel_stats(train.images)
+
+    # ---- checks -------------------------------------------------------------------------
+    def _check_arguments(self) -> None:
+        if self.batch_size <= 0:
+            raise UserError(f"data.batch_size={self.batch_size} must be a positive integer")
+        if self.image_size <= 0:
+            raise UserError(f"data.image_size={self.image_size} must be a positive integer")
+        if self.val_size < 0:
+            raise UserError(f"data.val_size={self.val_size} must be >= 0")
+        if self.normalization not in ("imagenet", "cifar", "dataset", None, "none"):
+            raise UserError(
+                f"data.normalization={self.normalization!r} is not one of imagenet, cifar, dataset, none"
+            )
+        per_class, fraction = self.fewshot.get("per_class"), self.fewshot.get("fraction")
+        if per_class is not None and fraction is not None:
+            raise UserError(
+                "data.fewshot.per_class and data.fewshot.fraction are both set; set only one of them"
+            )
+        if per_class is not None and int(per_class) <= 0:
+            raise UserError(f"data.fewshot.per_class={per_class} must be a positive integer")
+        if fraction is not None and not 0 < float(fraction) <= 1:
+            raise UserError(f"data.fewshot.fraction={fraction} must be in (0, 1]")
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:  # idempotent: the training script calls it before fit
+            return
+        full_train, val, test, names = self.load_splits()
+        keep, self.class_names = select_classes(names, self.classes)
+        full_train, test = _relabel(full_train, keep, len(names)), _relabel(test, keep, len(names))
+        if val is None:
+            train, val = split_train_val(full_train, self.val_size, self.split_seed)
+        else:
+            train, val = full_train, _relabel(val, keep, len(names))
+        train, _ = self._subsample(train)
+        self.train, self.val, self.test = train, val, test
+        self.mean, self.std = self._resolve_normalization(train)
+        log.info(
+            "%s: %d train / %d val / %d test images, %d classes",
+            self.name, len(train), len(val), len(test), self.num_classes,
+        )
+
+    def load_splits(self) -> tuple[Split, Split | None, Split, list[str]]:
+        """(train, val or None to carve it from train, test, class names), all in memory."""
+        train_images, train_labels, names = self.read_split(train=True)
+        test_images, test_labels, test_names = self.read_split(train=False)
+        if list(test_names) != list(names):
+            raise UserError(
+                f"the test split of {self.root} has classes {test_names} but the training split has {names}"
+            )
+        full_train = Split(train_images, train_labels, torch.arange(len(train_labels)))
+        test = Split(test_images, test_labels, torch.arange(len(test_labels)))
+        return full_train, None, test, list(names)
+
+    def _subsample(self, train: Split) -> tuple[Split, dict[str, int] | None]:
+        per_class, fraction = self.fewshot.get("per_class"), self.fewshot.get("fraction")
+        if per_class is None and fraction is None:
+            return train, None
+        seed = self.fewshot.get("seed")
+        seed = self.seed if seed is None else int(seed)
+        idx = fewshot_indices(train.labels, self.class_names, per_class, fraction, seed)
+        train = train.take(idx)
+        counts = {
+            name: int((train.labels == c).sum()) for c, name in enumerate(self.class_names)
+        }
+        self.fewshot_counts = counts
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            record = {"indices": train.positions.tolist(), "per_class": counts}
+            (self.output_dir / "fewshot_indices.json").write_text(json.dumps(record))
+        log.info("few-shot training set: %s", counts)
+        return train, counts
+
+    def _resolve_normalization(self, train: Split):
+        if self.explicit_stats is not None:
+            return self.explicit_stats
+        if self.normalization == "imagenet":
+            return T.IMAGENET_MEAN, T.IMAGENET_STD
+        if self.normalization in ("none", None):
+            return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        if self.dataset_mean is not None:
+            return self.dataset_mean, self.dataset_std
+        return self.compute_dataset_stats(train)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint must remember to preprocess images like this run did."""
+        return {
+            "dataset": self.name,
+            "class_names": list(self.class_names),
+            "image_size": self.image_size,
+            "normalization": self.normalization,
+            "mean": list(self.mean or ()),
+            "std": list(self.std or ()),
+        }
+
+    def _loader(self, split: Split, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(
+            TensorDataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=_keep_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test, shuffle=False, batch_size=self.eval_batch_size)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if images.dtype != torch.uint8:  # already preprocessed (cached features, user data)
+            return batch
+        training = self.trainer is not None and self.trainer.training
+        return self.preprocess(images, train=training), labels
+
+    def preprocess(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """uint8 images on any device -> normalized float batch at `image_size`."""
+        if train and self.augment:
+            images = T.batch_crop(images, self.crop_padding)
+            images = T.batch_flip_lr(images)
+        images = T.normalize(images, self.mean, self.std)
+        return T.resize(images, self.image_size)
+
+
+def _relabel(split: Split, keep: list[int], num_classes: int) -> Split:
+    """Keep only the classes in `keep` and renumber them 0..len(keep)-1 in that order."""
+    if keep == list(range(num_classes)):
+        return split
+    mapping = torch.full((num_classes,), -1, dtype=torch.long)
+    mapping[torch.as_tensor(keep)] = torch.arange(len(keep))
+    new_labels = mapping[split.labels]
+    idx = torch.nonzero(new_labels >= 0).flatten()
+    return Split(split.images[idx], new_labels[idx], split.positions[idx])
