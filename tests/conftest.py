@@ -41,10 +41,16 @@ def torch_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def transferlab_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("transferlab_cache")
+
+
 @pytest.fixture(autouse=True)
-def _offline_torch_home(torch_home, monkeypatch):
+def _offline_torch_home(torch_home, transferlab_cache, monkeypatch):
     """Every test sees only the fake weights; nothing reaches for the network's cache."""
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(transferlab_cache))
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     import torch.hub
 
@@ -53,6 +59,7 @@ def _offline_torch_home(torch_home, monkeypatch):
 
 def cli_env(torch_home: Path, **extra) -> dict[str, str]:
     env = dict(os.environ, TORCH_HOME=str(torch_home), PYTHONWARNINGS="ignore", **extra)
+    # os.environ already carries the test's TRANSFERLAB_CACHE (set by the autouse fixture).
     env.pop("TRANSFERLAB_DEBUG", None)
     env.pop("HYDRA_FULL_ERROR", None)
     return env

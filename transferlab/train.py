@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import UserError, exit_with
+from transferlab.features import cache_features, should_cache
 from transferlab.models import TransferModule
 from transferlab.runinfo import check_output_dir, config_dir, run_info
 
@@ -59,7 +60,10 @@ def run(cfg: DictConfig) -> float | None:
         backbone_lr_ratio=cfg.mode.get("backbone_lr_ratio", 1.0),
         data_info=datamodule.describe(),
         channels_last=cfg.model.channels_last,
+        compile=cfg.model.get("compile", False),
     )
+    if should_cache(cfg.data.get("cache_features", "auto"), cfg.mode.name, cfg.data.augment, _train_bn(cfg)):
+        cache_features(model, datamodule, device=_feature_device(cfg))
     trainer = build_trainer(cfg, output_dir)
     log_hyperparameters(trainer, cfg)
 
@@ -148,6 +152,17 @@ def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     return {k: _number(v) for k, v in (results[0] if results else {}).items()}
+
+
+def _train_bn(cfg: DictConfig) -> bool:
+    callback = cfg.mode.get("callback") or {}
+    return bool(callback.get("train_bn", False))
+
+
+def _feature_device(cfg: DictConfig) -> str:
+    """Extract cached features where training will run: the GPU when there is one."""
+    wants_gpu = str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
 def release_memory() -> None:

@@ -93,6 +93,7 @@ class TensorImageDataModule(L.LightningDataModule):
         fewshot: dict | None = None,
         seed: int = 0,
         output_dir: str | None = None,
+        cache_features: str | bool = "auto",
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -112,6 +113,7 @@ class TensorImageDataModule(L.LightningDataModule):
         self.fewshot = dict(fewshot or {})
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir else None
+        self.cache_features = cache_features  # read by transferlab.features (frozen backbones)
         self._check_arguments()
         self.train: Split | None = None
         self.val: Split | None = None

@@ -32,6 +32,7 @@ class TransferModule(L.LightningModule):
         backbone_lr_ratio: float = 1.0,
         data_info: dict | None = None,
         channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -45,6 +46,12 @@ class TransferModule(L.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        if compile:
+            # In place: the state dict keeps its `backbone.*` names, so checkpoints stay portable.
+            self.backbone.compile()
+            self.head.compile()
+        # Set by `transferlab.features` when batches carry precomputed backbone features.
+        self.features_cached = False
 
         def accuracy(top_k: int = 1) -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
@@ -65,7 +72,8 @@ class TransferModule(L.LightningModule):
 
     def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs, labels = batch
-        logits = self(inputs)
+        # Cached features already went through the (frozen, eval-mode) backbone once.
+        logits = self.head(inputs) if self.features_cached else self(inputs)
         return F.cross_entropy(logits, labels), logits, labels
 
     # ---- train / val / test ----------------------------------------------------------------
