@@ -31,15 +31,14 @@ def batch_crop(
     """
     if padding <= 0:
         return images
-    n, _, h, w = images.shape
+    n, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
-    shifts = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device="cpu")
-    shifts = shifts.to(images.device)
-    rows = shifts[0].view(n, 1, 1) + torch.arange(h, device=images.device).view(1, h, 1)
-    cols = shifts[1].view(n, 1, 1) + torch.arange(w, device=images.device).view(1, 1, w)
-    batch = torch.arange(n, device=images.device).view(n, 1, 1)
-    # Advanced indexing over (batch, row, col) gathers (N, H, W, C); move channels back.
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+    shifts = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device="cpu").to(images.device)
+    # Two gathers (rows, then columns) are about 2x faster than one 3-D advanced index.
+    rows = shifts[0].view(n, 1, 1, 1) + torch.arange(h, device=images.device).view(1, 1, h, 1)
+    window_rows = padded.gather(2, rows.expand(n, c, h, padded.shape[-1]))
+    cols = shifts[1].view(n, 1, 1, 1) + torch.arange(w, device=images.device).view(1, 1, 1, w)
+    return window_rows.gather(3, cols.expand(n, c, h, w))
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -56,6 +55,9 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize of float images to size x size (no-op when already that size)."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
+    # CPU bilinear upsampling is about 2x faster in channels-last layout; convolutions take
+    # either layout, so the result stays channels-last (values are the same).
+    images = images.contiguous(memory_format=torch.channels_last)
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
