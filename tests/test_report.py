@@ -1,0 +1,273 @@
+"""transferlab-report on a real `-m` sweep: tables, figures, errors, and what the event files hold."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import cli_env
+from transferlab import report
+
+#: 2 modes x 2 few-shot sizes x 2 seeds = 8 jobs. Seeds vary slowest, so the report must regroup
+#: repeats that the sweep ran apart. cnn_small builds in milliseconds where VGG takes seconds;
+#: the report does not care which network made the numbers.
+SWEEP = [
+    "seed=0,1",
+    "mode=frozen,finetune",
+    "data.fewshot.per_class=2,4",
+    "experiment=vgg_finetune",
+    "backbone=cnn_small",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "data.val_size=20",
+    "data.batch_size=16",
+    "data.eval_batch_size=32",
+    "callbacks.progress_bar=null",
+    "callbacks.model_checkpoint=null",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, cifar10_root, torch_home) -> Path:
+    work = tmp_path_factory.mktemp("report")
+    sweep = work / "sweep"
+    command = [sys.executable, "-m", "transferlab", "-m", *SWEEP, f"data.root={cifar10_root}", f"hydra.sweep.dir={sweep}"]
+    # Module fixtures run before the autouse one that points TRANSFERLAB_CACHE at a temp dir.
+    env = cli_env(torch_home, TRANSFERLAB_CACHE=str(work / "cache"))
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def sweep_report(sweep_dir) -> Path:
+    """The report as `transferlab-report SWEEP_DIR` writes it: into the sweep dir."""
+    report.main([str(sweep_dir)])
+    return sweep_dir
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def _csv_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _job_dirs(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if (p / "metrics.json").is_file()), key=lambda p: int(p.name.split("_")[0]))
+
+
+# ---- finding runs --------------------------------------------------------------------------
+def test_finds_every_job_of_the_sweep_from_the_sweep_or_its_parent(sweep_dir):
+    jobs = [p.resolve() for p in _job_dirs(sweep_dir)]
+    assert len(jobs) == 8
+    assert report.find_runs([sweep_dir]) == jobs
+    assert report.find_runs([sweep_dir.parent]) == jobs  # two levels down: parent/sweep/job
+    assert report.find_runs([jobs[3]]) == [jobs[3]]
+
+
+def test_setting_falls_back_to_the_config_and_names_groups_by_their_name():
+    config = OmegaConf.create({"seed": 0, "mode": {"name": "finetune", "backbone_lr_ratio": 1.0}})
+    frozen = report.Run(Path("a"), {"mode": "frozen"}, config, {})
+    default = report.Run(Path("b"), {"seed": "0"}, config, {})
+    assert default.setting("mode") == "finetune"
+    assert frozen.setting("seed") == "0"
+    assert frozen.setting("not.in.config") == report.MISSING
+    # seed is given in one run and equal to the other's default: not a difference
+    assert report.differing_overrides([frozen, default]) == ["mode"]
+
+
+# ---- tables --------------------------------------------------------------------------------
+def test_csv_has_one_row_per_run_grouped_by_setting(sweep_report):
+    rows = _csv_rows(sweep_report)
+    assert len(rows) == 8
+    assert list(rows[0])[:5] == ["run", "run_dir", "mode", "data.fewshot.per_class", "seed"]
+    # Identical in every job, so not a column: experiment, backbone, data.root, trainer.*.
+    for same in ("experiment", "backbone", "data.root", "trainer.max_epochs"):
+        assert same not in rows[0]
+    settings = [(r["mode"], r["data.fewshot.per_class"], r["seed"]) for r in rows]
+    assert settings == [(m, k, s) for m in ("frozen", "finetune") for k in ("2", "4") for s in ("0", "1")]
+    for row in rows:
+        metrics = _metrics(row["run_dir"])
+        assert float(row["test/acc"]) == pytest.approx(metrics["test/acc"])
+        assert float(row["val/acc_best"]) == pytest.approx(metrics["val/acc_best"])
+        assert int(row["epochs"]) == metrics["epochs"] == 2
+        assert float(row["train_time_s"]) == pytest.approx(metrics["train_time_s"])
+        assert int(row["params_trainable"]) == metrics["params_trainable"]
+        assert int(row["params_total"]) == metrics["params_total"]
+        frozen = row["mode"] == "frozen"
+        assert (int(row["params_trainable"]) < int(row["params_total"])) == frozen
+
+
+def test_markdown_has_mean_std_and_n_over_two_seeds(sweep_report):
+    rows = _csv_rows(sweep_report)
+    text = (sweep_report / "report.md").read_text()
+    assert "## Mean ± std over seeds" in text
+    grouped = text.split("## Mean ± std over seeds")[1]
+    header = "| mode | data.fewshot.per_class | n | val/acc_best | test/acc | train time (s) |"
+    assert header in grouped
+    for mode in ("frozen", "finetune"):
+        for k in ("2", "4"):
+            accuracies = [_metrics(r["run_dir"])["test/acc"] for r in rows if (r["mode"], r["data.fewshot.per_class"]) == (mode, k)]
+            expected = f"{statistics.fmean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}"
+            line = next(line for line in grouped.splitlines() if line.startswith(f"| {mode} | {k} |"))
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[2] == "2"  # n
+            assert cells[4] == expected
+
+
+def test_grouped_table_numbers(sweep_dir):
+    runs = report.load_runs([sweep_dir])
+    keys = report.differing_overrides(runs)
+    assert keys == ["mode", "data.fewshot.per_class", "seed"]
+    table = report.grouped_table(runs, keys)
+    assert [(r["mode"], r["data.fewshot.per_class"], r["n"]) for r in table] == [
+        ("frozen", "2", 2), ("frozen", "4", 2), ("finetune", "2", 2), ("finetune", "4", 2)
+    ]
+    for row in table:
+        accuracies = [r.metrics["test/acc"] for r in runs if (r.setting("mode"), r.setting("data.fewshot.per_class")) == (row["mode"], row["data.fewshot.per_class"])]
+        assert row["test/acc mean"] == pytest.approx(statistics.fmean(accuracies))
+        assert row["test/acc std"] == pytest.approx(statistics.stdev(accuracies))
+
+
+# ---- figures -------------------------------------------------------------------------------
+def _assert_png(path: Path, min_width: int) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    assert path.stat().st_size > 20_000, f"{path} is suspiciously small"
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width >= min_width and height >= 400
+
+
+def test_figures_are_real_pngs_and_linked_from_the_markdown(sweep_report):
+    _assert_png(sweep_report / "curves.png", min_width=1000)
+    _assert_png(sweep_report / "sample_efficiency.png", min_width=600)
+    text = (sweep_report / "report.md").read_text()
+    assert "![Training curves](curves.png)" in text
+    assert "![Sample efficiency](sample_efficiency.png)" in text
+
+
+def test_sample_efficiency_has_one_line_per_mode_with_seed_spread(sweep_dir):
+    runs = report.load_runs([sweep_dir])
+    lines = report.sample_efficiency_points(runs, report.differing_overrides(runs))
+    assert list(lines) == ["mode=frozen", "mode=finetune"]
+    for points in lines.values():
+        assert [x for x, *_ in points] == [2.0, 4.0]
+        assert all(n == 2 for *_, n in points)
+
+
+def test_no_sample_efficiency_when_the_fewshot_size_is_the_same(sweep_dir, tmp_path):
+    same_size = [str(p) for p in _job_dirs(sweep_dir) if "per_class=2," in p.name]
+    assert len(same_size) == 4
+    (tmp_path / "sample_efficiency.png").write_bytes(PNG_MAGIC)  # stale, from an earlier report
+    report.main([*same_size, "--out", str(tmp_path)])
+    rows = _csv_rows(tmp_path)
+    assert len(rows) == 4
+    assert "data.fewshot.per_class" not in rows[0] and {"mode", "seed"} <= set(rows[0])
+    assert (tmp_path / "curves.png").is_file()
+    assert not (tmp_path / "sample_efficiency.png").exists()
+    assert "Sample efficiency" not in (tmp_path / "report.md").read_text()
+
+
+def test_run_dir_arguments_write_into_the_current_dir(sweep_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report.main([str(_job_dirs(sweep_dir)[0])])
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "report.csv", "curves.png"}
+
+
+# ---- curves and hyperparameters in the event files -----------------------------------------
+def test_curves_come_from_the_event_files_one_point_per_epoch(sweep_dir):
+    run_dir = _job_dirs(sweep_dir)[0]
+    curves = report.read_curves(run_dir)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        assert [epoch for epoch, _ in curves[tag]] == [1, 2], tag
+    metrics = _metrics(run_dir)
+    assert curves["val/acc"][-1][1] == pytest.approx(metrics["val/acc"])
+    assert curves["train/loss"][-1][1] == pytest.approx(metrics["train/loss"])
+
+
+def _event_data(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")})
+    assert folders == [run_dir / "tensorboard"]
+    accumulator = EventAccumulator(str(folders[0]), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_event_files_hold_final_metrics_and_hparams_for_the_hparams_tab(sweep_dir):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run_dir = _job_dirs(sweep_dir)[0]
+    events = _event_data(run_dir)
+    tags = set(events.Tags()["scalars"])
+    wanted = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc"}
+    assert wanted <= tags, f"missing scalar tags: {sorted(wanted - tags)}"
+    # The HParams tab shows the last value of each metric tag: it must be the test result.
+    final_test = max(events.Scalars("test/acc"), key=lambda e: e.step).value
+    assert final_test == pytest.approx(_metrics(run_dir)["test/acc"])
+
+    content = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content), sorted(content)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {"val/acc_best", "test/acc"} <= {m.name.tag for m in experiment.metric_infos}
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["mode.name"].string_value == "frozen"
+    assert start.hparams["seed"].number_value == 0
+    assert start.hparams["data.fewshot.per_class"].number_value == 2
+
+
+# ---- errors --------------------------------------------------------------------------------
+def test_console_script_is_the_report_main():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("transferlab-report") == "transferlab.report:main"
+
+
+# In-process rather than through the console script: starting one costs ~8 s on two cores
+# (`import transferlab` pulls in torch and lightning), for the same exit code and message.
+@pytest.mark.parametrize("case", ["missing path", "empty dir", "a file", "runs too deep"])
+def test_nothing_to_report_is_a_one_line_error(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRANSFERLAB_DEBUG", raising=False)  # debug mode re-raises instead
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    target = tmp_path / "target"
+    if case == "a file":
+        target.write_text("")
+    elif case != "missing path":
+        (target / "a" / "b" / "c").mkdir(parents=True)
+        if case == "runs too deep":
+            (target / "a" / "b" / "c" / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(target)])
+    assert exit_info.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("transferlab: error:"), lines
+    expected = {"missing path": "does not exist", "a file": "is not a directory"}.get(case, "no runs found")
+    assert expected in lines[0] and str(target) in lines[0]
+    if expected == "no runs found":
+        assert "metrics.json" in lines[0]  # says what it looked for
+
+
+def test_long_legend_labels_are_wrapped_to_fit_the_figure():
+    labels = ["mode=frozen " + "x" * 200, "mode=finetune"]
+    wrapped, columns, lines = report.legend_layout(labels, line_chars=80)
+    assert columns == 1
+    assert all(len(line) <= 80 - report.LEGEND_SAMPLE_CHARS for label in wrapped for line in label.splitlines())
+    assert lines == wrapped[0].count("\n") + 2
