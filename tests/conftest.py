@@ -26,12 +26,12 @@ FAST = [
 
 @pytest.fixture(scope="session")
 def cifar10_root(tmp_path_factory) -> Path:
-    return write_cifar10(tmp_path_factory.mktemp("cifar10"))
+    return write_cifar10(tmp_path_factory.mktemp("tiny_cifar10"))
 
 
 @pytest.fixture(scope="session")
 def cifar100_root(tmp_path_factory) -> Path:
-    return write_cifar100(tmp_path_factory.mktemp("cifar100"))
+    return write_cifar100(tmp_path_factory.mktemp("tiny_cifar100"))
 
 
 @pytest.fixture(scope="session")

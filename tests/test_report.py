@@ -172,7 +172,10 @@ def test_sample_efficiency_has_one_line_per_mode_with_seed_spread(sweep_dir):
 
 
 def test_no_sample_efficiency_when_the_fewshot_size_is_the_same(sweep_dir, tmp_path):
-    same_size = [str(p) for p in _job_dirs(sweep_dir) if "per_class=2," in p.name]
+    same_size = [
+        str(p) for p in _job_dirs(sweep_dir)
+        if "data.fewshot.per_class=2" in (p / ".hydra" / "overrides.yaml").read_text()
+    ]
     assert len(same_size) == 4
     (tmp_path / "sample_efficiency.png").write_bytes(PNG_MAGIC)  # stale, from an earlier report
     report.main([*same_size, "--out", str(tmp_path)])
