@@ -1,5 +1,23 @@
 """Lightning callbacks: freeze/unfreeze modes and run bookkeeping."""
 
-from transferlab.callbacks.freeze import FreezeBackbone, freeze, hold_frozen_in_eval
+from transferlab.callbacks.freeze import (
+    FreezeBackbone,
+    FreezeStages,
+    GradualUnfreeze,
+    TrainAll,
+    TransferMode,
+    extend_scheduler,
+    freeze,
+    hold_frozen_in_eval,
+)
 
-__all__ = ["FreezeBackbone", "freeze", "hold_frozen_in_eval"]
+__all__ = [
+    "FreezeBackbone",
+    "FreezeStages",
+    "GradualUnfreeze",
+    "TrainAll",
+    "TransferMode",
+    "extend_scheduler",
+    "freeze",
+    "hold_frozen_in_eval",
+]

@@ -1,7 +1,16 @@
 """Models: backbones cut at their features, heads, and the LightningModule around them."""
 
-from transferlab.models.backbones import Backbone, cnn_small, torchvision_backbone
+from transferlab.models.backbones import Backbone, cnn_small, torchvision_backbone, truncated_resnet, vgg_blocks
 from transferlab.models.heads import linear_head, mlp_head
 from transferlab.models.module import TransferModule
 
-__all__ = ["Backbone", "TransferModule", "cnn_small", "linear_head", "mlp_head", "torchvision_backbone"]
+__all__ = [
+    "Backbone",
+    "TransferModule",
+    "cnn_small",
+    "linear_head",
+    "mlp_head",
+    "torchvision_backbone",
+    "truncated_resnet",
+    "vgg_blocks",
+]

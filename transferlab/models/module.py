@@ -12,13 +12,16 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from transferlab.errors import UserError
+
 
 class TransferModule(L.LightningModule):
     """Holds `backbone` and `head` as submodules (state dict keys `backbone.*`, `head.*`).
 
     Which parameters train is decided by the mode callback (`transferlab.callbacks`),
     not here: the optimizer simply receives every parameter that still requires grad,
-    in two groups, head at `lr` and backbone at `lr * backbone_lr_ratio`.
+    in named groups, head at `lr` and backbone at `lr * backbone_lr_ratio` (per stage,
+    times `layer_decay` per stage from the top, when that is set).
     """
 
     def __init__(
@@ -30,6 +33,7 @@ class TransferModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
         backbone_lr_ratio: float = 1.0,
+        layer_decay: float | None = None,
         data_info: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -41,7 +45,12 @@ class TransferModule(L.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.SGD, lr=0.01, momentum=0.9)
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        if backbone_lr_ratio < 0:
+            raise UserError(f"mode.backbone_lr_ratio={backbone_lr_ratio} must be >= 0")
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise UserError(f"mode.layer_decay={layer_decay} must be in (0, 1] (or null for none)")
         self.backbone_lr_ratio = backbone_lr_ratio
+        self.layer_decay = layer_decay
         self.data_info = dict(data_info or {})
         self.channels_last = channels_last
         if channels_last:
@@ -121,20 +130,41 @@ class TransferModule(L.LightningModule):
         return self(inputs).softmax(dim=1)
 
     # ---- optimization --------------------------------------------------------------------
+    def base_lr(self) -> float:
+        """The optimizer's configured learning rate: the head's, and what backbone rates scale."""
+        if isinstance(self.optimizer_factory, partial) and "lr" in self.optimizer_factory.keywords:
+            return float(self.optimizer_factory.keywords["lr"])
+        # No lr given: the optimizer's own default, read off a throwaway instance.
+        return float(self.optimizer_factory([torch.zeros(1, requires_grad=True)]).defaults["lr"])
+
     def param_groups(self) -> list[dict]:
-        """Trainable parameters in named groups; empty groups are left out."""
-        lr = self.optimizer_factory.keywords.get("lr", 0.01) if isinstance(self.optimizer_factory, partial) else None
-        groups = []
+        """Trainable parameters in named groups (`head`, then `backbone...`); empty groups are left out."""
+        lr = self.base_lr()
         head = [p for p in self.head.parameters() if p.requires_grad]
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        if head:
-            groups.append({"params": head, "name": "head"})
-        if backbone:
-            group = {"params": backbone, "name": "backbone"}
-            if lr is not None and self.backbone_lr_ratio != 1.0:
-                group["lr"] = lr * self.backbone_lr_ratio
-            groups.append(group)
-        return groups
+        groups = [{"params": head, "name": "head", "lr": lr}] if head else []
+        return groups + self.backbone_param_groups(lr)
+
+    def backbone_param_groups(self, head_lr: float) -> list[dict]:
+        """The backbone's trainable parameters at `head_lr * backbone_lr_ratio`.
+
+        With `layer_decay`, one group per stage (`backbone.stage<i>`, i from the input side):
+        stage k from the top gets `head_lr * backbone_lr_ratio * layer_decay**k`, and
+        parameters outside every stage go with the bottom stage. Each group records its
+        `lr_scale` relative to the head, so a group added at unfreeze can follow the
+        head's schedule (`transferlab.callbacks.GradualUnfreeze`).
+        """
+        trainable = [p for p in self.backbone.parameters() if p.requires_grad]
+        if not trainable:
+            return []
+        if self.layer_decay is None:
+            return [_lr_group("backbone", trainable, head_lr, self.backbone_lr_ratio)]
+        per_stage = _split_by_stage(trainable, self.backbone)
+        top = len(per_stage) - 1
+        return [
+            _lr_group(f"backbone.stage{i}", params, head_lr, self.backbone_lr_ratio * self.layer_decay ** (top - i))
+            for i, params in enumerate(per_stage)
+            if params
+        ]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.param_groups())
@@ -151,3 +181,24 @@ class TransferModule(L.LightningModule):
             "backbone": getattr(self.backbone, "name", type(self.backbone).__name__),
             "num_classes": self.num_classes,
         }
+
+
+def _lr_group(name: str, params: list[nn.Parameter], head_lr: float, scale: float) -> dict:
+    return {"params": params, "name": name, "lr": head_lr * scale, "lr_scale": scale}
+
+
+def _split_by_stage(params: list[nn.Parameter], backbone: nn.Module) -> list[list[nn.Parameter]]:
+    stages = getattr(backbone, "stages", None)
+    if not stages:
+        raise UserError(
+            f"mode.layer_decay needs a backbone with stages; {type(backbone).__name__} has none (set mode.layer_decay=null)"
+        )
+    stage_of = {}
+    for i, stage in enumerate(stages):
+        for module in stage:
+            for p in module.parameters():
+                stage_of.setdefault(id(p), i)
+    per_stage: list[list[nn.Parameter]] = [[] for _ in stages]
+    for p in params:
+        per_stage[stage_of.get(id(p), 0)].append(p)
+    return per_stage
