@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
@@ -13,6 +14,8 @@ from omegaconf import DictConfig
 from transferlab.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+#: the packages whose versions decide a run's numbers
+RECORDED_PACKAGES = ("transferlab", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy")
 
 
 def config_dir() -> Path:
@@ -23,45 +26,103 @@ def config_dir() -> Path:
     raise RuntimeError(f"transferlab's configs are missing: no conf/train.yaml in {PACKAGE_DIR} or its parent")
 
 
-def check_output_dir(output_dir: Path, resuming: bool) -> None:
-    """Refuse to write into a run dir that already holds a run, unless resuming it."""
+def holds_run(folder: Path) -> bool:
+    """A run wrote here: its results or its checkpoints (the `.hydra/` of a failed start is no run)."""
+    return (folder / "metrics.json").exists() or (folder / "checkpoints").exists()
+
+
+def ensure_writable(folder: Path, setting: str = "hydra.run.dir") -> None:
+    """Create `folder` and prove a file can be written in it; `setting` is what the user changes."""
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"output dir {output_dir} is not writable ({e.strerror}); set hydra.run.dir to a writable folder") from None
-    finished = (output_dir / "metrics.json").exists() or (output_dir / "checkpoints").exists()
-    if finished and not resuming:
+        raise UserError(
+            f"output dir {folder} is not writable ({e.strerror or type(e).__name__}); set {setting} to a writable folder"
+        ) from None
+
+
+def check_output_dir(output_dir: Path, resuming: bool) -> None:
+    """Refuse to write into a run dir that already holds a run, unless resuming it."""
+    ensure_writable(output_dir)
+    if holds_run(output_dir) and not resuming:
         raise UserError(
             f"{output_dir} already holds a run; pick a new hydra.run.dir, or resume it with ckpt_path=last"
         )
 
 
+def route_lightning_logs_through_root() -> None:
+    """Send Lightning's info lines where ours go (stdout and the run's train.log), not to stderr.
+
+    Lightning gives its loggers a stderr handler of their own when it is imported before
+    logging is configured, which is always the case under Hydra. Routed through the root
+    logger they are kept in train.log, and stderr is left to warnings and the one-line errors.
+    """
+    if not logging.getLogger().handlers:
+        return  # logging not configured (a library call): Lightning's own handler is all there is
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # not its subclass FileHandler
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def run_info(cfg: DictConfig) -> dict:
     """Everything needed to say what produced a run's numbers."""
+    import torch
+
     versions = {}
-    for package in ("transferlab", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core"):
+    for package in RECORDED_PACKAGES:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    commit = _git_commit()
     return {
         "seed": cfg.seed,
+        "deterministic": bool(cfg.get("trainer", {}).get("deterministic", False)),
+        "resumed_from": cfg.get("ckpt_path"),
         "versions": versions,
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        # Uncommitted changes mean the commit alone does not say which code ran.
+        "git_dirty": _git_dirty() if commit else None,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
-def _git_commit() -> str | None:
+def _source_checkout() -> Path | None:
+    """The git checkout this package runs from; None for an installed copy.
+
+    Asking git from inside site-packages could report some unrelated enclosing repository,
+    so only a checkout whose top level holds this very package counts.
+    """
+    root = PACKAGE_DIR.parent
+    return root if (root / ".git").exists() else None
+
+
+def _git(*args: str) -> str | None:
+    root = _source_checkout()
+    if root is None:
+        return None
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    out = _git("rev-parse", "HEAD")
+    return out.strip() or None if out else None
+
+
+def _git_dirty() -> bool | None:
+    out = _git("status", "--porcelain")  # untracked files too: a new module may be what ran
+    return None if out is None else bool(out.strip())

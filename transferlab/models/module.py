@@ -68,6 +68,8 @@ class TransferModule(L.LightningModule):
         self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        # In the checkpoint: a resumed run must remember the best epoch before the interruption.
+        self.val_acc_best.persistent(True)
         # Top-5 is informative for many classes only (it is 100% with 5 classes).
         self.top5 = num_classes > 10
         if self.top5:

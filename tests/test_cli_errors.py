@@ -1,0 +1,233 @@
+"""Bad input through the real command line: one line on stderr, a non-zero exit, no training.
+
+Every case is a real `python -m transferlab` process (about 5 s of imports each), so the
+list keeps one case per kind of mistake. Hydra reports unknown config choices itself, over
+several lines that list the available options; our own errors are exactly one line.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_env, run_training
+from transferlab.errors import UserError, user_error_behind
+from transferlab.validate import check_command_line, check_data_root, command_line_overrides
+
+#: a small, fast run on the tiny data; every case adds the mistake to it
+BASE = [
+    "backbone=cnn_small",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "data.val_size=50",
+    "data.batch_size=32",
+    "callbacks.progress_bar=null",
+]
+
+
+def cli(args: list[str], cwd: Path, torch_home: Path, **env) -> subprocess.CompletedProcess:
+    full_env = cli_env(torch_home)
+    full_env.update(env)  # after cli_env, which drops the debug switches
+    return subprocess.run(
+        [sys.executable, "-m", "transferlab", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def nonempty_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Inputs the cases point at: a cnn_small checkpoint, a non-state-dict, a stray folder, a file."""
+    from transferlab.models import TransferModule, cnn_small, linear_head
+
+    folder = tmp_path_factory.mktemp("inputs")
+    backbone = cnn_small(image_size=32)
+    model = TransferModule(backbone, linear_head(backbone.out_features, 10), num_classes=10)
+    checkpoint = {  # what Lightning writes, as far as the checks read it
+        "state_dict": model.state_dict(),
+        "transferlab": {"backbone": "cnn_small", "data": {"dataset": "cifar10"}, "num_classes": 10},
+    }
+    paths = {
+        "cnn_small_ckpt": folder / "cnn_small.ckpt",
+        "list_pth": folder / "list.pth",
+        "stray": folder / "stray",
+        "a_file": folder / "a_file",
+    }
+    torch.save(checkpoint, paths["cnn_small_ckpt"])
+    torch.save([1, 2, 3], paths["list_pth"])
+    paths["stray"].mkdir()
+    (paths["stray"] / "notes.txt").write_text("not a dataset\n")
+    paths["a_file"].write_text("")
+    return paths
+
+
+# (id, extra arguments ({name} is a path from the `files` fixture), text the message must contain)
+# One case per place a check lives; `IN_PROCESS_CASES` below covers the others without a process each.
+HYDRA_CASES = [
+    ("unknown-backbone", ["backbone=foo"], "Could not find 'backbone/foo'"),
+    ("unknown-experiment", ["experiment=foo"], "Could not find 'experiment/foo'"),
+]
+CLI_CASES = [
+    ("batch-size", ["data.batch_size=0"], "data.batch_size=0 must be a positive integer"),
+    ("fewshot-both", ["data.fewshot.per_class=2", "data.fewshot.fraction=0.5"], "both set; set only one of them"),
+    ("fewshot-above-smallest-class", ["data.fewshot.per_class=1000"], "has only 25 training images; use per_class <= 25"),
+    ("unknown-class", ["data.classes=[cat,unicorn]"], "unknown class 'unicorn'; valid names: airplane"),
+    ("image-too-small", ["backbone=vgg11_bn", "data.image_size=16"], "data.image_size=16 is too small for vgg11_bn"),
+    ("weights-not-state-dict", ["backbone.weights={list_pth}"], "holds a list, not a state dict"),
+    ("resume-other-backbone", ["backbone=vgg11_bn", "ckpt_path={cnn_small_ckpt}"], "(trained with backbone cnn_small on cifar10) does not fit this run's model: the checkpoint has no backbone.body.0.weight"),
+    ("root-without-dataset", ["data.root={stray}", "data.download=true"], "holds no cifar10"),
+    ("output-dir-not-writable", ["hydra.run.dir={a_file}/run"], "cannot be created (Not a directory"),
+]
+IN_PROCESS_CASES = [
+    ("fewshot-zero", ["data.fewshot.per_class=0"], "data.fewshot.per_class=0 must be a positive integer"),
+    ("fewshot-fraction-zero", ["data.fewshot.fraction=0"], "data.fewshot.fraction=0 must be in (0, 1]"),
+    ("fewshot-fraction-above-one", ["data.fewshot.fraction=1.5"], "data.fewshot.fraction=1.5 must be in (0, 1]"),
+    ("val-size", ["data.val_size=300"], "data.val_size=300 leaves no training images"),
+    ("batch-size-negative", ["data.batch_size=-4"], "data.batch_size=-4 must be a positive integer"),
+    ("weights-missing", ["backbone.weights=/x.pth"], "backbone.weights=/x.pth: no such file"),
+    ("weights-other-backbone", ["backbone=vgg11_bn", "backbone.weights={cnn_small_ckpt}"], "do not match the backbone architecture"),
+    ("resume-missing-last", ["ckpt_path=last"], "ckpt_path=last but"),
+    ("resume-other-head", ["head=mlp", "ckpt_path={cnn_small_ckpt}"], "does not fit this run's model: the checkpoint has no head."),
+    ("resume-other-classes", ["data.classes=[cat,dog]", "ckpt_path={cnn_small_ckpt}"], "head.0.weight is (10, 512) in the checkpoint but (2, 512) here"),
+    ("resume-other-dataset", ["data=cifar100", "ckpt_path={cnn_small_ckpt}"], "was trained on cifar10, but this run uses cifar100"),
+    ("resume-not-a-checkpoint", ["ckpt_path={list_pth}"], "is not a Lightning checkpoint (no state_dict)"),
+    ("required-setting", ["backbone=torchvision"], "backbone.name must be set (the config leaves it as ???); add backbone.name=..."),
+    ("root-is-dataset-folder", ["data.root={root}/cifar-10-batches-py"], "is the dataset folder itself; set data.root="),
+    ("batch-size-not-a-number", ["data.batch_size=12a"], "data.batch_size='12a' is not an integer"),
+    ("lr-not-a-number", ["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
+    ("max-epochs-negative", ["trainer.max_epochs=-5"], "`max_epochs` must be a non-negative integer or -1"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", [c[1:] for c in HYDRA_CASES], ids=[c[0] for c in HYDRA_CASES])
+def test_unknown_config_choice_is_refused_by_hydra(extra, expected, cifar10_root, torch_home, tmp_path):
+    result = cli([f"data.root={cifar10_root}", *BASE, *extra, "hydra.run.dir=run"], tmp_path, torch_home)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Available options" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_bad_input_is_refused_in_one_line(extra, expected, files, cifar10_root, torch_home, tmp_path):
+    extra = [a.format(**files) for a in extra]
+    run_dir = [] if any(a.startswith("hydra.run.dir=") for a in extra) else ["hydra.run.dir=run"]
+    args = [f"data.root={cifar10_root}", *BASE, *run_dir, *extra]
+    result = cli(args, tmp_path, torch_home)
+    assert result.returncode == 2, result.stderr
+    lines = nonempty_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("transferlab: error: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no training started
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [c[1:] for c in IN_PROCESS_CASES], ids=[c[0] for c in IN_PROCESS_CASES])
+def test_bad_input_is_refused_before_training(extra, expected, files, cifar10_root, tmp_path):
+    extra = [a.format(root=cifar10_root, **files) for a in extra]
+    with pytest.raises(Exception) as raised:
+        run_training([f"data.root={cifar10_root}", *BASE, *extra], tmp_path / "run")
+    error = user_error_behind(raised.value)  # Hydra's instantiate wraps errors from constructors
+    assert error is not None, raised.value
+    assert expected in str(error)
+    assert "\n" not in str(error)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("choice", ["head=foo", "mode=foo", "data=foo"])
+def test_unknown_choices_are_hydra_config_errors(choice, tmp_path):
+    from hydra.errors import MissingConfigException
+
+    from conftest import compose_config
+
+    with pytest.raises(MissingConfigException, match="Could not find"):
+        compose_config([choice], tmp_path)
+
+
+@pytest.mark.parametrize("switch", ["HYDRA_FULL_ERROR", "TRANSFERLAB_DEBUG"])
+def test_debug_shows_the_traceback(switch, cifar10_root, torch_home, tmp_path):
+    args = [f"data.root={cifar10_root}", *BASE, "data.batch_size=0", "hydra.run.dir=run"]
+    result = cli(args, tmp_path, torch_home, **{switch: "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+    assert "data.batch_size=0 must be a positive integer" in result.stderr
+
+
+def test_second_command_into_a_finished_run_dir_changes_nothing(cifar10_root, torch_home, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training([f"data.root={cifar10_root}", *BASE], run_dir)
+    # What Hydra saves for a CLI run; written here by hand because the first run was in-process.
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    before = {p: p.read_bytes() for p in (run_dir / ".hydra" / "config.yaml", run_dir / "metrics.json")}
+
+    result = cli([f"data.root={cifar10_root}", *BASE, "seed=5", f"hydra.run.dir={run_dir}"], tmp_path, torch_home)
+
+    assert result.returncode == 2
+    assert nonempty_lines(result.stderr) == [
+        f"transferlab: error: {run_dir} already holds a run; pick a new hydra.run.dir, or resume it with ckpt_path=last"
+    ]
+    assert {p: p.read_bytes() for p in before} == before
+
+
+# ---- the checks themselves, without a process per case ------------------------------------------
+def _finished_run(folder: Path) -> Path:
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")
+    return folder
+
+
+def test_command_line_check_refuses_a_finished_run_dir_unless_resuming(tmp_path):
+    run_dir = _finished_run(tmp_path / "run")
+    with pytest.raises(UserError, match="already holds a run"):
+        check_command_line([f"hydra.run.dir={run_dir}", "seed=1"])
+    check_command_line([f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+    check_command_line([f"hydra.run.dir={run_dir}", "--cfg", "job"])  # prints the config, runs nothing
+    check_command_line([f"hydra.run.dir={run_dir}/${{now:%H}}"])  # known only once Hydra resolves it
+    check_command_line([f"hydra.run.dir={tmp_path / 'new' / 'run'}"])
+    assert not (tmp_path / "new").exists()  # proven creatable, not created
+
+
+def test_command_line_check_refuses_a_sweep_dir_that_holds_runs(tmp_path):
+    _finished_run(tmp_path / "sweep" / "0_seed=1")
+    with pytest.raises(UserError, match="already holds runs"):
+        check_command_line(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=1,2"])
+    check_command_line(["-m", f"hydra.sweep.dir={tmp_path / 'other'}", "seed=1,2"])
+
+
+def test_command_line_overrides_read_like_hydra():
+    argv = ["-m", "+ckpt_path=last", "hydra.run.dir='/tmp/a b'", "--config-name=train", "seed=1", "x"]
+    assert command_line_overrides(argv) == {"ckpt_path": "last", "hydra.run.dir": "/tmp/a b", "seed": "1"}
+
+
+def _data(root: Path, download: bool, dataset: str = "CIFAR100"):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"_target_": f"transferlab.data.{dataset}DataModule", "root": str(root), "download": download})
+
+
+def test_data_root_rules(tmp_path, cifar10_root):
+    check_data_root(_data(tmp_path / "missing", download=True))  # a new folder: the download goes there
+    (tmp_path / "empty").mkdir()
+    check_data_root(_data(tmp_path / "empty", download=True))
+    (tmp_path / "empty" / ".DS_Store").write_text("")
+    check_data_root(_data(tmp_path / "empty", download=True))  # hidden files do not count
+    # A shared data folder that already holds CIFAR-10 gets CIFAR-100 next to it.
+    check_data_root(_data(cifar10_root, download=True))
+    with pytest.raises(UserError, match="holds no cifar100"):
+        check_data_root(_data(cifar10_root, download=False))
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("")
+    with pytest.raises(UserError, match="does not download into a folder of unrelated files"):
+        check_data_root(_data(tmp_path / "stray", download=True))
+    with pytest.raises(UserError, match="is the dataset folder itself"):
+        check_data_root(_data(cifar10_root / "cifar-10-batches-py", download=True, dataset="CIFAR10"))

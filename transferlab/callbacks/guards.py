@@ -1,0 +1,157 @@
+"""Callbacks that keep a run trustworthy: it stops when the loss diverges, it refuses to
+resume from a checkpoint of a different model, and a resumed run continues exactly like the
+uninterrupted one would have. All three are in `conf/callbacks/default.yaml`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from transferlab.errors import TrainingDiverged, UserError
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop the run at the first NaN or infinite training loss, and never checkpoint after it.
+
+    Asking the device whether a loss is finite waits for the GPU to finish the step, so the
+    losses are checked in groups of `check_every_n_steps`, and always before a checkpoint is
+    written: the weights of a diverged step can reach memory, never a file, so the last
+    checkpoint on disk is the last good one.
+    """
+
+    def __init__(self, check_every_n_steps: int = 20):
+        self.check_every_n_steps = max(1, int(check_every_n_steps))
+        self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, epoch, loss) not checked yet
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self._pending.append((trainer.global_step + 1, trainer.current_epoch, loss.detach()))
+        if len(self._pending) >= self.check_every_n_steps:
+            self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._check(trainer)  # raising here aborts the save before anything is written
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        finite = torch.stack([torch.isfinite(loss).all() for _, _, loss in pending]).cpu()
+        if bool(finite.all()):
+            return
+        first_bad = int((~finite).nonzero()[0])
+        step, epoch, loss = pending[first_bad]
+        raise TrainingDiverged(
+            f"the training loss is {float(loss.float().mean().cpu())} at step {step} (epoch {epoch}); "
+            f"training stopped and nothing after that step was saved ({_last_checkpoint(trainer)}); "
+            f"lower optimizer.lr or check the data"
+        )
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str:
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return f"the last good checkpoint is {path}" if path else "no checkpoint had been saved yet"
+
+
+class SeedEachEpoch(Callback):
+    """Reseed every random number generator at the start of each training epoch from (seed, epoch).
+
+    Lightning's checkpoints restore weights, optimizer, schedulers and loop counters but not
+    the random number generators. Without this, an epoch's shuffle order, augmentation and
+    dropout would depend on how many random numbers the earlier epochs drew, which a run
+    resumed from `last.ckpt` never drew. With it, a run resumed at an epoch boundary repeats
+    the uninterrupted run bit for bit. (A checkpoint saved in the middle of an epoch cannot:
+    the batches already seen in that epoch are not recorded.)
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch_seed = self.epoch_seed(trainer.current_epoch, trainer.global_rank)
+        # The shuffle order is drawn from the global generator at the epoch's first batch.
+        L.seed_everything(epoch_seed, workers=True, verbose=False)
+        for loader in _train_loaders(trainer):
+            # Creating an epoch's loader iterator draws a worker seed from `loader.generator`,
+            # or from the global generator when it is None; a resumed run creates its first
+            # iterator before this hook and the uninterrupted run after it. A private generator
+            # keeps that draw off the global stream, so both runs see the same numbers.
+            loader.generator = torch.Generator().manual_seed(epoch_seed)
+
+    def epoch_seed(self, epoch: int, rank: int = 0) -> int:
+        """Well-mixed, so nearby (seed, epoch) pairs never share a stream (seed 0 epoch 1 vs seed 1
+        epoch 0); the rank keeps the processes of a multi-GPU run from augmenting in lockstep."""
+        return int(np.random.SeedSequence([self.seed % 2**32, epoch, rank]).generate_state(1)[0])
+
+
+def _train_loaders(trainer: L.Trainer) -> list[DataLoader]:
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, DataLoader):
+        return [loaders]
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    return [loader for loader in loaders or () if isinstance(loader, DataLoader)]
+
+
+class CheckpointFitsModel(Callback):
+    """Refuse to resume from a checkpoint whose tensors do not fit this run's model.
+
+    Lightning would fail later with a multi-line state-dict error; this names the first
+    tensor that differs. Runs in `setup`, before the checkpoint is restored and before any
+    training step.
+    """
+
+    def __init__(self, ckpt_path: str | None = None, output_dir: str | None = None):
+        self.ckpt_path = ckpt_path
+        self.output_dir = Path(output_dir or ".")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from transferlab.validate import checkpoint_path
+
+        if stage != "fit":
+            return
+        path = checkpoint_path(self.ckpt_path, self.output_dir)
+        if path is None:
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        problem = state_dict_difference(checkpoint.get("state_dict", {}), pl_module.state_dict())
+        if problem:
+            raise UserError(
+                f"ckpt_path={path}{_provenance(checkpoint)} does not fit this run's model: {problem}; resume with "
+                f"the settings of the interrupted run (its .hydra/overrides.yaml lists them)"
+            )
+
+
+def _provenance(checkpoint: dict) -> str:
+    """" (trained with backbone X on D)" from transferlab's record in the checkpoint, if it has one."""
+    meta = checkpoint.get("transferlab") if isinstance(checkpoint.get("transferlab"), dict) else {}
+    backbone, dataset = meta.get("backbone"), (meta.get("data") or {}).get("dataset")
+    if not backbone:
+        return ""
+    return f" (trained with backbone {backbone}{f' on {dataset}' if dataset else ''})"
+
+
+def state_dict_difference(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between two state dicts' keys and shapes, in words; None if they fit."""
+    missing = [key for key in own if key not in saved]
+    if missing:
+        return f"the checkpoint has no {missing[0]} ({len(missing)} tensors missing)"
+    unexpected = [key for key in saved if key not in own]
+    if unexpected:
+        return f"the checkpoint has {unexpected[0]}, which this model lacks ({len(unexpected)} such tensors)"
+    for key, tensor in own.items():
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            return f"{key} is {tuple(saved[key].shape)} in the checkpoint but {tuple(tensor.shape)} here"
+    return None
