@@ -74,8 +74,9 @@ def extract_features(
     backbone.eval().to(device)
     out = []
     batch = datamodule.eval_batch_size
+    starts = range(0, len(split), batch)
     try:
-        for start in range(0, len(split), batch):
+        for start in _progress(starts, f"{getattr(backbone, 'name', 'backbone')} features, {len(split)} images"):
             images = split.images[start : start + batch]
             if not isinstance(images, torch.Tensor):
                 images = images.load()
@@ -84,6 +85,22 @@ def extract_features(
     finally:
         backbone.train(was_training).to("cpu")
     return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def _progress(steps: range, description: str):
+    """A rich progress bar on a terminal; log lines at every 25% otherwise (files, CI)."""
+    import sys
+
+    if sys.stderr.isatty():
+        from rich.progress import track
+
+        yield from track(steps, description=description, transient=True)
+        return
+    marks = {len(steps) * k // 4 for k in range(1, 4)}
+    for i, step in enumerate(steps):
+        if i in marks:
+            log.info("%s: %d%%", description, 100 * i // len(steps))
+        yield step
 
 
 def _state_hash(backbone: nn.Module) -> str:

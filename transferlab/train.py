@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,37 +19,60 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.errors import UserError, exit_with
+from transferlab.errors import full_tracebacks_when_debugging, user_errors_as_one_line
 from transferlab.features import cache_features, should_cache
 from transferlab.models import TransferModule
-from transferlab.runinfo import check_output_dir, config_dir, run_info
+from transferlab.runinfo import config_dir, route_lightning_logs_through_root, run_info
+from transferlab.validate import check_command_line, check_config, checkpoint_path, resume_overrides
 
 log = logging.getLogger("transferlab")
 
-# Sweep job folders are named after their overrides; a path value must not nest folders.
-OmegaConf.register_new_resolver(
-    "tl_dirname", lambda text: str(text).replace("/", "_").replace("\\", "_")[:150] or "default", replace=True
-)
+
+# Sweep job folders are named after their overrides (conf/hydra/default.yaml).
+def job_dirname(overrides: str, limit: int = 120) -> str:
+    """`a=1,b=2` as one folder name: no path separators, cut at a whole override."""
+    text = str(overrides).replace("/", "_").replace("\\", "_")
+    if len(text) <= limit:
+        return text or "default"
+    kept = text[:limit].rsplit(",", 1)[0]
+    return kept + ",..."
+
+
+OmegaConf.register_new_resolver("tl_dirname", job_dirname, replace=True)
+
+
+def main(cfg: DictConfig | None = None) -> float | None:
+    """`python -m transferlab` and the `transferlab` command: check the run dir, then run Hydra."""
+    if cfg is None:
+        full_tracebacks_when_debugging()
+        # Before Hydra: it saves .hydra/config.yaml into the run dir before `run` could refuse it.
+        with user_errors_as_one_line():
+            check_command_line(sys.argv[1:])
+        sys.argv += resume_overrides(sys.argv[1:])
+    return hydra_main(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     try:
-        return run(cfg)
-    except UserError as error:
-        exit_with(error)
+        with user_errors_as_one_line():  # also a UserError that hydra.utils.instantiate wrapped
+            return run(cfg)
     finally:
         release_memory()  # sweeps run many jobs in one process
 
 
 def run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
-    check_output_dir(output_dir, resuming=cfg.ckpt_path is not None)
-    L.seed_everything(cfg.seed, workers=True)
+    route_lightning_logs_through_root()
+    check_config(cfg, output_dir)
+    # verbose=False: Lightning would print the seed on stderr, where only errors belong.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    log.info("seed: %s", cfg.seed)
 
-    backbone = hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size)
+    backbone = build_backbone(cfg)
     datamodule = build_datamodule(cfg, backbone, output_dir)
     head = hydra.utils.instantiate(cfg.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
     model = TransferModule(
@@ -58,6 +82,7 @@ def run(cfg: DictConfig) -> float | None:
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         backbone_lr_ratio=cfg.mode.get("backbone_lr_ratio", 1.0),
+        layer_decay=cfg.mode.get("layer_decay"),
         data_info=datamodule.describe(),
         channels_last=cfg.model.channels_last,
         compile=cfg.model.get("compile", False),
@@ -86,6 +111,14 @@ def run(cfg: DictConfig) -> float | None:
         log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
         log.info("outputs in %s", output_dir)
     return metrics.get(cfg.get("optimized_metric") or "val/acc_best")
+
+
+def build_backbone(cfg: DictConfig):
+    """The configured backbone; `mode.pretrained=false` (scratch) means random init, whatever the weights say."""
+    weights = cfg.backbone.get("weights")
+    if not cfg.mode.get("pretrained", True):
+        weights = "none"
+    return hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size, weights=weights)
 
 
 def build_datamodule(cfg: DictConfig, backbone, output_dir: Path):
@@ -120,31 +153,50 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
 
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
     if cfg.mode.get("callback"):
-        callbacks.append(hydra.utils.instantiate(cfg.mode.callback))
+        # First: a param group added at unfreeze must exist before LearningRateMonitor logs the epoch.
+        callbacks.insert(0, hydra.utils.instantiate(cfg.mode.callback))
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c] if cfg.get("logger") else False
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
 
 
 def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:
-    """Flat hyperparameters + the metrics the HParams tab compares runs by."""
-    params = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    params = {k: v for k, v in params.items() if not k.startswith(("paths.", "callbacks.", "logger."))}
-    initial = {"val/acc_best": 0.0, "test/acc": 0.0, "test/loss": 0.0}
+    """The run's settings, for TensorBoard's HParams tab (and the other loggers).
+
+    The HParams tab reads each metric from the scalar of the same tag that the run logs
+    later (`val/acc_best` during training, `test/*` at the end), so only the tag names are
+    declared here: logging placeholder values would draw false points at step 0.
+    """
+    params = {k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items() if _comparable(k)}
     for logger in trainer.loggers:
-        logger.log_hyperparams(params, **({"metrics": initial} if _takes_metrics(logger) else {}))
+        if isinstance(logger, TensorBoardLogger):
+            _declare_hparams(logger, params, metric_tags=("val/acc_best", "test/acc", "test/loss"))
+        else:
+            logger.log_hyperparams(params)
+
+
+def _comparable(key: str) -> bool:
+    """Settings worth a column when comparing runs: not paths, targets or bookkeeping."""
+    leaf = key.rsplit(".", 1)[-1]
+    return not (
+        key.startswith(("paths.", "callbacks.", "logger.", "hydra."))
+        or leaf in ("_target_", "_partial_", "root", "default_root_dir", "output_dir")
+    )
+
+
+def _declare_hparams(logger: TensorBoardLogger, params: dict[str, Any], metric_tags) -> None:
+    from torch.utils.tensorboard.summary import hparams
+
+    experiment, session_start, session_end = hparams(params, {tag: 0.0 for tag in metric_tags})
+    writer = logger.experiment._get_file_writer()
+    for summary in (experiment, session_start, session_end):
+        writer.add_summary(summary)
+    writer.flush()
+    logger.log_hyperparams(params)  # also keeps hparams.yaml next to the events
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    if ckpt_path in (None, "", "null"):
-        return None
-    if ckpt_path == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise UserError(f"ckpt_path=last but {last} does not exist; resume in the run dir of the interrupted run (hydra.run.dir=...)")
-        return str(last)
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    return str(ckpt_path)
+    path = checkpoint_path(ckpt_path, output_dir)
+    return None if path is None else str(path)
 
 
 def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str, float]:
@@ -155,8 +207,7 @@ def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str
 
 
 def _train_bn(cfg: DictConfig) -> bool:
-    callback = cfg.mode.get("callback") or {}
-    return bool(callback.get("train_bn", False))
+    return bool(cfg.mode.get("train_bn", False))
 
 
 def _feature_device(cfg: DictConfig) -> str:
@@ -183,9 +234,3 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         return out
     value = tree if isinstance(tree, (int, float, str, bool)) or tree is None else str(tree)
     return {prefix[:-1]: "null" if value is None else value}
-
-
-def _takes_metrics(logger) -> bool:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return isinstance(logger, TensorBoardLogger)

@@ -96,8 +96,14 @@ def _meta_mean(weights, which: int) -> list[float]:
 
 
 def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
-    """Read a `.ckpt` written by transferlab or a plain state dict; return the backbone part."""
+    """Read a `.ckpt` written by transferlab or a plain state dict; return the backbone part.
+
+    A transferlab run dir stands for its best checkpoint (`checkpoints/best-*.ckpt`), so a
+    second stage can name the first stage's run: `backbone.weights=outputs/.../source`.
+    """
     path = Path(path).expanduser()
+    if path.is_dir():
+        path = best_checkpoint(path)
     if not path.is_file():
         raise UserError(f"backbone.weights={path}: no such file; give an existing .ckpt/.pth/.pt/.safetensors file, imagenet or none")
     try:
@@ -126,6 +132,20 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
         d = meta["data"]
         normalization = {"name": d.get("normalization"), "mean": d.get("mean"), "std": d.get("std")}
     return LoadedWeights(state, source=str(path), normalization=normalization, extra=meta or {})
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint of a run dir (by val/acc), else its last one."""
+    folder = run_dir / "checkpoints"
+    best = sorted(folder.glob("best-*.ckpt"))
+    if best:
+        return best[-1]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise UserError(
+        f"backbone.weights={run_dir} is a folder without {folder.name}/best-*.ckpt or last.ckpt; "
+        f"give the run dir of a finished transferlab run or a checkpoint file"
+    )
 
 
 def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
