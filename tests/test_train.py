@@ -79,13 +79,27 @@ LIMITS = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "train
 
 
 def preset_overrides(preset: str, cifar10_root: Path, cifar100_root: Path) -> list[str]:
-    if "cifar100" in preset:  # 6 training images per class: a larger val split, smaller batches
+    if "override /data: cifar100" in (REPO / "conf" / "experiment" / f"{preset}.yaml").read_text():
+        # 6 training images per class: a larger val split, smaller batches
         fast = [o for o in FAST if not o.startswith(("data.val_size", "data.batch_size"))]
         return [f"experiment={preset}", f"data.root={cifar100_root}", *fast, "data.val_size=100", "data.batch_size=16", *LIMITS]
     return [f"experiment={preset}", f"data.root={cifar10_root}", *FAST, *LIMITS, *TINY.get(preset, [])]
 
 
+def source_overrides(preset: str, torch_home: Path, cifar10_root: Path, tmp_path: Path) -> list[str]:
+    """Two-stage presets start from an earlier run: make that run (or file) first."""
+    if preset == "truncated_resnet_c10_to_c100":  # any full ResNet50 state dict will do
+        return [f"source={torch_home / 'hub' / 'checkpoints' / 'resnet50-11ad3fa6.pth'}"]
+    if preset == "transfer_animals_to_vehicles":
+        source = tmp_path / "source"
+        run_training(preset_overrides("transfer_animals_source", cifar10_root, cifar10_root), source)
+        return [f"source={source}", "data.fewshot.per_class=2"]
+    return []
+
+
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_runs(preset, cifar10_root, cifar100_root, tmp_path):
-    metrics = run_training(preset_overrides(preset, cifar10_root, cifar100_root), tmp_path)
+def test_every_preset_runs(preset, cifar10_root, cifar100_root, torch_home, tmp_path):
+    overrides = preset_overrides(preset, cifar10_root, cifar100_root)
+    overrides += source_overrides(preset, torch_home, cifar10_root, tmp_path)
+    metrics = run_training(overrides, tmp_path / "run")
     assert "test/acc" in metrics and metrics["epochs"] == 1

@@ -60,9 +60,16 @@ class StopOnNonFiniteLoss(Callback):
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str:
-    callback = trainer.checkpoint_callback
-    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-    return f"the last good checkpoint is {path}" if path else "no checkpoint had been saved yet"
+    """The newest checkpoint any ModelCheckpoint wrote (conf/callbacks/default.yaml has two)."""
+    written = [
+        Path(p)
+        for callback in trainer.checkpoint_callbacks
+        for p in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", ""))
+        if p and Path(p).is_file()
+    ]
+    if not written:
+        return "no checkpoint had been saved yet"
+    return f"the last good checkpoint is {max(written, key=lambda p: p.stat().st_mtime_ns)}"
 
 
 class SeedEachEpoch(Callback):
