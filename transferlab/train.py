@@ -20,6 +20,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import full_tracebacks_when_debugging, user_errors_as_one_line
@@ -87,8 +88,11 @@ def run(cfg: DictConfig) -> float | None:
         channels_last=cfg.model.channels_last,
         compile=cfg.model.get("compile", False),
     )
+    features_time = 0.0
     if should_cache(cfg.data.get("cache_features", "auto"), cfg.mode.name, cfg.data.augment, _train_bn(cfg)):
+        started = time.perf_counter()
         cache_features(model, datamodule, device=_feature_device(cfg))
+        features_time = time.perf_counter() - started
     trainer = build_trainer(cfg, output_dir)
     log_hyperparameters(trainer, cfg)
 
@@ -102,6 +106,8 @@ def run(cfg: DictConfig) -> float | None:
     metrics.update(
         epochs=trainer.current_epoch,
         train_time_s=round(train_time, 3),
+        # Computing (or loading) cached backbone features happens before fit: count it apart.
+        features_time_s=round(features_time, 3),
         params_total=sum(p.numel() for p in model.parameters()),
         params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
@@ -183,6 +189,7 @@ def _comparable(key: str) -> bool:
     )
 
 
+@rank_zero_only  # other DDP ranks have no event file to write to
 def _declare_hparams(logger: TensorBoardLogger, params: dict[str, Any], metric_tags) -> None:
     from torch.utils.tensorboard.summary import hparams
 
