@@ -57,6 +57,18 @@ def _offline_torch_home(torch_home, transferlab_cache, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
 
 
+@pytest.fixture
+def one_thread():
+    """Two OpenMP threads on two shared cores spin against each other: small CPU runs get
+    many times slower. One thread keeps such tests fast whatever else runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cli_env(torch_home: Path, **extra) -> dict[str, str]:
     env = dict(os.environ, TORCH_HOME=str(torch_home), PYTHONWARNINGS="ignore", **extra)
     # os.environ already carries the test's TRANSFERLAB_CACHE (set by the autouse fixture).

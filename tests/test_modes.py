@@ -21,14 +21,7 @@ from transferlab.models import TransferModule, linear_head, torchvision_backbone
 CNN = ["backbone=cnn_small", *FAST, "test=false"]  # cnn_small: 5 stages, BatchNorm in each
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on two shared cores spin against each other: small CPU runs get
-    # many times slower. One thread keeps these tests fast whatever else runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU runs: see conftest.one_thread
 
 
 class Probe(Callback):

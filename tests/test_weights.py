@@ -17,14 +17,7 @@ from transferlab.train import resolve_normalization
 RESNET18_FILE = "resnet18-f37072fd.pth"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on two shared cores spin against each other: small CPU runs get
-    # many times slower. One thread keeps these tests fast whatever else runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU runs: see conftest.one_thread
 
 
 def _file(torch_home: Path, name: str) -> dict[str, torch.Tensor]:

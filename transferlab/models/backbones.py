@@ -61,19 +61,7 @@ class Backbone(nn.Module):
         return self.flatten(self.pool(self.body(x)))
 
     def _feature_size(self, image_size: int) -> int:
-        was_training = self.training
-        self.eval()  # a dummy batch in train mode would move BatchNorm running statistics
-        try:
-            with torch.no_grad():
-                out = self(torch.zeros(1, 3, image_size, image_size))
-        except RuntimeError as e:
-            raise UserError(
-                f"data.image_size={image_size} is too small for {self.name} "
-                f"({str(e).splitlines()[0]}); use a larger data.image_size (32 or 224)"
-            ) from None
-        finally:
-            self.train(was_training)
-        return int(out.shape[1])
+        return probe_features(self, image_size, self.name, "use a larger data.image_size (32 or 224)")
 
     # ---- weights -------------------------------------------------------------------------
     def load_weights(self, loaded: W.LoadedWeights, torchvision_prefix: str = "", unused: Sequence[str] = ()) -> None:
@@ -104,6 +92,20 @@ def _to_model_names(state: dict[str, torch.Tensor], torchvision_prefix: str) -> 
     if state and all(k.startswith(("body.", "pool.")) for k in state):
         return {torchvision_prefix + k[len("body.") :]: v for k, v in state.items()}
     return dict(state)
+
+
+def probe_features(module: nn.Module, image_size: int, what: str, fix: str) -> int:
+    """Feature size of `module` for one image of `image_size`; too small an image is a user error."""
+    was_training = module.training
+    module.eval()  # a dummy batch in train mode would move BatchNorm running statistics
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as e:
+        raise UserError(f"data.image_size={image_size} is too small for {what} ({str(e).splitlines()[0]}); {fix}") from None
+    finally:
+        module.train(was_training)
+    return int(out.flatten(1).shape[1])
 
 
 def _make_pool(pool: str | None) -> nn.Module:
@@ -388,18 +390,9 @@ def _dense_block(layers: list[str], in_features: int, size: int, dropout: float)
 
 
 def _flat_size(convs: nn.Module, image_size: int) -> int:
-    convs.eval()
-    try:
-        with torch.no_grad():
-            out = convs(torch.zeros(1, 3, image_size, image_size))
-    except RuntimeError as e:
-        raise UserError(
-            f"data.image_size={image_size} is too small for these vgg_blocks (each maxpool halves it: "
-            f"{str(e).splitlines()[0]}); use fewer blocks or a larger data.image_size"
-        ) from None
-    finally:
-        convs.train()
-    return int(out.shape[1])
+    return probe_features(
+        convs, image_size, "these vgg_blocks (each maxpool halves it)", "use fewer blocks or a larger data.image_size"
+    )
 
 
 # ---- the custom CNN of the CIFAR-100 study ------------------------------------------------
