@@ -420,6 +420,10 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
         ax.set_ylabel("accuracy" if tag.endswith("acc") else "cross-entropy loss")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        low, high = ax.get_xlim()
+        if high - low < 2:  # one epoch: widen, or the axis falls back to fractional ticks
+            middle = round((low + high) / 2)
+            ax.set_xlim(middle - 1, middle + 1)
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     _legend_below(fig, axes.flat[0], LEGEND_CHARS_WIDE)
