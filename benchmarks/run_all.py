@@ -136,7 +136,8 @@ def lightning_rate(cfg, model, datamodule, steps: int, warmup: int) -> float:
 
     clock = Clock()
     # transferlab's own callbacks and logger as configured, minus the epoch-end checkpoint write.
-    callbacks = [hydra.utils.instantiate(c) for k, c in cfg.callbacks.items() if c and k != "model_checkpoint"]
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
+    callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     logger = hydra.utils.instantiate(cfg.logger.tensorboard)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warmup + steps, limit_val_batches=0,

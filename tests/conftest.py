@@ -24,6 +24,22 @@ FAST = [
 ]
 
 
+#: one sweep job in a few seconds (sweep tests: report, notebook); cnn_small builds fast
+TINY_JOB = [
+    "backbone=cnn_small",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "data.val_size=20",
+    "data.batch_size=16",
+    "data.eval_batch_size=32",
+    "callbacks.model_checkpoint=null",
+]
+
+
 @pytest.fixture(scope="session")
 def cifar10_root(tmp_path_factory) -> Path:
     return write_cifar10(tmp_path_factory.mktemp("tiny_cifar10"))

@@ -8,24 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_JOB
 
 NOTEBOOK = REPO / "notebooks" / "compare_modes.ipynb"
 #: the notebook's sweep, shrunk to seconds (cnn_small builds far faster than VGG)
-TINY_OVERRIDES = [
-    "backbone=cnn_small",
-    "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "data.fewshot.per_class=4",
-    "data.val_size=20",
-    "data.batch_size=16",
-    "data.eval_batch_size=32",
-    "callbacks.model_checkpoint=null",
-]
+TINY_OVERRIDES = [*TINY_JOB, "data.fewshot.per_class=4"]
 KERNEL_NAME = "transferlab-test"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import cli_env
+from conftest import TINY_JOB, cli_env
 from transferlab import report
 
 #: 2 modes x 2 few-shot sizes x 2 seeds = 8 jobs. Seeds vary slowest, so the report must regroup
@@ -23,18 +23,8 @@ SWEEP = [
     "mode=frozen,finetune",
     "data.fewshot.per_class=2,4",
     "experiment=vgg_finetune",
-    "backbone=cnn_small",
-    "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "data.val_size=20",
-    "data.batch_size=16",
-    "data.eval_batch_size=32",
+    *TINY_JOB,
     "callbacks.progress_bar=null",
-    "callbacks.model_checkpoint=null",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

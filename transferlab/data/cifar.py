@@ -129,6 +129,15 @@ class CIFARDataModule(TensorImageDataModule):
                 f"cannot read {path} ({type(e).__name__}: {_first_line(e)}); replace it with the official file"
             ) from None
 
+    @property
+    def md5(self) -> dict[str, str]:
+        """File name -> official MD5, from torchvision's own table (not a copy of ours)."""
+        import torchvision.datasets as tvd
+
+        dataset = getattr(tvd, self.torchvision_class)
+        pairs = dataset.train_list + dataset.test_list + [[dataset.meta["filename"], dataset.meta["md5"]]]
+        return {name: md5 for name, md5 in pairs}
+
     def _warn_if_not_official(self, folder: Path, names: list[str]) -> None:
         """A re-encoded copy reads fine: say so once, don't refuse it."""
         official = self.md5
@@ -153,9 +162,6 @@ class CIFAR10DataModule(CIFARDataModule):
     torchvision_class = "CIFAR10"
     dataset_mean = (0.4914, 0.4822, 0.4465)
     dataset_std = (0.2470, 0.2435, 0.2616)
-    @property
-    def md5(self) -> dict[str, str]:
-        return _official_md5("CIFAR10")
 
 
 class CIFAR100DataModule(CIFARDataModule):
@@ -170,19 +176,6 @@ class CIFAR100DataModule(CIFARDataModule):
     torchvision_class = "CIFAR100"
     dataset_mean = (0.5071, 0.4865, 0.4409)
     dataset_std = (0.2673, 0.2564, 0.2762)
-
-    @property
-    def md5(self) -> dict[str, str]:
-        return _official_md5("CIFAR100")
-
-
-def _official_md5(torchvision_class: str) -> dict[str, str]:
-    """File name -> official MD5, from torchvision's own table (not a copy of ours)."""
-    import torchvision.datasets as tvd
-
-    dataset = getattr(tvd, torchvision_class)
-    pairs = dataset.train_list + dataset.test_list + [[dataset.meta["filename"], dataset.meta["md5"]]]
-    return {name: md5 for name, md5 in pairs}
 
 
 def _md5(path: Path) -> str:
