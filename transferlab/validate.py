@@ -186,47 +186,12 @@ def _is_number(value: Any, kind: type) -> bool:
 
 
 def check_data_root(data: DictConfig) -> None:
-    """Refuse a `data.root` that holds files but not the dataset.
-
-    Such a folder is almost always a wrong path (the home folder, the project, the dataset's
-    own subfolder), and with `data.download=true` the download would litter it with an
-    archive and an extracted tree. A missing or empty folder is fine (the data module
-    downloads or says how to get the files), and so is a folder that already holds another
-    dataset we know (a shared `./data` with CIFAR-10 in it gets CIFAR-100 next to it).
-    """
+    """The data module's own `check_root` rule (see CIFARDataModule.check_root), before anything is built."""
     from hydra.utils import get_class
 
     module = get_class(data._target_)
-    folder, archive = getattr(module, "folder", None), getattr(module, "archive", None)
-    if folder is None or archive is None:
-        return  # a data module whose files we do not know the layout of
-    root = Path(str(data.root)).expanduser()
-    if root.exists() and not root.is_dir():
-        raise UserError(f"data.root={root} is a file; point data.root at the folder that contains {folder}/")
-    if not _visible_entries(root) or (root / folder).is_dir() or (root / archive).is_file():
-        return
-    if data.get("download") and _visible_entries(root) & _known_dataset_files():
-        return
-    if root.name == folder:
-        raise UserError(f"data.root={root} is the dataset folder itself; set data.root={root.parent} (the folder that contains {folder}/)")
-    refused_download = " (data.download=true does not download into a folder of unrelated files)" if data.get("download") else ""
-    raise UserError(
-        f"data.root={root} exists but holds no {module.name} ({folder}/ or {archive}){refused_download}; "
-        f"point data.root at the folder that contains {folder}/, or at a new or empty folder with data.download=true"
-    )
-
-
-def _visible_entries(root: Path) -> set[str]:
-    """Names in `root`, hidden ones (.DS_Store, .ipynb_checkpoints) left out; empty if it is missing."""
-    if not root.is_dir():
-        return set()
-    return {entry.name for entry in root.iterdir() if not entry.name.startswith(".")}
-
-
-def _known_dataset_files() -> set[str]:
-    from transferlab.data.cifar import CIFARDataModule
-
-    return {name for module in CIFARDataModule.__subclasses__() for name in (module.folder, module.archive)}
+    if hasattr(module, "check_root"):  # data modules whose file layout we know
+        module.check_root(Path(str(data.root)).expanduser(), bool(data.get("download")))
 
 
 # ---- resuming -------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-import socket
 import tarfile
 import warnings
 from pathlib import Path
@@ -21,11 +20,10 @@ import torch
 
 from transferlab.data.datamodule import TensorImageDataModule
 from transferlab.errors import UserError
+from transferlab.network import fail_fast_when_offline
 
 log = logging.getLogger(__name__)
 
-#: seconds a download may wait on the network before we call the machine offline
-DOWNLOAD_TIMEOUT_S = 10
 
 
 class CIFARDataModule(TensorImageDataModule):
@@ -52,11 +50,7 @@ class CIFARDataModule(TensorImageDataModule):
         if archive.is_file():
             self._extract(archive)
             return folder
-        if self.root.is_dir() and any(self.root.iterdir()) and not self.download:
-            raise UserError(
-                f"data.root={self.root} exists but holds no {self.name} ({self.folder}/ or "
-                f"{self.archive}); point data.root at the folder that contains {self.folder}/"
-            )
+        self.check_root(self.root, self.download)
         if not self.download:
             raise UserError(
                 f"{self.name} not found: no {self.folder}/ or {self.archive} in {self.root}; "
@@ -64,6 +58,35 @@ class CIFARDataModule(TensorImageDataModule):
             )
         self._download()
         return folder
+
+    @classmethod
+    def check_root(cls, root: Path, download: bool) -> None:
+        """Refuse a `data.root` that holds files but not the dataset.
+
+        Such a folder is almost always a wrong path (the home folder, the project, the dataset's
+        own subfolder), and with `data.download=true` the download would litter it with an
+        archive and an extracted tree. A missing or empty folder is fine (the download goes
+        there, or the error says how to get the files), and so is a folder that already holds
+        another dataset we know (a shared `./data` with CIFAR-10 in it gets CIFAR-100 next to it).
+        Also called by `transferlab.validate` before anything is built.
+        """
+        if root.exists() and not root.is_dir():
+            raise UserError(f"data.root={root} is a file; point data.root at the folder that contains {cls.folder}/")
+        entries = _visible_entries(root)
+        if not entries or (root / cls.folder).is_dir() or (root / cls.archive).is_file():
+            return
+        if download and entries & _known_dataset_files():
+            return
+        if root.name == cls.folder:
+            raise UserError(
+                f"data.root={root} is the dataset folder itself; set data.root={root.parent} "
+                f"(the folder that contains {cls.folder}/)"
+            )
+        refused_download = " (data.download=true does not download into a folder of unrelated files)" if download else ""
+        raise UserError(
+            f"data.root={root} exists but holds no {cls.name} ({cls.folder}/ or {cls.archive}){refused_download}; "
+            f"point data.root at the folder that contains {cls.folder}/, or at a new or empty folder with data.download=true"
+        )
 
     def _extract(self, archive: Path) -> None:
         log.info("extracting %s", archive)
@@ -77,19 +100,16 @@ class CIFARDataModule(TensorImageDataModule):
         import torchvision.datasets as tvd
 
         dataset_class = getattr(tvd, self.torchvision_class)
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # an offline machine must not hang
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            dataset_class(str(self.root), train=True, download=True)
+            with fail_fast_when_offline():  # an offline machine must not hang
+                dataset_class(str(self.root), train=True, download=True)
         except Exception as e:  # urllib, socket and http errors all mean "could not fetch"
             raise UserError(
                 f"{self.name} not found in {self.root} (looked for {self.folder}/ and {self.archive}) "
                 f"and the download failed ({type(e).__name__}: {_first_line(e)}); on a machine without "
                 f"internet copy the official python-version files there or set data.root to where they are"
             ) from None
-        finally:
-            socket.setdefaulttimeout(previous)
 
     # ---- reading --------------------------------------------------------------------------
     def read_split(self, train: bool):
@@ -176,6 +196,17 @@ class CIFAR100DataModule(CIFARDataModule):
     torchvision_class = "CIFAR100"
     dataset_mean = (0.5071, 0.4865, 0.4409)
     dataset_std = (0.2673, 0.2564, 0.2762)
+
+
+def _visible_entries(root: Path) -> set[str]:
+    """Names in `root`, hidden ones (.DS_Store, .ipynb_checkpoints) left out; empty if it is missing."""
+    if not root.is_dir():
+        return set()
+    return {entry.name for entry in root.iterdir() if not entry.name.startswith(".")}
+
+
+def _known_dataset_files() -> set[str]:
+    return {name for module in CIFARDataModule.__subclasses__() for name in (module.folder, module.archive)}
 
 
 def _md5(path: Path) -> str:

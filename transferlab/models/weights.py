@@ -9,7 +9,6 @@ taken) or a plain state dict (`.pth`, `.pt`, `.safetensors`).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,9 @@ import torch
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.network import fail_fast_when_offline
 
 NO_WEIGHTS = ("none", "null", "random", "")
-#: seconds a weights download may wait on the network before we call the machine offline
-DOWNLOAD_TIMEOUT_S = 10
 
 
 @dataclass
@@ -69,10 +67,9 @@ def hub_cache_file(weights_enum) -> Path:
 def load_torchvision_weights(model_name: str, spec: str) -> LoadedWeights:
     weights = torchvision_weights_enum(model_name, spec)
     cached = hub_cache_file(weights)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # offline must fail fast, not hang
     try:
-        state_dict = weights.get_state_dict(progress=True, check_hash=False)
+        with fail_fast_when_offline():  # offline must fail fast, not hang
+            state_dict = weights.get_state_dict(progress=True, check_hash=False)
     except Exception as e:
         if cached.is_file():
             raise UserError(
@@ -83,8 +80,6 @@ def load_torchvision_weights(model_name: str, spec: str) -> LoadedWeights:
             f"downloaded ({type(e).__name__}); copy {cached.name} there (TORCH_HOME sets the cache root), "
             f"give a file with backbone.weights=/path/to/{cached.name}, or use backbone.weights=none"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
     imagenet = {"name": "imagenet", "mean": _meta_mean(weights, 0), "std": _meta_mean(weights, 1)}
     return LoadedWeights(state_dict, source=f"torchvision:{weights}", normalization=imagenet)
 
