@@ -35,7 +35,8 @@ def _layer_types(module: nn.Module) -> list[str]:
 # ---- every config, stages ------------------------------------------------------------------
 @pytest.mark.parametrize("name", BACKBONE_CONFIGS)
 def test_every_backbone_config_builds_with_features_and_stages(name, tmp_path):
-    overrides = [f"backbone={name}"] + (["backbone.name=resnet18"] if name == "torchvision" else [])
+    named = {"torchvision": ["backbone.name=resnet18"], "timm": ["backbone.name=resnet10t", "backbone.weights=none"]}
+    overrides = [f"backbone={name}", *named.get(name, [])]
     _, backbone = _instantiate(overrides, tmp_path)
     assert backbone.out_features > 0 and backbone.stages
     assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, backbone.out_features)

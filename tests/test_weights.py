@@ -12,7 +12,7 @@ from conftest import FAST, compose_config, run_training
 from transferlab.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from transferlab.errors import UserError
 from transferlab.models import cnn_small, torchvision_backbone
-from transferlab.train import resolve_normalization
+from transferlab.normalization import describe_weights, resolve_normalization
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
 
@@ -141,9 +141,9 @@ def test_checkpoint_backbone_carries_to_a_new_task_with_a_new_head(target, cifar
     assert backbone.state_dict().keys() == source_backbone.keys()
     assert all(torch.equal(v, source_backbone[k]) for k, v in backbone.state_dict().items())
     # ... and the data would be normalized like the checkpoint's run: CIFAR-10 statistics.
-    resolved = resolve_normalization(None, backbone)
-    assert resolved["mean"] == list(CIFAR10DataModule.dataset_mean) == source["transferlab"]["data"]["mean"]
-    assert resolved["mean"] != list(CIFAR100DataModule.dataset_mean)
+    resolved = resolve_normalization(None, describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked"))
+    assert list(resolved.mean) == list(CIFAR10DataModule.dataset_mean) == source["transferlab"]["data"]["mean"]
+    assert list(resolved.mean) != list(CIFAR100DataModule.dataset_mean)
 
     run_training([*overrides, "mode=frozen"], tmp_path / "run")
     trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -156,5 +156,6 @@ def test_checkpoint_backbone_carries_to_a_new_task_with_a_new_head(target, cifar
 
 def test_explicit_normalization_wins_over_the_checkpoint_with_a_warning(cifar10_checkpoint):
     backbone = cnn_small(weights=str(cifar10_checkpoint))
-    with pytest.warns(UserWarning, match="trained with cifar normalization"):
-        assert resolve_normalization("imagenet", backbone) == {"normalization": "imagenet"}
+    with pytest.warns(UserWarning, match=r"data.normalization=imagenet but the backbone weights .* were trained with mean=\[0.4914"):
+        resolved = resolve_normalization("imagenet", describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked"))
+    assert resolved.name == "imagenet" and resolved.mean == (0.485, 0.456, 0.406)

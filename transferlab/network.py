@@ -19,3 +19,18 @@ def fail_fast_when_offline(seconds: float = DOWNLOAD_TIMEOUT_S) -> Iterator[None
         yield
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def reachable(host: str, port: int = 443, seconds: float = 3.0) -> bool:
+    """Whether a TCP connection to `host` opens within `seconds` (DNS included).
+
+    Asked before a download whose client retries for a minute when offline
+    (huggingface_hub), so that an offline machine gets its one-line error at once.
+    """
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=seconds):
+            return True
+    except OSError:
+        return False

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab.errors import full_tracebacks_when_debugging, user_errors_as_one_line
 from transferlab.features import cache_features, should_cache
 from transferlab.models import TransferModule
+from transferlab.normalization import describe_weights
 from transferlab.runinfo import config_dir, route_lightning_logs_through_root, run_info
 from transferlab.validate import check_command_line, check_config, checkpoint_path, resume_overrides
 
@@ -128,30 +129,11 @@ def build_backbone(cfg: DictConfig):
 
 
 def build_datamodule(cfg: DictConfig, backbone, output_dir: Path):
-    normalization = resolve_normalization(cfg.data.get("normalization"), backbone)
-    datamodule = hydra.utils.instantiate(cfg.data, output_dir=str(output_dir), **normalization)
+    datamodule = hydra.utils.instantiate(cfg.data, output_dir=str(output_dir), weights=describe_weights(backbone))
     # Read and check the data now: bad input must fail before the trainer starts.
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
-
-
-def resolve_normalization(requested: str | None, backbone) -> dict[str, Any]:
-    """Normalization follows the weights unless the config sets it; a mismatch gets a warning."""
-    from_weights = getattr(backbone, "normalization", None)
-    if requested is None:
-        if from_weights is None:
-            return {"normalization": "cifar"}  # random init: the dataset's own statistics
-        if from_weights.get("name") == "imagenet":
-            return {"normalization": "imagenet"}
-        return {"normalization": from_weights.get("name"), "mean": from_weights["mean"], "std": from_weights["std"]}
-    if from_weights is not None and from_weights.get("name") not in (None, requested):
-        warnings.warn(
-            f"data.normalization={requested} but the backbone weights ({backbone.weights_source}) were trained "
-            f"with {from_weights.get('name')} normalization; leave data.normalization unset to follow the weights",
-            stacklevel=2,
-        )
-    return {"normalization": requested}
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:

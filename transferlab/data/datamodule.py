@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from transferlab.data import transforms as T
 from transferlab.data.subsets import fewshot_indices, select_classes, split_train_val
 from transferlab.errors import UserError
+from transferlab.normalization import check_choice as check_normalization_choice
+from transferlab.normalization import resolve_normalization
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,8 @@ class TensorImageDataModule(L.LightningDataModule):
         root: str = "./data",
         download: bool = True,
         image_size: int = 32,
-        normalization: str | None = "imagenet",
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        normalization: str | None = None,
+        weights: dict[str, Any] | None = None,
         val_size: int = 5000,
         split_seed: int = 0,
         augment: bool = False,
@@ -99,9 +100,8 @@ class TensorImageDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.download = download
         self.image_size = int(image_size)
-        self.normalization = normalization
-        # Explicit statistics (e.g. those a reused checkpoint was trained with) win over the name.
-        self.explicit_stats = (tuple(mean), tuple(std)) if mean is not None and std is not None else None
+        self.normalization = normalization  # requested; None follows the weights (transferlab.normalization)
+        self.weights = weights  # what the backbone's weights say of their preprocessing; None = random init
         self.val_size = int(val_size)
         self.split_seed = split_seed
         self.augment = augment
@@ -121,6 +121,7 @@ class TensorImageDataModule(L.LightningDataModule):
         self.class_names: list[str] = []
         self.mean: tuple[float, ...] | None = None
         self.std: tuple[float, ...] | None = None
+        self.normalization_name: str | None = None
 
     # ---- what subclasses provide -------------------------------------------------------
     def read_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -142,10 +143,7 @@ class TensorImageDataModule(L.LightningDataModule):
             raise UserError(f"data.image_size={self.image_size} must be a positive integer")
         if self.val_size < 0:
             raise UserError(f"data.val_size={self.val_size} must be >= 0")
-        if self.normalization not in ("imagenet", "cifar", "dataset", None, "none"):
-            raise UserError(
-                f"data.normalization={self.normalization!r} is not one of imagenet, cifar, dataset, none"
-            )
+        check_normalization_choice(self.normalization)
         per_class, fraction = self.fewshot.get("per_class"), self.fewshot.get("fraction")
         if per_class is not None and fraction is not None:
             raise UserError(
@@ -169,7 +167,9 @@ class TensorImageDataModule(L.LightningDataModule):
             train, val = full_train, _relabel(val, keep, len(names))
         train, _ = self._subsample(train)
         self.train, self.val, self.test = train, val, test
-        self.mean, self.std = self._resolve_normalization(train)
+        resolved = resolve_normalization(self.normalization, self.weights, lambda: self._dataset_stats(train))
+        self.mean, self.std, self.normalization_name = resolved.mean, resolved.std, resolved.name
+        log.info("normalization: mean=%s std=%s, %s", list(self.mean), list(self.std), resolved.reason)
         log.info(
             "%s: %d train / %d val / %d test images, %d classes",
             self.name, len(train), len(val), len(test), self.num_classes,
@@ -206,13 +206,7 @@ class TensorImageDataModule(L.LightningDataModule):
         log.info("few-shot training set: %s", counts)
         return train, counts
 
-    def _resolve_normalization(self, train: Split):
-        if self.explicit_stats is not None:
-            return self.explicit_stats
-        if self.normalization == "imagenet":
-            return T.IMAGENET_MEAN, T.IMAGENET_STD
-        if self.normalization in ("none", None):
-            return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    def _dataset_stats(self, train: Split):
         if self.dataset_mean is not None:
             return self.dataset_mean, self.dataset_std
         return self.compute_dataset_stats(train)
@@ -227,7 +221,7 @@ class TensorImageDataModule(L.LightningDataModule):
             "dataset": self.name,
             "class_names": list(self.class_names),
             "image_size": self.image_size,
-            "normalization": self.normalization,
+            "normalization": self.normalization_name,
             "mean": list(self.mean or ()),
             "std": list(self.std or ()),
         }
