@@ -91,3 +91,27 @@ def write_torchvision_weights(torch_home: Path, names=("vgg11_bn", "resnet18"), 
             torch.save(model.state_dict(), path)
         paths[name] = path
     return paths
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit PNG (grey (H, W) or 48-bit RGB (H, W, 3) uint16), written byte by byte.
+
+    PIL writes 16-bit grey (mode I;16) but not 48-bit RGB, so the format is spelled out here.
+    """
+    import struct
+    import zlib
+
+    pixels = np.asarray(pixels, dtype=">u2")  # PNG stores samples big-endian
+    height, width = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0
+    rows = pixels.reshape(height, -1).tobytes()
+    stride = len(rows) // height
+    raw = b"".join(b"\x00" + rows[i * stride:(i + 1) * stride] for i in range(height))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path

@@ -260,7 +260,7 @@ def test_imagefolder_explicit_splits_and_errors(tmp_path):
     with pytest.raises(UserError, match=r"empty/a holds no images"):
         imagefolder(tmp_path / "empty")
 
-    _write_images(tmp_path / "broken", {"a": 3})
+    _write_images(tmp_path / "broken", {"a": 3, "b": 3})
     (tmp_path / "broken" / "a" / "zzz.png").write_bytes(b"not an image")
     with pytest.raises(UserError, match="zzz.png"):
         imagefolder(tmp_path / "broken", val_size=0)

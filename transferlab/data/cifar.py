@@ -12,7 +12,9 @@ import hashlib
 import logging
 import pickle
 import tarfile
+import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +46,15 @@ class CIFARDataModule(TensorImageDataModule):
     # ---- finding the files --------------------------------------------------------------
     def _locate(self) -> Path:
         folder = self.root / self.folder
-        if folder.is_dir():
-            return folder
         archive = self.root / self.archive
+        if folder.is_dir():
+            missing = self._missing_files(folder)
+            if not missing or not archive.is_file():
+                return folder  # a missing file is named when it is read
+            # Left by an interrupted extraction (older versions extracted in place).
+            log.warning("%s lacks %s; extracting it again from %s", folder, ", ".join(missing), archive)
+            self._extract(archive)
+            return folder
         if archive.is_file():
             self._extract(archive)
             return folder
@@ -58,6 +66,13 @@ class CIFARDataModule(TensorImageDataModule):
             )
         self._download()
         return folder
+
+    @property
+    def expected_files(self) -> tuple[str, ...]:
+        return (*self.train_files, *self.test_files, self.meta_file)
+
+    def _missing_files(self, folder: Path) -> list[str]:
+        return [name for name in self.expected_files if not (folder / name).is_file()]
 
     @classmethod
     def check_root(cls, root: Path, download: bool) -> None:
@@ -89,12 +104,32 @@ class CIFARDataModule(TensorImageDataModule):
         )
 
     def _extract(self, archive: Path) -> None:
+        """Extract into a temporary sibling folder and rename it into place only when complete.
+
+        A truncated or corrupt archive then leaves nothing behind, and a later run with a good
+        archive extracts again instead of failing on a half-written folder.
+        """
         log.info("extracting %s", archive)
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(self.root, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise UserError(f"cannot extract {archive}: {e}; delete it or replace it with the official archive") from e
+        folder = self.root / self.folder
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=f".{self.folder}.extracting-") as scratch:
+            try:
+                with tarfile.open(archive, "r:gz") as tar:
+                    tar.extractall(scratch, filter="data")
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                raise UserError(
+                    f"cannot extract {archive} ({type(e).__name__}: {_first_line(e)}); the archive is damaged or "
+                    f"incomplete: delete it and download it again, or replace it with the official archive"
+                ) from None
+            extracted = Path(scratch) / self.folder
+            missing = self._missing_files(extracted) if extracted.is_dir() else [f"{self.folder}/"]
+            if missing:
+                raise UserError(
+                    f"{archive} is not the official {self.name} archive (it lacks {', '.join(missing)}); "
+                    f"replace it with {self.archive} from the CIFAR website"
+                )
+            if folder.is_dir():  # an incomplete older extraction: swap it out, then it goes with scratch
+                folder.rename(Path(scratch) / "incomplete")
+            extracted.rename(folder)
 
     def _download(self) -> None:
         import torchvision.datasets as tvd
@@ -115,27 +150,59 @@ class CIFARDataModule(TensorImageDataModule):
     def read_split(self, train: bool):
         folder = self._locate()
         files = self.train_files if train else self.test_files
+        names = self._read_names(folder)
         images, labels = [], []
         for name in files:
-            entry = self._load_pickle(folder / name)
-            try:
-                data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-                label = np.asarray(entry[self.label_key.encode()], dtype=np.int64)
-            except (KeyError, ValueError) as e:
-                raise UserError(
-                    f"{folder / name} is not a {self.name} batch file ({type(e).__name__}: {e}); "
-                    f"replace it with the official file"
-                ) from None
-            if len(data) != len(label):
-                raise UserError(f"{folder / name} holds {len(data)} images but {len(label)} labels")
+            data, label = self._read_batch(folder / name, len(names))
             images.append(torch.from_numpy(data))
             labels.append(torch.from_numpy(label))
-        meta = self._load_pickle(folder / self.meta_file)
+        labels = torch.cat(labels)
+        if train:
+            self._check_every_class_has_images(folder, labels, names)
         self._warn_if_not_official(folder, list(files) + [self.meta_file])
-        names = [n.decode() if isinstance(n, bytes) else n for n in meta[self.names_key.encode()]]
-        return torch.cat(images), torch.cat(labels), names
+        return torch.cat(images), labels, names
 
-    def _load_pickle(self, path: Path) -> dict:
+    def _read_names(self, folder: Path) -> list[str]:
+        path = folder / self.meta_file
+        meta = self._load_pickle(path)
+        if self.names_key not in meta:
+            raise UserError(f"{path} has no {self.names_key!r}; replace it with the official {self.meta_file} file")
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[self.names_key]]
+
+    def _read_batch(self, path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 images (N, 3, 32, 32), int64 labels (N,)) of one batch file, checked."""
+        entry = self._load_pickle(path)
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            label = np.asarray(entry[self.label_key], dtype=np.int64).reshape(-1)
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(
+                f"{path} is not a {self.name} batch file ({type(e).__name__}: {e}); replace it with the official file"
+            ) from None
+        if len(data) != len(label):
+            raise UserError(f"{path} holds {len(data)} images but {len(label)} labels; replace it with the official file")
+        bad = (label < 0) | (label >= num_classes)
+        if bad.any():
+            raise UserError(
+                f"{path} has label {int(label[bad][0])} ({int(bad.sum())} of {len(label)} labels are outside "
+                f"0..{num_classes - 1}, the {num_classes} classes named in {self.meta_file}); replace it with the official file"
+            )
+        return data, label
+
+    def _check_every_class_has_images(self, folder: Path, labels: torch.Tensor, names: list[str]) -> None:
+        """A name in the meta file that no training image carries would be a phantom class:
+        an output the head can never learn, counted in every accuracy."""
+        counts = torch.bincount(labels, minlength=len(names))
+        empty = [name for name, count in zip(names, counts.tolist()) if count == 0]
+        if empty:
+            raise UserError(
+                f"{folder / self.meta_file} names {len(names)} classes but the training files have no image of "
+                f"{', '.join(repr(n) for n in empty[:5])}{', ...' if len(empty) > 5 else ''}; "
+                f"the meta file does not belong to these batches: replace it with the official one"
+            )
+
+    def _load_pickle(self, path: Path) -> dict[str, object]:
+        """A CIFAR pickle as a dict with str keys (Python 2 wrote bytes keys, Python 3 copies str)."""
         if not path.is_file():
             raise UserError(
                 f"{path} is missing; the folder {path.parent} is not a complete copy of the "
@@ -143,11 +210,20 @@ class CIFARDataModule(TensorImageDataModule):
             )
         try:
             with open(path, "rb") as f:
-                return pickle.load(f, encoding="bytes")
+                entry = pickle.load(f, encoding="bytes")
         except Exception as e:
             raise UserError(
-                f"cannot read {path} ({type(e).__name__}: {_first_line(e)}); replace it with the official file"
+                f"cannot read {path} ({type(e).__name__}: {_first_line(e)}); {self._replace_hint(path)}"
             ) from None
+        if not isinstance(entry, dict):
+            raise UserError(f"{path} holds a {type(entry).__name__}, not a CIFAR dict; {self._replace_hint(path)}")
+        return {key.decode("latin1") if isinstance(key, bytes) else str(key): value for key, value in entry.items()}
+
+    def _replace_hint(self, path: Path) -> str:
+        archive = self.root / self.archive
+        if archive.is_file() and path.parent == self.root / self.folder:
+            return f"delete {path.parent} to extract it again from {archive}, or replace the file with the official one"
+        return "replace it with the official file"
 
     @property
     def md5(self) -> dict[str, str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.data import transforms as T
-from transferlab.data.subsets import fewshot_indices, select_classes, split_train_val
+from transferlab.data.subsets import class_list, fewshot_indices, select_classes, split_train_val
 from transferlab.errors import UserError
 from transferlab.normalization import check_choice as check_normalization_choice
 from transferlab.normalization import resolve_normalization
@@ -108,8 +110,8 @@ class TensorImageDataModule(L.LightningDataModule):
         self.crop_padding = crop_padding
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
-        self.classes = list(classes) if classes is not None else None
+        self.num_workers = num_workers  # checked (and made an int) in _check_arguments
+        self.classes = class_list(classes)
         self.fewshot = dict(fewshot or {})
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir else None
@@ -143,6 +145,11 @@ class TensorImageDataModule(L.LightningDataModule):
             raise UserError(f"data.image_size={self.image_size} must be a positive integer")
         if self.val_size < 0:
             raise UserError(f"data.val_size={self.val_size} must be >= 0")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, numbers.Integral) or self.num_workers < 0:
+            raise UserError(
+                f"data.num_workers={self.num_workers!r} must be an integer >= 0 (0 loads batches in the main process)"
+            )
+        self.num_workers = int(self.num_workers)
         check_normalization_choice(self.normalization)
         per_class, fraction = self.fewshot.get("per_class"), self.fewshot.get("fraction")
         if per_class is not None and fraction is not None:
@@ -162,7 +169,7 @@ class TensorImageDataModule(L.LightningDataModule):
         keep, self.class_names = select_classes(names, self.classes)
         full_train, test = _relabel(full_train, keep, len(names)), _relabel(test, keep, len(names))
         if val is None:
-            train, val = split_train_val(full_train, self.val_size, self.split_seed)
+            train, val = split_train_val(full_train, self.val_size, self.split_seed, self.class_names)
         else:
             train, val = full_train, _relabel(val, keep, len(names))
         train, _ = self._subsample(train)
@@ -226,11 +233,12 @@ class TensorImageDataModule(L.LightningDataModule):
             "std": list(self.std or ()),
         }
 
-    def _loader(self, split: Split, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, split: Split, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             TensorDataset(split),
             batch_size=batch_size,
             shuffle=shuffle,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -238,7 +246,20 @@ class TensorImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True, batch_size=self.batch_size)
+        drop_last = self._last_train_batch_size() == 1
+        return self._loader(self.train, shuffle=True, batch_size=self.batch_size, drop_last=drop_last)
+
+    def _last_train_batch_size(self) -> int:
+        """Images in the last training batch of an epoch, on each device.
+
+        A last batch of one image is dropped: BatchNorm in training mode (an mlp head, a
+        backbone that trains) cannot compute statistics over a single sample and stops the
+        run mid-epoch. Dropping only that case loses one image per epoch and changes nothing
+        else. Under DDP each device gets ceil(N / devices) images of the sampler's share.
+        """
+        devices = self.trainer.world_size if self.trainer is not None else 1
+        remainder = math.ceil(len(self.train) / devices) % self.batch_size
+        return remainder or self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, shuffle=False, batch_size=self.eval_batch_size)

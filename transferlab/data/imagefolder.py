@@ -21,12 +21,18 @@ import torch
 from transferlab.cache import cache_root
 from transferlab.data import transforms as T
 from transferlab.data.datamodule import Split, TensorImageDataModule
+from transferlab.data.subsets import check_two_classes, select_classes, stratified_counts, stratified_holdout
 from transferlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SPLIT_FOLDERS = ("train", "val", "test")
+#: split -> the folder names it goes by; exactly one of each may exist
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
 
 
 class LazyImages:
@@ -58,6 +64,8 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
         image = tv_decode(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
         image = _decode_with_pil(path)
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: scale 0..65535 to 0..255
+        image = F.to_dtype(image, torch.uint8, scale=True)
     if image.shape[-2:] != (size, size):
         image = F.center_crop(F.resize(image, size, antialias=True), [size, size])
     return image
@@ -69,10 +77,21 @@ def _decode_with_pil(path: Path) -> torch.Tensor:
 
     try:
         with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
+            if im.mode.startswith("I;16") or im.mode == "I":
+                # PIL's convert("RGB") clips 16-bit values at 255 (a white image): scale instead.
+                array = np.repeat(_sixteen_bit_to_uint8(np.asarray(im))[..., None], 3, axis=-1)
+            else:
+                array = np.asarray(im.convert("RGB"))
     except Exception as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _sixteen_bit_to_uint8(array):
+    """Grey values 0..65535 (PIL modes I;16*, and I as PIL opens 16-bit files) -> 0..255."""
+    import numpy as np
+
+    return (np.clip(array.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
 
 
 def list_classes(folder: Path) -> dict[str, list[Path]]:
@@ -86,6 +105,36 @@ def list_classes(folder: Path) -> dict[str, list[Path]]:
     if not classes:
         raise UserError(f"{folder} has no class folders; expected {folder}/<class name>/<images>")
     return classes
+
+
+def find_split_folders(root: Path) -> dict[str, Path]:
+    """Split -> folder for a `train/ val/ test/` layout (any accepted names); {} for one class tree.
+
+    Refuses what would otherwise be silently ignored: two folders for the same split
+    (`val/` and `valid/`) and, next to the split folders, a folder that is none of them.
+    """
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    aliases = {name: split for split, names in SPLIT_FOLDERS.items() for name in names}
+    found: dict[str, Path] = {}
+    for folder in folders:
+        split = aliases.get(folder.name.lower())
+        if split is None:
+            continue
+        if split in found:
+            raise UserError(
+                f"{root} has both {found[split].name}/ and {folder.name}/ as the {split} split; "
+                f"keep one of them (merge or rename the other)"
+            )
+        found[split] = folder
+    others = [p.name for p in folders if p.name.lower() not in aliases]
+    if found and others:
+        accepted = ", ".join("/".join(names) for names in SPLIT_FOLDERS.values())
+        raise UserError(
+            f"{root} has split folders ({', '.join(p.name + '/' for p in found.values())}) and also "
+            f"{', '.join(o + '/' for o in others)}, which would be ignored; split folders are named {accepted}: "
+            f"rename, move or remove the others"
+        )
+    return found
 
 
 class ImageFolderDataModule(TensorImageDataModule):
@@ -113,34 +162,58 @@ class ImageFolderDataModule(TensorImageDataModule):
 
     def load_splits(self):
         self.prepare_data()
-        explicit = [self.root / s for s in SPLIT_FOLDERS if (self.root / s).is_dir()]
-        if explicit:
-            return self._explicit_splits()
+        split_dirs = find_split_folders(self.root)
+        if split_dirs:
+            return self._explicit_splits(split_dirs)
         files = list_classes(self.root)
         names = list(files)
+        self._check_classes(names, self.root)
+        self._check_held_out_sizes(files, names, carve_test=True, carve_val=True)
         everything = self._split_from(files, names)
-        rest, test = _stratified_holdout(everything, self.test_size, self.split_seed + 1, "data.test_size")
+        rest, test = stratified_holdout(everything, self.test_size, self.split_seed + 1, "data.test_size", names)
         # val is carved by the base class from what is left, like CIFAR's.
         return rest, None, test, names
 
-    def _explicit_splits(self):
-        if not (self.root / "train").is_dir():
-            raise UserError(f"{self.root} has val/ or test/ but no train/ folder; add {self.root / 'train'}")
-        per_split = {s: list_classes(self.root / s) for s in SPLIT_FOLDERS if (self.root / s).is_dir()}
+    def _explicit_splits(self, split_dirs: dict[str, Path]):
+        if "train" not in split_dirs:
+            found = ", ".join(f"{p.name}/" for p in split_dirs.values())
+            raise UserError(f"{self.root} has {found} but no train/ folder; add {self.root / 'train'}")
+        per_split = {split: list_classes(folder) for split, folder in split_dirs.items()}
         names = list(per_split["train"])
         for split, files in per_split.items():
             if list(files) != names:
                 raise UserError(
-                    f"{self.root / split} has classes {sorted(files)} but {self.root / 'train'} has {names}; "
+                    f"{split_dirs[split]} has classes {sorted(files)} but {split_dirs['train']} has {names}; "
                     f"every split needs the same class folders"
                 )
+        self._check_classes(names, split_dirs["train"])
+        self._check_held_out_sizes(per_split["train"], names, carve_test="test" not in per_split, carve_val="val" not in per_split)
         train = self._split_from(per_split["train"], names)
         val = self._split_from(per_split["val"], names) if "val" in per_split else None
         if "test" in per_split:
             test = self._split_from(per_split["test"], names)
         else:
-            train, test = _stratified_holdout(train, self.test_size, self.split_seed + 1, "data.test_size")
+            train, test = stratified_holdout(train, self.test_size, self.split_seed + 1, "data.test_size", names)
         return train, val, test, names
+
+    def _check_classes(self, names: list[str], folder: Path) -> None:
+        """Class count and `data.classes`, checked before any image is decoded (the slow part)."""
+        check_two_classes(names, folder)
+        select_classes(names, self.classes)
+
+    def _check_held_out_sizes(self, files: dict[str, list[Path]], names: list[str], carve_test: bool, carve_val: bool) -> None:
+        """The test and validation sets carved from the training images fit every class.
+
+        The same counts `stratified_holdout` will draw, from the file counts alone: a refusal
+        comes before the images are decoded.
+        """
+        sizes = [len(files[name]) for name in names]
+        if carve_test and self.test_size > 0:
+            test_counts = stratified_counts(sizes, self.test_size, "data.test_size", names)
+            sizes = [n - k for n, k in zip(sizes, test_counts)]
+        if carve_val and self.val_size > 0:
+            keep, kept_names = select_classes(names, self.classes)
+            stratified_counts([sizes[i] for i in keep], self.val_size, "data.val_size", kept_names)
 
     def _split_from(self, files: dict[str, list[Path]], names: list[str]) -> Split:
         paths = [p for name in names for p in files[name]]
@@ -167,24 +240,6 @@ class ImageFolderDataModule(TensorImageDataModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"root": str(self.root), "mean": mean, "std": std}))
         return mean, std
-
-
-def _stratified_holdout(split: Split, size: int, seed: int, option: str) -> tuple[Split, Split]:
-    """Hold out `size` images spread over the classes in proportion (seeded)."""
-    if size <= 0:
-        return split, split.take(torch.empty(0, dtype=torch.long))
-    if size >= len(split):
-        raise UserError(f"{option}={size} leaves no training images: there are {len(split)}; use a smaller {option}")
-    generator = torch.Generator().manual_seed(seed)
-    held = []
-    for c in split.labels.unique().tolist():
-        members = torch.nonzero(split.labels == c).flatten()
-        k = round(size * len(members) / len(split))
-        held.append(members[torch.randperm(len(members), generator=generator)[:k]])
-    held_idx = torch.cat(held).sort().values
-    mask = torch.ones(len(split), dtype=torch.bool)
-    mask[held_idx] = False
-    return split.take(torch.nonzero(mask).flatten()), split.take(held_idx)
 
 
 def _stats_key(root: Path, n: int, size: int, positions: torch.Tensor) -> str:

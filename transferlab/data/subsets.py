@@ -20,6 +20,7 @@ def select_classes(
     names: Sequence[str], wanted: Sequence[str | int] | None
 ) -> tuple[list[int], list[str]]:
     """Resolve `data.classes` (names or indices) to (original class indices, names) in order."""
+    check_two_classes(names, "the dataset")
     if wanted is None:
         return list(range(len(names))), list(names)
     keep: list[int] = []
@@ -39,25 +40,114 @@ def select_classes(
             raise UserError(f"data.classes: class {names[index]!r} is listed twice")
         keep.append(index)
     if not keep:
-        raise UserError("data.classes is empty; list at least one class or leave it null")
+        raise UserError("data.classes is empty; list at least two classes or leave it null")
+    if len(keep) < 2:
+        raise UserError(
+            f"data.classes keeps only the class {names[keep[0]]!r}; a classifier needs at least two: "
+            f"list two or more classes (e.g. data.classes=[{names[keep[0]]},...]) or leave data.classes null"
+        )
     return keep, [names[i] for i in keep]
 
 
-def split_train_val(train: "Split", val_size: int, seed: int) -> tuple["Split", "Split"]:
-    """Carve a fixed random validation set out of the training split.
+def check_two_classes(names: Sequence[str], where: object) -> None:
+    """A dataset with fewer than two classes cannot train a classifier (accuracy would be 100%)."""
+    if len(names) < 2:
+        found = f"only the class {names[0]!r}" if names else "no classes"
+        raise UserError(f"{where} has {found}; a classifier needs at least two classes: add another class")
 
-    The permutation depends only on `seed` and the training set, never on few-shot
-    settings, so few-shot runs are validated on the same images as full runs.
+
+def class_list(classes: object) -> list[str | int] | None:
+    """`data.classes` as a list: a string is one name or a comma-separated list, never its letters.
+
+    Hydra reads `data.classes=cat` as the string "cat" and `data.classes=3` as an int;
+    `list("cat")` would silently mean the classes c, a and t.
     """
-    n = len(train)
-    if val_size >= n:
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        return [part.strip() for part in classes.split(",") if part.strip()]
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        return [classes]
+    try:
+        return list(classes)
+    except TypeError:
         raise UserError(
-            f"data.val_size={val_size} leaves no training images: the training split has {n}; "
-            f"use a smaller data.val_size"
+            f"data.classes={classes!r} is not a list of class names or indices; use e.g. data.classes=[cat,dog]"
+        ) from None
+
+
+def split_train_val(
+    train: "Split", val_size: int, seed: int, class_names: Sequence[str] | None = None
+) -> tuple["Split", "Split"]:
+    """Carve a fixed, stratified validation set out of the training split.
+
+    Each class gives images in proportion to its size (see `stratified_counts`), drawn with
+    a generator seeded by `seed` only, never by few-shot settings, so few-shot runs are
+    validated on the same images as full runs, and a balanced training set stays balanced.
+    """
+    return stratified_holdout(train, val_size, seed, "data.val_size", class_names)
+
+
+def stratified_holdout(
+    split: "Split", size: int, seed: int, option: str, class_names: Sequence[str] | None = None
+) -> tuple["Split", "Split"]:
+    """(rest, held out): `size` images spread over the classes in proportion, seeded.
+
+    `option` names the setting that asked for `size`, for the error messages.
+    """
+    if size <= 0:
+        return split, split.take(torch.empty(0, dtype=torch.long))
+    classes = split.labels.unique().tolist()
+    members = [torch.nonzero(split.labels == c).flatten() for c in classes]
+    names = [class_names[c] if class_names is not None else f"label {c}" for c in classes]
+    counts = stratified_counts([len(m) for m in members], size, option, names)
+    generator = torch.Generator().manual_seed(int(seed))
+    # One draw per class, in class order: a class's choice does not depend on the others' images.
+    held = [m[torch.randperm(len(m), generator=generator)[:k]] for m, k in zip(members, counts)]
+    held_idx = torch.cat(held).sort().values
+    mask = torch.ones(len(split), dtype=torch.bool)
+    mask[held_idx] = False
+    return split.take(torch.nonzero(mask).flatten()), split.take(held_idx)
+
+
+def stratified_counts(class_sizes: Sequence[int], size: int, option: str, names: Sequence[str]) -> list[int]:
+    """How many images each class gives to a held-out split of `size` images.
+
+    Proportional to the class sizes (largest remainders, ties to the earlier class), so the
+    total is exactly `size` and equal classes give equal counts. Every class keeps at least
+    one image for training, and when `size` allows it (size >= number of classes) every
+    class also gives at least one, so a small class is still validated.
+    """
+    total, num_classes = sum(class_sizes), len(class_sizes)
+    if size >= total:
+        raise UserError(
+            f"{option}={size} leaves no training images: the split has {total}; use a smaller {option}"
         )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
-    return train.take(train_idx), train.take(val_idx)
+    low = 1 if size >= num_classes else 0
+    for name, n in zip(names, class_sizes):
+        if n - 1 < low:
+            raise UserError(
+                f"{option}={size} holds out at least one image of every class, but class {name!r} has only {n} "
+                f"(one must stay for training); add images to {name!r} or remove that class"
+            )
+    if size > total - num_classes:
+        raise UserError(
+            f"{option}={size} leaves no training images for some classes: the split has {total} images in "
+            f"{num_classes} classes; use {option} <= {total - num_classes}"
+        )
+    high = [n - 1 for n in class_sizes]
+    counts = [min(max(size * n // total, low), hi) for n, hi in zip(class_sizes, high)]
+
+    def shortfall(c: int) -> int:  # > 0: class c gives fewer than its exact share size * n / total
+        return size * class_sizes[c] - counts[c] * total
+
+    while sum(counts) < size:
+        c = max((c for c in range(num_classes) if counts[c] < high[c]), key=lambda c: (shortfall(c), -c))
+        counts[c] += 1
+    while sum(counts) > size:
+        c = min((c for c in range(num_classes) if counts[c] > low), key=lambda c: (shortfall(c), c))
+        counts[c] -= 1
+    return counts
 
 
 def fewshot_indices(
