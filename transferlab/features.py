@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from transferlab.cache import cache_root
+from transferlab.checkpointing import remove_orphaned_temp_files, write_atomically
 from transferlab.data.datamodule import Split, TensorImageDataModule
 from transferlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: part of every cache key: raise it when the way features are computed or stored changes
+FORMAT_VERSION = 2
+SPLITS = ("train", "val", "test")
+#: room for a cache file's own structure (zip records, pickled keys) beyond its tensors
+FILE_OVERHEAD_BYTES = 1 << 20
 
 
 def should_cache(setting, mode_name: str, augment: bool, train_bn: bool = False) -> bool:
@@ -49,20 +55,62 @@ def should_cache(setting, mode_name: str, augment: bool, train_bn: bool = False)
 def cache_features(
     module: nn.Module, datamodule: TensorImageDataModule, device: torch.device | str = "cpu", use_disk: bool = True
 ) -> None:
-    """Replace the datamodule's image splits by backbone features and switch the module to them."""
+    """Replace the datamodule's image splits by backbone features and switch the module to them.
+
+    Features found in the cache are loaded; the others are computed, after checking that the
+    cache folder can take them (a full or read-only folder is refused before any computing).
+    """
     backbone = module.backbone
-    state_key = _state_hash(backbone)
-    for name in ("train", "val", "test"):
-        split: Split = getattr(datamodule, name)
-        key = _cache_key(backbone, state_key, datamodule, name, split)
-        path = cache_root() / "features" / f"{key}.pt"
-        features = _load(path, key, split) if use_disk else None
-        if features is None:
-            features = extract_features(backbone, datamodule, split, device)
-            if use_disk:
-                _save(path, key, features, split)
-        setattr(datamodule, name, Split(features, split.labels, split.positions))
+    splits = {name: getattr(datamodule, name) for name in SPLITS}
+    paths = {name: features_folder() / f"{key}.pt" for name, key in feature_keys(backbone, datamodule).items()}
+    features = {name: _load(paths[name], splits[name]) for name in SPLITS} if use_disk else {}
+    missing = [name for name in SPLITS if features.get(name) is None]
+    if use_disk and missing:
+        remove_orphaned_temp_files(features_folder())  # a killed write's leftover must not count as used space
+        check_cache_folder(features_folder(), _feature_bytes(backbone, [splits[name] for name in missing]))
+    for name in missing:
+        log.info("computing the backbone features of the %s split (%d images): not in the cache", name, len(splits[name]))
+        features[name] = extract_features(backbone, datamodule, splits[name], device)
+        if use_disk:  # after a failed write, the rest stays in memory too
+            use_disk = _save(paths[name], features[name], splits[name])
+    for name, split in splits.items():
+        setattr(datamodule, name, Split(features[name], split.labels, split.positions))
     module.features_cached = True
+
+
+def features_folder() -> Path:
+    return cache_root() / "features"
+
+
+def check_cache_folder(folder: Path, needed_bytes: int) -> None:
+    """`folder` can be created, written, and has room for `needed_bytes` more; else a UserError."""
+    remedy = (
+        "set TRANSFERLAB_CACHE to a folder with room that you can write (it moves the cache), "
+        "or data.cache_features=false (no cache: the frozen backbone then runs every epoch)"
+    )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        raise UserError(f"feature cache folder {folder} is not writable ({e.strerror or type(e).__name__}); {remedy}") from None
+    if free < needed_bytes:
+        raise UserError(
+            f"feature cache folder {folder} has {_megabytes(free)} free but the features of this run need "
+            f"{_megabytes(needed_bytes)}; free space there, or {remedy}"
+        )
+
+
+def _feature_bytes(backbone: nn.Module, splits: list[Split]) -> int:
+    """What the cache files of `splits` take: float32 features and int64 labels, plus file overhead."""
+    width = int(getattr(backbone, "out_features", 0) or 0)  # unknown width: checked for writability only
+    images = sum(len(split) for split in splits)
+    return images * (width * 4 + 8) + FILE_OVERHEAD_BYTES * len(splits)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
 
 
 @torch.inference_mode()
@@ -96,11 +144,45 @@ def _progress(steps: range, description: str):
 
         yield from track(steps, description=description, transient=True)
         return
-    marks = {len(steps) * k // 4 for k in range(1, 4)}
+    marks = {len(steps) * k // 4 for k in range(1, 4)} - {0}  # a few batches: no 0% lines
     for i, step in enumerate(steps):
         if i in marks:
             log.info("%s: %d%%", description, 100 * i // len(steps))
         yield step
+
+
+def feature_keys(backbone: nn.Module, dm: TensorImageDataModule) -> dict[str, str]:
+    """The cache file name of each split's features: a hash of everything they depend on.
+
+    The network (its class, name, full architecture as printed, which includes the global
+    pool, and every weight and buffer), the eval preprocessing (image size, mean, std), the
+    library that computes them, and the images and labels themselves, by content: a folder
+    rewritten in place, or a subset chosen differently, gives new features. Where the data
+    lives does not matter: the same images elsewhere reuse the same features.
+    """
+    shared = [
+        f"v{FORMAT_VERSION}",
+        f"torch={torch.__version__}",
+        f"class={type(backbone).__module__}.{type(backbone).__qualname__}",
+        f"name={getattr(backbone, 'name', '')}",
+        f"architecture={backbone!r}",
+        f"weights={_state_hash(backbone)}",
+        f"preprocess={type(dm).preprocess.__qualname__}",  # a data module with preprocessing of its own
+        f"size={dm.image_size}",
+        f"mean={_floats(dm.mean)}",
+        f"std={_floats(dm.std)}",
+    ]
+    keys = {}
+    for name in SPLITS:
+        split: Split = getattr(dm, name)
+        parts = [*shared, f"images={_images_hash(split.images)}", f"labels={_tensor_hash(split.labels)}"]
+        keys[name] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+    return keys
+
+
+def _floats(values) -> str:
+    """Statistics as exact float reprs: a list and a tuple of the same numbers give one key."""
+    return "none" if values is None else ",".join(repr(float(v)) for v in values)
 
 
 def _state_hash(backbone: nn.Module) -> str:
@@ -108,30 +190,41 @@ def _state_hash(backbone: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in backbone.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(_tensor_hash(tensor).encode())
     return digest.hexdigest()
 
 
-def _cache_key(backbone, state_key: str, dm: TensorImageDataModule, split_name: str, split: Split) -> str:
-    digest = hashlib.sha256()
-    parts = [
-        f"v{FORMAT_VERSION}",
-        getattr(backbone, "name", type(backbone).__name__),
-        state_key,
-        f"size={dm.image_size}",
-        f"mean={dm.mean}",
-        f"std={dm.std}",
-        f"dataset={dm.name}:{dm.root.resolve()}",
-        f"classes={dm.class_names}",
-        f"split={split_name}",
-    ]
-    digest.update("|".join(parts).encode())
-    digest.update(split.positions.numpy().tobytes())  # the subset (val split, few-shot, classes)
-    return digest.hexdigest()[:32]
+def _images_hash(images) -> str:
+    """Content fingerprint of a split's images; streamed image files by their name, size and mtime.
+
+    In-memory images are hashed byte by byte (about 0.2-0.4 s for CIFAR's 60,000 images on one
+    core). Files decoded on demand are not read: a file rewritten in place gets a new mtime.
+    """
+    if isinstance(images, torch.Tensor):
+        return _tensor_hash(images)
+    if not hasattr(images, "paths"):  # some other lazy container: its decoded content
+        return _tensor_hash(images.load())
+    digest = hashlib.sha256(f"decoded at {getattr(images, 'size', '?')} px".encode())
+    for path in images.paths:
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
-def _load(path: Path, key: str, split: Split) -> torch.Tensor | None:
-    """The cached features, or None when absent, stale or damaged (then they are rebuilt)."""
+def _tensor_hash(tensor: torch.Tensor) -> str:
+    """Hash of a tensor's dtype, shape and raw bytes."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _load(path: Path, split: Split) -> torch.Tensor | None:
+    """The cached features, or None when absent, stale or damaged (then they are rebuilt).
+
+    The file's name is its key; the key is also stored inside, so a file renamed or
+    overwritten by something else is not trusted."""
+    key = path.stem
     if not path.is_file():
         return None
     try:
@@ -148,8 +241,21 @@ def _load(path: Path, key: str, split: Split) -> torch.Tensor | None:
     return features
 
 
-def _save(path: Path, key: str, features: torch.Tensor, split: Split) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"key": key, "features": features, "labels": split.labels}, tmp)
-    os.replace(tmp, path)  # never a half-written cache file under the real name
+def _save(path: Path, features: torch.Tensor, split: Split) -> bool:
+    """Write the features to the cache; False (and a warning) when the write fails.
+
+    The features are already in memory and correct, so a failed write (the disk filled up
+    since the check) costs only the reuse by later runs: the run goes on, and the next run
+    computes them again. The temporary file is gone either way (`write_atomically`).
+    """
+    record = {"key": path.stem, "features": features, "labels": split.labels}
+    try:
+        write_atomically(path, lambda f: torch.save(record, f))
+    except OSError as e:
+        log.warning(
+            "could not write the feature cache %s (%s); this run goes on with its features in memory, later "
+            "runs compute them again (TRANSFERLAB_CACHE moves the cache to a folder with room)",
+            path, e.strerror or type(e).__name__,
+        )
+        return False
+    return True

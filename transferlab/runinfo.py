@@ -27,8 +27,46 @@ def config_dir() -> Path:
 
 
 def holds_run(folder: Path) -> bool:
-    """A run wrote here: its results or its checkpoints (the `.hydra/` of a failed start is no run)."""
-    return (folder / "metrics.json").exists() or (folder / "checkpoints").exists()
+    """A run wrote here: its results or at least one complete checkpoint.
+
+    Not a `.hydra/` of a failed start, nor a `checkpoints/` folder holding only the
+    temporary file of a save that was killed: such a folder can be neither resumed
+    (there is nothing to resume from) nor must it block a restart.
+    """
+    return (folder / "metrics.json").exists() or bool(checkpoint_files(folder / "checkpoints"))
+
+
+def was_started(folder: Path) -> bool:
+    """A run began training here: it left a `checkpoints/` or `tensorboard/` folder.
+
+    Hydra writes `.hydra/` (and train.log) for every command, also for the one asking;
+    these two appear only once a run has set up its trainer.
+    """
+    return (folder / "checkpoints").is_dir() or (folder / "tensorboard").is_dir()
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The complete `*.ckpt` files in `folder` (hidden temporary files of unfinished saves excluded)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.ckpt") if p.is_file() and not p.name.startswith("."))
+
+
+#: run dirs whose fresh start was announced (the checkpoint to resume is looked up several times)
+_FRESH_STARTS_ANNOUNCED: set[Path] = set()
+
+
+def announce_fresh_start(output_dir: Path) -> None:
+    """Say, once per run dir, that `ckpt_path=last` found nothing to resume and starts over."""
+    folder = Path(output_dir).resolve()
+    if folder in _FRESH_STARTS_ANNOUNCED or not logging.getLogger().handlers:
+        return  # said already; or asked before Hydra set up logging, where the line would be lost
+    _FRESH_STARTS_ANNOUNCED.add(folder)
+    logging.getLogger("transferlab").info(
+        "ckpt_path=last: %s holds no complete checkpoint (its run was stopped before its first save ended); "
+        "starting the run from the beginning",
+        output_dir,
+    )
 
 
 def ensure_writable(folder: Path, setting: str = "hydra.run.dir") -> None:

@@ -196,16 +196,33 @@ def check_data_root(data: DictConfig) -> None:
 
 # ---- resuming -------------------------------------------------------------------------------
 def checkpoint_path(ckpt_path: Any, output_dir: Path) -> Path | None:
-    """`ckpt_path=last` -> this run dir's `checkpoints/last.ckpt`; a path must exist."""
+    """`ckpt_path=last` -> this run dir's `checkpoints/last.ckpt`; a path must exist.
+
+    A run dir without last.ckpt that holds no run either, where a run was started (killed
+    before its first save ended), has nothing to resume: `last` then starts the run from
+    the beginning (None). In a folder where nothing ran, `last` is most likely a mistyped
+    run dir: refused.
+    """
     if ckpt_path in NO_CHECKPOINT:
         return None
     if ckpt_path == "last":
+        from transferlab.runinfo import announce_fresh_start, was_started
+
         last = output_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if last.is_file():
+            return last
+        if holds_run(output_dir):
             raise UserError(
-                f"ckpt_path=last but {last} does not exist; resume in the run dir of the interrupted run (hydra.run.dir=...)"
+                f"ckpt_path=last but {last} does not exist, though {output_dir} holds a run (metrics.json or other "
+                f"checkpoints); resume from one of its checkpoints with ckpt_path=PATH, or pick a new hydra.run.dir"
             )
-        return last
+        if not was_started(output_dir):
+            raise UserError(
+                f"ckpt_path=last but {last} does not exist and no run was started in {output_dir}; resume in the "
+                f"run dir of the interrupted run (hydra.run.dir=...), or leave out ckpt_path to start a new run"
+            )
+        announce_fresh_start(output_dir)
+        return None
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():
         raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file")
