@@ -264,3 +264,87 @@ def test_long_legend_labels_are_wrapped_to_fit_the_figure():
     assert columns == 1
     assert all(len(line) <= 80 - report.LEGEND_SAMPLE_CHARS for label in wrapped for line in label.splitlines())
     assert lines == wrapped[0].count("\n") + 2
+
+
+# ---- jobs that did not finish ----------------------------------------------------------------
+def _job_like(source: Path, target: Path) -> Path:
+    """A copy of a finished job's folder, to turn into a failed or unfinished one."""
+    import shutil
+
+    shutil.copytree(source, target)
+    (target / "metrics.json").unlink()
+    return target
+
+
+# (job folder, what it left besides .hydra/, the status and error the report must show)
+UNFINISHED_CASES = [
+    ("8_mode=frozen,seed=9", {"failed.json": json.dumps({"error": "data.fewshot.per_class=900 is too large\nsecond line", "exit_code": 2})},
+     "failed", "data.fewshot.per_class=900 is too large"),
+    ("9_mode=finetune,seed=9", {"error.txt": "\nTraceback (most recent call last):\n  File x\nRuntimeError: boom\n"},
+     "failed", "Traceback (most recent call last):"),
+    ("10_mode=frozen,seed=8", {}, "unfinished", "still running, or killed"),
+]
+
+
+@pytest.fixture(scope="module")
+def sweep_with_failures(sweep_dir, tmp_path_factory) -> Path:
+    """Two finished jobs of the sweep, and three that did not finish."""
+    import shutil
+
+    sweep = tmp_path_factory.mktemp("failures") / "sweep"
+    sweep.mkdir()
+    finished = _job_dirs(sweep_dir)
+    for job in finished[:2]:
+        shutil.copytree(job, sweep / job.name)
+    for name, records, _, _ in UNFINISHED_CASES:
+        job = _job_like(finished[2], sweep / name)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- mode={name.split('mode=')[1].split(',')[0]}\n- seed={name[-1]}\n")
+        for record, text in records.items():
+            (job / record).write_text(text)
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def report_of_failures(sweep_with_failures) -> subprocess.CompletedProcess:
+    """`python -m transferlab.report SWEEP_DIR`, the real command."""
+    command = [sys.executable, "-m", "transferlab.report", str(sweep_with_failures)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=cli_env(Path(".")))
+
+
+@pytest.mark.parametrize("name, records, status, error", UNFINISHED_CASES, ids=[c[2] + ":" + ",".join(c[1]) for c in UNFINISHED_CASES])
+def test_failed_and_unfinished_jobs_are_listed(name, records, status, error, sweep_with_failures, report_of_failures):
+    assert report_of_failures.returncode == 0, report_of_failures.stderr[-3000:]
+    seed = name[-1]
+    line = next((text for text in report_of_failures.stdout.splitlines() if name in text), None)
+    assert line is not None, report_of_failures.stdout
+    assert line.strip().startswith(f"{status}:") and f"seed={seed}" in line and line.rstrip().endswith(error)
+    text = (sweep_with_failures / "report.md").read_text()
+    section = text.split("## Failed and unfinished jobs")[1]
+    row = next(text for text in section.splitlines() if text.startswith(f"| {name} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == status and f"seed={seed}" in cells[2] and cells[3].endswith(error)
+    assert "second line" not in section  # the first line of the error only
+
+
+def test_unfinished_jobs_stay_out_of_the_tables(sweep_with_failures, report_of_failures):
+    assert len(_csv_rows(sweep_with_failures)) == 2
+    text = (sweep_with_failures / "report.md").read_text()
+    assert "2 runs from" in text and "3 more jobs did not finish" in text
+    assert "3 jobs did not finish (not in the tables):" in report_of_failures.stdout
+
+
+def test_a_sweep_where_no_job_finished_lists_them_and_fails(sweep_with_failures, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("TRANSFERLAB_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for name, *_ in UNFINISHED_CASES:
+        shutil.copytree(sweep_with_failures / name, tmp_path / name)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert "3 jobs did not finish" in out and all(name in out for name, *_ in UNFINISHED_CASES)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "no finished runs to compare" in lines[0], lines
+    assert not (tmp_path / "report.md").exists()

@@ -26,6 +26,8 @@ from transferlab.errors import UserError, exit_with
 #: how deep below a sweep dir run folders are looked for (job folders, or sweep/group/job)
 SEARCH_DEPTH = 2
 SEED_KEY = "seed"
+#: what a failed sweep job leaves in its folder (transferlab.sweeps writes failed.json)
+FAILED_RECORD, ERROR_TEXT = "failed.json", "error.txt"
 FEWSHOT_KEYS = ("data.fewshot.per_class", "data.fewshot.fraction")
 #: (tag in the event files, panel title), in the 2x2 order of curves.png
 CURVE_PANELS = (
@@ -77,31 +79,49 @@ class Run:
 
 def find_runs(paths: Iterable[Path]) -> list[Path]:
     """Run dirs (folders with metrics.json) among `paths` and up to two levels below each."""
-    found: list[Path] = []
+    return find_jobs(paths)[0]
+
+
+def find_jobs(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """(finished run dirs, job dirs that did not finish) among `paths` and up to two levels below.
+
+    A run is a folder with metrics.json; a job that did not finish is a folder Hydra started
+    (it has `.hydra/`) without one: failed, killed, or still running.
+    """
+    runs: list[Path] = []
+    unfinished: list[Path] = []
     for path in map(Path, paths):
         if not path.exists():
             raise UserError(f"{path} does not exist; give a sweep dir or run dirs that hold metrics.json")
         if not path.is_dir():
             raise UserError(f"{path} is not a directory; give a sweep dir or run dirs that hold metrics.json")
-        runs = _runs_under(path.resolve(), SEARCH_DEPTH)
-        if not runs:
+        jobs = _jobs_under(path.resolve(), SEARCH_DEPTH)
+        if not jobs:
             raise UserError(
                 f"no runs found in {path}: looked for metrics.json in it and in its subfolders "
                 f"up to {SEARCH_DEPTH} levels down (a sweep's job folders, or a run dir)"
             )
-        found.extend(r for r in runs if r not in found)
-    return found
+        for job in jobs:
+            found = runs if _finished(job) else unfinished
+            if job not in found:
+                found.append(job)
+    return runs, unfinished
 
 
-def _runs_under(folder: Path, depth: int) -> list[Path]:
-    if (folder / "metrics.json").is_file():
+def _finished(job: Path) -> bool:
+    return (job / "metrics.json").is_file()
+
+
+def _jobs_under(folder: Path, depth: int) -> list[Path]:
+    """Finished runs and started jobs: a folder that is either is not searched further."""
+    if _finished(folder) or (folder / ".hydra").is_dir():
         return [folder]
     if depth == 0:
         return []
-    runs: list[Path] = []
+    jobs: list[Path] = []
     for child in sorted((c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural_key):
-        runs.extend(_runs_under(child, depth - 1))
-    return runs
+        jobs.extend(_jobs_under(child, depth - 1))
+    return jobs
 
 
 def _natural_key(path: Path) -> list:
@@ -126,11 +146,77 @@ def load_run(path: Path) -> Run:
 
 
 def load_runs(paths: Iterable[Path]) -> list[Run]:
-    """Every run found under `paths`, with short names that tell them apart."""
-    runs = [load_run(p) for p in find_runs(paths)]
+    """Every finished run found under `paths`, with short names that tell them apart."""
+    return named_runs(find_runs(paths))
+
+
+def named_runs(run_dirs: list[Path]) -> list[Run]:
+    if not run_dirs:
+        raise UserError("no finished runs (no metrics.json) to compare")
+    runs = [load_run(p) for p in run_dirs]
     for run, name in zip(runs, short_names([r.path for r in runs])):
         run.name = name
     return runs
+
+
+# ---- jobs that did not finish --------------------------------------------------------------
+@dataclass
+class UnfinishedJob:
+    """A job folder without metrics.json: failed (it left an error record) or unfinished."""
+
+    path: Path
+    overrides: dict[str, str]
+    error: str | None  # first line of the recorded error; None when the job left none
+
+    @property
+    def status(self) -> str:
+        return "failed" if self.error is not None else "unfinished"
+
+    @property
+    def explanation(self) -> str:
+        return self.error if self.error is not None else "no metrics.json and no error record: still running, or killed"
+
+
+def load_unfinished(path: Path) -> UnfinishedJob:
+    return UnfinishedJob(path=Path(path), overrides=read_overrides(path / ".hydra" / "overrides.yaml"), error=recorded_error(path))
+
+
+def recorded_error(job_dir: Path) -> str | None:
+    """The first line of the error a failed job recorded: `failed.json` ("error") or `error.txt`."""
+    record = job_dir / FAILED_RECORD
+    if record.is_file():
+        try:
+            error = json.loads(record.read_text()).get("error")
+        except (json.JSONDecodeError, AttributeError):
+            error = None
+        return _first_line(str(error)) if error else f"{FAILED_RECORD} holds no error message"
+    text_record = job_dir / ERROR_TEXT
+    if text_record.is_file():
+        return _first_line(text_record.read_text(errors="replace")) or f"{ERROR_TEXT} is empty"
+    return None
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def overrides_text(overrides: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items()) or "(no overrides)"
+
+
+def unfinished_lines(jobs: list[UnfinishedJob]) -> list[str]:
+    """What the command prints: one line per job that did not finish."""
+    if not jobs:
+        return []
+    lines = [f"{len(jobs)} job{'s' if len(jobs) > 1 else ''} did not finish (not in the tables):"]
+    lines += [f"  {job.status}: {job.path} [{overrides_text(job.overrides)}]: {job.explanation}" for job in jobs]
+    return lines
+
+
+def unfinished_markdown(jobs: list[UnfinishedJob]) -> str:
+    rows = [[job.path.name, job.status, overrides_text(job.overrides), job.explanation] for job in jobs]
+    table = markdown_table(["job folder", "status", "overrides", "error"], rows)
+    return "\n".join(["## Failed and unfinished jobs", "", "Not in the tables and figures above.", "", table, ""])
 
 
 def read_overrides(overrides_file: Path) -> dict[str, str]:
@@ -516,7 +602,9 @@ def plot_sample_efficiency(runs: list[Run], keys: list[str], path: Path) -> Path
 
 
 # ---- the report --------------------------------------------------------------------------
-def write_report(runs: list[Run], out_dir: Path, sources: list[Path] | None = None) -> dict[str, Path]:
+def write_report(
+    runs: list[Run], out_dir: Path, sources: list[Path] | None = None, unfinished: list[UnfinishedJob] | None = None
+) -> dict[str, Path]:
     """Write report.md, report.csv and the figures into `out_dir`; returns what was written."""
     out_dir = Path(out_dir)
     try:
@@ -535,16 +623,19 @@ def write_report(runs: list[Run], out_dir: Path, sources: list[Path] | None = No
         if plot(runs, keys, out_dir / f"{name}.png"):
             written[name] = out_dir / f"{name}.png"
     written["md"] = out_dir / "report.md"
-    written["md"].write_text(report_markdown(runs, keys, written, sources or []))
+    written["md"].write_text(report_markdown(runs, keys, written, sources or [], unfinished or []))
     return written
 
 
-def report_markdown(runs: list[Run], keys: list[str], written: dict[str, Path], sources: list[Path]) -> str:
+def report_markdown(
+    runs: list[Run], keys: list[str], written: dict[str, Path], sources: list[Path], unfinished: list[UnfinishedJob] = ()
+) -> str:
     fixed = common_overrides(runs)
+    not_finished = f" {len(unfinished)} more jobs did not finish (see the end)." if unfinished else ""
     lines = [
         "# transferlab report",
         "",
-        f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources) or 'the given run dirs'}.",
+        f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources) or 'the given run dirs'}.{not_finished}",
         "",
         f"- Differ between runs: {', '.join(f'`{k}`' for k in keys) or 'nothing (no override differs)'}",
         f"- Same in every run: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'no common overrides'}",
@@ -555,6 +646,8 @@ def report_markdown(runs: list[Run], keys: list[str], written: dict[str, Path], 
     for name, title in figures:
         if name in written:
             lines += [f"## {title}", "", f"![{title}]({written[name].name})", ""]
+    if unfinished:
+        lines.append(unfinished_markdown(list(unfinished)))
     return "\n".join(lines)
 
 
@@ -577,12 +670,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        runs = load_runs(args.paths)
-        written = write_report(runs, args.out or default_out_dir(args.paths), sources=args.paths)
+        run_dirs, unfinished_dirs = find_jobs(args.paths)
+        unfinished = [load_unfinished(d) for d in unfinished_dirs]
+        if not run_dirs:
+            print("\n".join(unfinished_lines(unfinished)), flush=True)
+            raise UserError(
+                f"no finished runs to compare in {', '.join(map(str, args.paths))}: all {len(unfinished)} jobs "
+                f"failed or did not finish (listed above)"
+            )
+        runs = named_runs(run_dirs)
+        written = write_report(runs, args.out or default_out_dir(args.paths), sources=args.paths, unfinished=unfinished)
     except UserError as error:
         exit_with(error)
     for path in written.values():
         print(path)
+    for line in unfinished_lines(unfinished):
+        print(line)
 
 
 if __name__ == "__main__":
