@@ -8,9 +8,11 @@ download fails fast with one line saying where the files were looked for.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import pickle
+import shutil
 import tarfile
 import tempfile
 import warnings
@@ -111,25 +113,42 @@ class CIFARDataModule(TensorImageDataModule):
         """
         log.info("extracting %s", archive)
         folder = self.root / self.folder
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=f".{self.folder}.extracting-") as scratch:
-            try:
-                with tarfile.open(archive, "r:gz") as tar:
-                    tar.extractall(scratch, filter="data")
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-                raise UserError(
-                    f"cannot extract {archive} ({type(e).__name__}: {_first_line(e)}); the archive is damaged or "
-                    f"incomplete: delete it and download it again, or replace it with the official archive"
-                ) from None
-            extracted = Path(scratch) / self.folder
-            missing = self._missing_files(extracted) if extracted.is_dir() else [f"{self.folder}/"]
-            if missing:
-                raise UserError(
-                    f"{archive} is not the official {self.name} archive (it lacks {', '.join(missing)}); "
-                    f"replace it with {self.archive} from the CIFAR website"
-                )
+        try:
+            scratch = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{self.folder}.extracting-"))
+        except OSError as e:
+            raise UserError(
+                f"cannot extract {archive}: {self.root} is not writable ({e.strerror}); extract it yourself, "
+                f"or copy the archive to a writable folder and set data.root to it"
+            ) from None
+        try:
+            self._extract_complete_copy(archive, scratch)
             if folder.is_dir():  # an incomplete older extraction: swap it out, then it goes with scratch
-                folder.rename(Path(scratch) / "incomplete")
-            extracted.rename(folder)
+                folder.rename(scratch / "incomplete")
+            (scratch / self.folder).rename(folder)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _extract_complete_copy(self, archive: Path, scratch: Path) -> None:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(scratch, filter="data")
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise UserError(
+                f"cannot extract {archive} ({type(e).__name__}: {_first_line(e)}); the archive is damaged or "
+                f"incomplete: delete it and download it again, or replace it with the official archive"
+            ) from None
+        except OSError as e:  # the archive is fine, the disk is not (full, read-only)
+            raise UserError(
+                f"cannot extract {archive} into {self.root} ({e.strerror or type(e).__name__}); "
+                f"free some space there or set data.root to another folder"
+            ) from None
+        extracted = scratch / self.folder
+        missing = self._missing_files(extracted) if extracted.is_dir() else [f"{self.folder}/"]
+        if missing:
+            raise UserError(
+                f"{archive} is not the official {self.name} archive (it lacks {', '.join(missing)}); "
+                f"replace it with {self.archive} from the CIFAR website"
+            )
 
     def _download(self) -> None:
         import torchvision.datasets as tvd
