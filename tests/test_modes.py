@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from conftest import FAST, compose_config, run_training
-from transferlab.callbacks import FreezeStages, GradualUnfreeze, extend_scheduler
+from transferlab.callbacks import FreezeStages, GradualUnfreeze
 from transferlab.errors import UserError
 from transferlab.models import TransferModule, linear_head, torchvision_backbone
 
@@ -97,8 +97,8 @@ def test_each_mode_freezes_its_stages_before_training(overrides, frozen_stages, 
     mode.freeze_before_training(module)
     assert _stage_trainable(module) == [{False}] * frozen_stages + [{True}] * (5 - frozen_stages)
     assert all(p.requires_grad for p in module.head.parameters())
-    names = [g["name"] for g in module.param_groups()]
-    assert names == (["head"] if frozen_stages == 5 else ["head", "backbone"])
+    # Fixed groups: every parameter is in the optimizer from the start, frozen or not.
+    assert [g["name"] for g in module.param_groups()] == ["head", "backbone"]
 
 
 def test_train_bn_leaves_batchnorm_trainable_in_frozen_stages(tmp_path):
@@ -131,9 +131,8 @@ def test_backbone_lr_ratio_and_layer_decay_give_one_rate_per_stage():
 
 
 SCHEDULERS = {
-    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6),
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
     "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
-    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10),
     "sequential": lambda opt: torch.optim.lr_scheduler.SequentialLR(
         opt, [torch.optim.lr_scheduler.LinearLR(opt, 0.5, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)], milestones=[2]
     ),
@@ -141,20 +140,26 @@ SCHEDULERS = {
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_a_group_added_mid_run_follows_the_schedule(name):
-    head, backbone = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    optimizer = torch.optim.SGD([{"params": [head], "name": "head"}], lr=0.1)
+def test_a_frozen_group_runs_at_zero_then_rejoins_the_schedule(name):
+    """Fixed groups: the backbone group sits in the optimizer from the start, at rate 0 while
+    frozen, and follows the head's schedule x its lr_scale from the unfreeze epoch on."""
+    head, backbone = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([{"params": [head], "name": "head", "lr": 0.1},
+                                 {"params": [backbone], "name": "backbone", "lr": 0.01, "lr_scale": 0.1}], lr=0.1)
     scheduler = SCHEDULERS[name](optimizer)
-    for _ in range(3):
-        optimizer.step(), scheduler.step()
-    optimizer.add_param_group({"params": [backbone], "name": "backbone", "lr_scale": 0.1,
-                               "lr": optimizer.param_groups[0]["lr"] * 0.1})
-    extend_scheduler(scheduler, optimizer, count_before=1)
-    for _ in range(4):
-        optimizer.step(), scheduler.step()  # no IndexError / zip(strict=True) error
+    mode = GradualUnfreeze(unfreeze_at_epoch=3)
+    for epoch in range(7):
+        backbone.requires_grad = epoch >= 3  # what mode.apply does to the backbone's modules
+        mode.set_learning_rates(optimizer, epoch)
         head_lr, backbone_lr = (g["lr"] for g in optimizer.param_groups)
-        assert backbone_lr == pytest.approx(head_lr * 0.1), name
-    assert len(scheduler.get_last_lr()) == 2
+        if epoch < 3:
+            assert backbone_lr == 0.0
+        else:
+            assert backbone_lr == pytest.approx(head_lr * 0.1), (name, epoch)
+        (head.sum() + backbone.sum() * backbone.requires_grad).backward()
+        before = backbone.detach().clone()
+        optimizer.step(), optimizer.zero_grad(set_to_none=True), scheduler.step()
+        assert torch.equal(backbone.detach(), before) == (epoch < 3)  # frozen: no gradient, no update
 
 
 # ---- end to end: frozen BatchNorm, unfreezing, logged rates and counts -------------------------------
@@ -190,7 +195,7 @@ def test_gradual_unfreezes_into_the_schedule_and_logs_rates_and_counts(scheduler
     metrics, records = _probe_run(overrides, tmp_path)
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert [r["lrs"]["head"] for r in records] == pytest.approx(head_lrs)
-    assert "backbone" not in records[0]["lrs"]
+    assert records[0]["lrs"]["backbone"] == 0.0  # in the optimizer from the start, not training yet
     assert [r["lrs"]["backbone"] for r in records[1:]] == pytest.approx(backbone_lrs)
     assert all(n.startswith("head.") for n in records[0]["trainable"])
     assert not any(records[0]["bn_training"].values()) and all(records[1]["bn_training"].values())
@@ -198,7 +203,7 @@ def test_gradual_unfreezes_into_the_schedule_and_logs_rates_and_counts(scheduler
 
     scalars = _scalars(tmp_path)
     assert [v for _, v in scalars["lr-SGD/head"]] == pytest.approx(head_lrs)
-    assert [v for _, v in scalars["lr-SGD/backbone"]] == pytest.approx(backbone_lrs)  # logged from the unfreeze epoch on
+    assert [v for _, v in scalars["lr-SGD/backbone"]] == pytest.approx([0.0, *backbone_lrs])  # 0 while frozen
     assert [v for _, v in scalars["params/total"]] == [metrics["params_total"]] * 2
     trainable = [v for _, v in scalars["params/trainable"]]
     assert trainable[1:] == [metrics["params_total"]] and 0 < trainable[0] < metrics["params_total"]

@@ -6,7 +6,6 @@ from transferlab.callbacks.freeze import (
     GradualUnfreeze,
     TrainAll,
     TransferMode,
-    extend_scheduler,
     freeze,
     hold_frozen_in_eval,
 )
@@ -17,7 +16,6 @@ __all__ = [
     "GradualUnfreeze",
     "TrainAll",
     "TransferMode",
-    "extend_scheduler",
     "freeze",
     "hold_frozen_in_eval",
 ]

@@ -1,16 +1,20 @@
 """Which backbone parameters train: the `mode=` group, as Lightning callbacks.
 
 finetune, scratch -> `TrainAll`: everything trains (scratch from random init: `conf/mode/scratch.yaml`
-                     sets `backbone.weights=none`).
+                     sets `pretrained: false`).
 frozen            -> `FreezeBackbone`: no backbone parameter trains; only the head does.
 partial           -> `FreezeStages`: the first N backbone stages are frozen, the rest trains.
-gradual           -> `GradualUnfreeze`: frozen for some epochs, then unfrozen into the optimizer.
+gradual           -> `GradualUnfreeze`: frozen for some epochs, then the backbone trains too.
 
-All share `TransferMode` (a `BaseFinetuning`): frozen modules are held in eval mode so
-BatchNorm statistics and dropout stay put (`train_bn=true` lets BatchNorm adapt), the
-run logs `params/trainable` and `params/total` whenever they change, and a resumed run
-gets back the param groups and the frozen set it had when the checkpoint was saved.
-Learning rates per group come from `TransferModule.param_groups`.
+Every parameter sits in the optimizer from the start, in the named groups of
+`TransferModule.param_groups` (head, backbone or one group per stage). A mode only flips
+`requires_grad` at the start of each epoch (SGD and AdamW skip a parameter that has no
+gradient) and holds frozen modules in eval mode, so BatchNorm statistics and dropout stay
+put (`train_bn=true` lets BatchNorm adapt). Nothing edits the optimizer's groups or the
+scheduler mid-run, so a resumed run simply reloads both; what trains in an epoch depends
+on the epoch number alone. A group whose parameters are all frozen runs at learning rate
+0 (its curve in TensorBoard says it does not train) and gets its scheduled rate back when
+it unfreezes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 from typing import Iterable
 
 import lightning as L
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
@@ -32,15 +36,16 @@ log = logging.getLogger(__name__)
 def freeze(modules: Iterable[nn.Module], train_bn: bool = False) -> None:
     """requires_grad=False on every parameter (BatchNorm too unless `train_bn`).
 
-    Unlike `BaseFinetuning.freeze`, BatchNorm keeps `track_running_stats=True`: a frozen
-    BatchNorm is held in eval mode instead (see `TransferMode`), so it normalizes with the
-    pretrained statistics and never updates them.
+    BatchNorm keeps `track_running_stats=True`: a frozen BatchNorm is held in eval mode
+    instead (see `TransferMode`), so it normalizes with the pretrained statistics and never
+    updates them.
     """
-    for module in BaseFinetuning.flatten_modules(list(modules)):
-        if isinstance(module, _BatchNorm) and train_bn:
-            continue
-        for param in module.parameters(recurse=False):
-            param.requires_grad = False
+    for root in modules:
+        for module in root.modules():
+            if isinstance(module, _BatchNorm) and train_bn:
+                continue
+            for param in module.parameters(recurse=False):
+                param.requires_grad = False
 
 
 def hold_frozen_in_eval(root: nn.Module) -> None:
@@ -52,7 +57,7 @@ def hold_frozen_in_eval(root: nn.Module) -> None:
                 module.eval()
 
 
-class TransferMode(BaseFinetuning):
+class TransferMode(Callback):
     """What every mode shares; a mode says which modules are frozen in which epoch."""
 
     def __init__(self, train_bn: bool = False):
@@ -64,34 +69,42 @@ class TransferMode(BaseFinetuning):
         """The modules that do not train in `epoch`."""
         return []
 
-    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
-        freeze(self.frozen_modules(pl_module, epoch=0), train_bn=self.train_bn)
+    def apply(self, pl_module: L.LightningModule, epoch: int) -> None:
+        """Make exactly the parameters of `epoch` trainable: the one place requires_grad is set."""
+        for param in pl_module.parameters():
+            param.requires_grad = True
+        freeze(self.frozen_modules(pl_module, epoch), train_bn=self.train_bn)
 
-    def finetune_function(self, pl_module, current_epoch: int, optimizer: Optimizer) -> None:
-        pass
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        self.apply(pl_module, epoch=0)
 
     # ---- Lightning hooks ------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Freeze for fitting only: `trainer.test` after fit must not re-freeze what was unfrozen.
+        # Before the model summary counts trainable parameters. For fitting only: `trainer.test`
+        # after fit must not re-freeze what was unfrozen.
         if stage == "fit":
-            super().setup(trainer, pl_module, stage)
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)  # on resume: the saved run's param groups
-        # A run resumed after an unfreeze was frozen again by `setup`: what the optimizer
-        # updates must train.
-        in_optimizer = _ids_in(trainer.optimizers)
-        for param in pl_module.parameters():
-            if id(param) in in_optimizer:
-                param.requires_grad = True
+            self.apply(pl_module, epoch=0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_param_counts(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)  # finetune_function, then records new groups
-        self._set_train_modes(pl_module, trainer.current_epoch)
+        epoch = trainer.current_epoch
+        self.apply(pl_module, epoch)  # also right after a resume: the epoch alone decides
+        self._set_train_modes(pl_module, epoch)
+        for optimizer in trainer.optimizers:
+            self.set_learning_rates(optimizer, epoch)
         self._log_param_counts(trainer, pl_module)
+
+    def set_learning_rates(self, optimizer: Optimizer, epoch: int) -> None:
+        """Groups with nothing trainable run at 0; a group that unfreezes gets head rate x its lr_scale."""
+        head_lr = _head_group(optimizer)["lr"]
+        for group in optimizer.param_groups:
+            trainable = any(p.requires_grad for p in group["params"])
+            if not trainable:
+                group["lr"] = 0.0
+            elif group["lr"] == 0.0 and "lr_scale" in group:
+                group["lr"] = head_lr * group["lr_scale"]
 
     # ---- helpers -------------------------------------------------------------------------
     def _set_train_modes(self, pl_module: L.LightningModule, epoch: int) -> None:
@@ -156,13 +169,11 @@ class FreezeStages(TransferMode):
 class GradualUnfreeze(TransferMode):
     """`mode=gradual`: the backbone is frozen for `unfreeze_at_epoch` epochs, then trains.
 
-    At the unfreeze epoch its parameters join the optimizer (as
-    `BaseFinetuning.unfreeze_and_add_param_group` does, but in the named groups of
-    `TransferModule.backbone_param_groups`) at the head's current rate times their
-    `lr_scale` (`mode.backbone_lr_ratio`, and `mode.layer_decay` per stage), and every
-    scheduler of the optimizer learns about the new groups so they follow the schedule.
-    With `warmup_epochs`, the backbone's rate starts at `warmup_start` times that and
-    grows by a constant factor per epoch until it reaches it.
+    Its groups are in the optimizer from the start (at rate 0 while frozen); from the
+    unfreeze epoch on they run at the head's scheduled rate times their `lr_scale`
+    (`mode.backbone_lr_ratio`, and `mode.layer_decay` per stage). With `warmup_epochs`, the
+    backbone's rate starts at `warmup_start` times that and grows by a constant factor per
+    epoch until it reaches it.
     """
 
     def __init__(
@@ -182,36 +193,20 @@ class GradualUnfreeze(TransferMode):
     def frozen_modules(self, pl_module, epoch):
         return [pl_module.backbone] if epoch < self.unfreeze_at_epoch else []
 
-    def finetune_function(self, pl_module, current_epoch: int, optimizer: Optimizer) -> None:
-        if current_epoch < self.unfreeze_at_epoch:
-            return
-        count_before = len(optimizer.param_groups)
-        if self._unfreeze(pl_module, optimizer):  # nothing new when resumed after the unfreeze
-            schedulers = [c.scheduler for c in pl_module.trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-            for scheduler in schedulers:
-                extend_scheduler(scheduler, optimizer, count_before)
-            log.info("epoch %d: backbone unfrozen, %s", current_epoch, _describe_lrs(optimizer))
-        if current_epoch <= self.unfreeze_at_epoch + self.warmup_epochs:
-            self._warm_up(optimizer, current_epoch)
-
-    def _unfreeze(self, pl_module, optimizer: Optimizer) -> bool:
-        self.make_trainable(pl_module.backbone)
-        # By identity: BaseFinetuning.filter_on_optimizer compares values, and two fresh
-        # BatchNorm weights (all ones) would look like the same parameter.
-        in_optimizer = _ids_in([optimizer])
-        names = {group.get("name") for group in optimizer.param_groups}
-        added = False
-        for group in pl_module.backbone_param_groups(_head_group(optimizer)["lr"]):
-            params = [p for p in group["params"] if id(p) not in in_optimizer]
-            if params:
-                # With train_bn the BatchNorm parameters already have a group of this name.
-                name = group["name"] if group["name"] not in names else f"{group['name']}.unfrozen"
-                optimizer.add_param_group({**group, "params": params, "name": name})
-                added = True
-        return added
+    def set_learning_rates(self, optimizer: Optimizer, epoch: int) -> None:
+        super().set_learning_rates(optimizer, epoch)
+        if epoch == self.unfreeze_at_epoch:
+            log.info("epoch %d: backbone unfrozen, %s", epoch, _describe_lrs(optimizer))
+        if self.unfreeze_at_epoch <= epoch <= self.unfreeze_at_epoch + self.warmup_epochs:
+            self._warm_up(optimizer, epoch)
 
     def _warm_up(self, optimizer: Optimizer, epoch: int) -> None:
-        """Backbone rate = head rate x lr_scale x warm-up factor, the factor growing geometrically to 1."""
+        """Backbone rate = head rate x lr_scale x warm-up factor, the factor growing geometrically to 1.
+
+        Set at every warm-up epoch's start (the scheduler's own step in between is overridden);
+        the last warm-up epoch leaves exactly head rate x lr_scale, from which the scheduler
+        continues as for the head.
+        """
         progress = 1.0 if self.warmup_epochs == 0 else (epoch - self.unfreeze_at_epoch) / self.warmup_epochs
         factor = self.warmup_start ** (1.0 - min(progress, 1.0))
         head_lr = _head_group(optimizer)["lr"]
@@ -220,40 +215,8 @@ class GradualUnfreeze(TransferMode):
                 group["lr"] = head_lr * group["lr_scale"] * factor
 
 
-def extend_scheduler(scheduler, optimizer: Optimizer, count_before: int) -> None:
-    """Make a scheduler built for `count_before` param groups schedule the groups added since.
-
-    A new group is scheduled like the head, scaled by its `lr_scale`: its per-group
-    scheduler keys (`initial_lr`, OneCycleLR's `max_lr`, ...) and the scheduler's per-group
-    lists (`base_lrs`, ReduceLROnPlateau's `min_lrs`, CyclicLR's `max_lrs`, `_last_lr`)
-    get an entry, so nothing indexes past their end and the new group follows the schedule.
-    """
-    groups = optimizer.param_groups
-    head = _head_group(optimizer)
-    head_index = next(i for i, g in enumerate(groups) if g is head)
-    new = groups[count_before:]
-    for group in new:
-        scale = group.get("lr_scale", 1.0)
-        for key, value in head.items():
-            if key not in group:
-                group[key] = value * scale if key.endswith("lr") and isinstance(value, (int, float)) else value
-    for attr in ("base_lrs", "min_lrs", "max_lrs"):
-        values = getattr(scheduler, attr, None)
-        if isinstance(values, list) and len(values) == count_before:
-            values.extend(values[head_index] * group.get("lr_scale", 1.0) for group in new)
-    last = getattr(scheduler, "_last_lr", None)
-    if isinstance(last, list) and len(last) == count_before:
-        last.extend(group["lr"] for group in new)
-    for child in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
-        extend_scheduler(child, optimizer, count_before)
-
-
 def _head_group(optimizer: Optimizer) -> dict:
     return next((g for g in optimizer.param_groups if g.get("name") == "head"), optimizer.param_groups[0])
-
-
-def _ids_in(optimizers: Iterable[Optimizer]) -> set[int]:
-    return {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
 
 
 def _describe_lrs(optimizer: Optimizer) -> str:

@@ -19,9 +19,9 @@ class TransferModule(L.LightningModule):
     """Holds `backbone` and `head` as submodules (state dict keys `backbone.*`, `head.*`).
 
     Which parameters train is decided by the mode callback (`transferlab.callbacks`),
-    not here: the optimizer simply receives every parameter that still requires grad,
-    in named groups, head at `lr` and backbone at `lr * backbone_lr_ratio` (per stage,
-    times `layer_decay` per stage from the top, when that is set).
+    not here: the optimizer receives every parameter from the start, in fixed named
+    groups, head at `lr` and backbone at `lr * backbone_lr_ratio` (per stage, times
+    `layer_decay` per stage from the top, when that is set); the mode flips requires_grad.
     """
 
     def __init__(
@@ -140,22 +140,25 @@ class TransferModule(L.LightningModule):
         return float(self.optimizer_factory([torch.zeros(1, requires_grad=True)]).defaults["lr"])
 
     def param_groups(self) -> list[dict]:
-        """Trainable parameters in named groups (`head`, then `backbone...`); empty groups are left out."""
-        lr = self.base_lr()
-        head = [p for p in self.head.parameters() if p.requires_grad]
-        groups = [{"params": head, "name": "head", "lr": lr}] if head else []
-        return groups + self.backbone_param_groups(lr)
+        """Every parameter in named groups (`head`, then `backbone...`), frozen or not.
 
-    def backbone_param_groups(self, head_lr: float) -> list[dict]:
-        """The backbone's trainable parameters at `head_lr * backbone_lr_ratio`.
+        Fixed from the first step: freezing flips requires_grad (SGD and AdamW skip a
+        parameter without a gradient), so no group is ever added mid-run and a resumed
+        optimizer or scheduler has the same groups as the saved one.
+        """
+        lr = self.base_lr()
+        return [{"params": list(self.head.parameters()), "name": "head", "lr": lr}] + self._backbone_groups(lr)
+
+    def _backbone_groups(self, head_lr: float) -> list[dict]:
+        """The backbone's parameters at `head_lr * backbone_lr_ratio`.
 
         With `layer_decay`, one group per stage (`backbone.stage<i>`, i from the input side):
         stage k from the top gets `head_lr * backbone_lr_ratio * layer_decay**k`, and
         parameters outside every stage go with the bottom stage. Each group records its
-        `lr_scale` relative to the head, so a group added at unfreeze can follow the
-        head's schedule (`transferlab.callbacks.GradualUnfreeze`).
+        `lr_scale` relative to the head, so a group that unfreezes can rejoin the head's
+        schedule (`transferlab.callbacks.TransferMode.set_learning_rates`).
         """
-        trainable = [p for p in self.backbone.parameters() if p.requires_grad]
+        trainable = list(self.backbone.parameters())
         if not trainable:
             return []
         if self.layer_decay is None:
