@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 #: room for a cache file's own structure (zip records, pickled keys) beyond its tensors
-FILE_OVERHEAD_BYTES = 1 << 20
+FILE_OVERHEAD_BYTES = 64 << 10
 
 
 def should_cache(setting, mode_name: str, augment: bool, train_bn: bool = False) -> bool:

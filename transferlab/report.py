@@ -204,6 +204,16 @@ def overrides_text(overrides: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in overrides.items()) or "(no overrides)"
 
 
+def set_apart(jobs: list[UnfinishedJob], runs: list[Run]) -> None:
+    """Keep, for each job, only the overrides that tell it apart: those not shared by every job
+    of the report, finished or not (the shared ones would repeat the whole command line)."""
+    everyone = [job.overrides for job in jobs] + [run.overrides for run in runs]
+    for job in jobs:
+        shared = {k for k, v in job.overrides.items() if all(o.get(k) == v for o in everyone)}
+        if len(shared) < len(job.overrides):
+            job.overrides = {k: v for k, v in job.overrides.items() if k not in shared}
+
+
 def unfinished_lines(jobs: list[UnfinishedJob]) -> list[str]:
     """What the command prints: one line per job that did not finish."""
     if not jobs:
@@ -673,12 +683,14 @@ def main(argv: list[str] | None = None) -> None:
         run_dirs, unfinished_dirs = find_jobs(args.paths)
         unfinished = [load_unfinished(d) for d in unfinished_dirs]
         if not run_dirs:
+            set_apart(unfinished, [])
             print("\n".join(unfinished_lines(unfinished)), flush=True)
             raise UserError(
                 f"no finished runs to compare in {', '.join(map(str, args.paths))}: all {len(unfinished)} jobs "
                 f"failed or did not finish (listed above)"
             )
         runs = named_runs(run_dirs)
+        set_apart(unfinished, runs)
         written = write_report(runs, args.out or default_out_dir(args.paths), sources=args.paths, unfinished=unfinished)
     except UserError as error:
         exit_with(error)
