@@ -214,6 +214,7 @@ class TensorImageDataModule(L.LightningDataModule):
         return train, counts
 
     def _dataset_stats(self, train: Split):
+        """The published statistics of the dataset, else those of its training images."""
         if self.dataset_mean is not None:
             return self.dataset_mean, self.dataset_std
         return self.compute_dataset_stats(train)
