@@ -18,6 +18,7 @@ from conftest import cli_env, run_training
 from transferlab.errors import UserError, user_error_behind
 from transferlab.validate import check_command_line, check_data_root, command_line_overrides
 
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 #: a small, fast run on the tiny data; every case adds the mistake to it
 BASE = [
     "backbone=cnn_small",
@@ -52,7 +53,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     model = TransferModule(backbone, linear_head(backbone.out_features, 10), num_classes=10)
     checkpoint = {  # what Lightning writes, as far as the checks read it
         "state_dict": model.state_dict(),
-        "transferlab": {"backbone": "cnn_small", "data": {"dataset": "cifar10"}, "num_classes": 10},
+        "transferlab": {"backbone": "cnn_small", "data": {"dataset": "cifar10", "class_names": CIFAR10_CLASSES}, "num_classes": 10},
     }
     paths = {
         "cnn_small_ckpt": folder / "cnn_small.ckpt",
@@ -85,6 +86,16 @@ CLI_CASES = [
     ("root-without-dataset", ["data.root={stray}", "data.download=true"], "holds no cifar10"),
     ("output-dir-not-writable", ["hydra.run.dir={a_file}/run"], "cannot be created (Not a directory"),
 ]
+# Settings under which a run would train nothing, forever, or with numbers a constructor refuses:
+# one line naming the key, before any data is read (DEGENERATE_IN_PROCESS covers the rest).
+DEGENERATE_CASES = [
+    ("max-epochs-zero", ["trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing"),
+    ("max-epochs-forever", ["trainer.max_epochs=-1"], "trainer.max_epochs=-1 trains forever unless trainer.max_steps > 0"),
+    ("no-train-batches", ["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches=0.0 trains nothing"),
+    ("lr-negative", ["optimizer.lr=-0.1"], "optimizer: Invalid learning rate: -0.1"),
+    ("head-hidden-zero", ["head=mlp", "head.hidden=0"], "head: hidden=0 must be a positive integer"),
+    ("precision-unknown", ["trainer.precision=fp7"], "trainer: Precision 'fp7' is invalid."),
+]
 IN_PROCESS_CASES = [
     ("fewshot-zero", ["data.fewshot.per_class=0"], "data.fewshot.per_class=0 must be a positive integer"),
     ("fewshot-fraction-zero", ["data.fewshot.fraction=0"], "data.fewshot.fraction=0 must be in (0, 1]"),
@@ -95,7 +106,7 @@ IN_PROCESS_CASES = [
     ("weights-other-backbone", ["backbone=vgg11_bn", "backbone.weights={cnn_small_ckpt}"], "do not match the backbone architecture"),
     ("resume-missing-last", ["ckpt_path=last"], "ckpt_path=last but"),
     ("resume-other-head", ["head=mlp", "ckpt_path={cnn_small_ckpt}"], "does not fit this run's model: the checkpoint has no head."),
-    ("resume-other-classes", ["data.classes=[cat,dog]", "ckpt_path={cnn_small_ckpt}"], "head.0.weight is (10, 512) in the checkpoint but (2, 512) here"),
+    ("resume-other-classes", ["data.classes=[cat,dog]", "ckpt_path={cnn_small_ckpt}"], "this run has [cat,dog] (2)"),
     ("resume-other-dataset", ["data=cifar100", "ckpt_path={cnn_small_ckpt}"], "was trained on cifar10, but this run uses cifar100"),
     ("resume-not-a-checkpoint", ["ckpt_path={list_pth}"], "is not a Lightning checkpoint (no state_dict)"),
     ("required-setting", ["backbone=torchvision"], "backbone.name must be set (the config leaves it as ???); add backbone.name=..."),
@@ -103,6 +114,23 @@ IN_PROCESS_CASES = [
     ("batch-size-not-a-number", ["data.batch_size=12a"], "data.batch_size='12a' is not an integer"),
     ("lr-not-a-number", ["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
     ("max-epochs-negative", ["trainer.max_epochs=-5"], "`max_epochs` must be a non-negative integer or -1"),
+    ("resume-other-class-order", ["data.classes=[" + ",".join(reversed(CIFAR10_CLASSES)) + "]", "ckpt_path={cnn_small_ckpt}"],
+     "does not fit this run's model: it was trained on the classes [airplane,automobile,bird,cat,deer,dog,...] (10), this run has [truck,ship,"),
+]
+DEGENERATE_IN_PROCESS = [
+    ("no-train-batches-int", ["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 trains nothing"),
+    ("no-val-batches", ["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 never validates"),
+    ("no-test-batches", ["trainer.limit_test_batches=0"], "tests nothing (use test=false to skip the test)"),
+    ("max-steps-zero", ["+trainer.max_steps=0"], "trainer.max_steps=0 trains nothing"),
+    ("seed-negative", ["seed=-1"], "seed=-1 must be an integer in [0, 4294967295]"),
+    ("weight-decay-negative", ["optimizer.weight_decay=-1"], "optimizer: Invalid weight_decay value: -1"),
+    ("adamw-beta", ["optimizer=adamw", "+optimizer.betas=[0.9,1.5]"], "optimizer: Invalid beta parameter at index 1: 1.5"),
+    ("momentum-not-a-number", ["optimizer.momentum=abc"], "optimizer.momentum='abc' is not a number"),
+    ("head-dropout", ["head.dropout=1.5"], "head: dropout=1.5 must be a number in [0, 1)"),
+    ("head-hidden-not-a-number", ["head=mlp", "head.hidden=1.5"], "head.hidden=1.5 is not an integer"),
+    ("unknown-trainer-argument", ["+trainer.no_such_argument=1"], "trainer: Trainer.__init__() got an unexpected keyword argument 'no_such_argument'"),
+    ("scheduler-bad-target", ["scheduler._target_=torch.optim.lr_scheduler.NoSuch"], "scheduler: Error locating target 'torch.optim.lr_scheduler.NoSuch'"),
+    ("optimized-test-metric-untested", ["test=false", "optimized_metric=test/acc"], "optimized_metric=test/acc is only measured with test=true"),
 ]
 
 
@@ -131,7 +159,25 @@ def test_bad_input_is_refused_in_one_line(extra, expected, files, cifar10_root, 
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("extra, expected", [c[1:] for c in IN_PROCESS_CASES], ids=[c[0] for c in IN_PROCESS_CASES])
+@pytest.mark.parametrize("extra, expected", [c[1:] for c in DEGENERATE_CASES], ids=[c[0] for c in DEGENERATE_CASES])
+def test_degenerate_settings_are_refused_in_one_line_before_reading_data(extra, expected, cifar10_root, torch_home, tmp_path):
+    # data.download=false and a root without the data: a check that came after the data would
+    # say "holds no cifar10" instead.
+    (tmp_path / "empty").mkdir()
+    args = [f"data.root={tmp_path / 'empty'}", "data.download=false", *BASE, "hydra.run.dir=run", *extra]
+    result = cli(args, tmp_path, torch_home)
+    assert result.returncode == 2, result.stderr
+    lines = nonempty_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("transferlab: error: ") and expected in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [c[1:] for c in IN_PROCESS_CASES + DEGENERATE_IN_PROCESS],
+    ids=[c[0] for c in IN_PROCESS_CASES + DEGENERATE_IN_PROCESS],
+)
 def test_bad_input_is_refused_before_training(extra, expected, files, cifar10_root, tmp_path):
     extra = [a.format(root=cifar10_root, **files) for a in extra]
     with pytest.raises(Exception) as raised:
@@ -195,6 +241,12 @@ def test_command_line_check_refuses_a_finished_run_dir_unless_resuming(tmp_path)
     check_command_line([f"hydra.run.dir={run_dir}/${{now:%H}}"])  # known only once Hydra resolves it
     check_command_line([f"hydra.run.dir={tmp_path / 'new' / 'run'}"])
     assert not (tmp_path / "new").exists()  # proven creatable, not created
+
+
+def test_command_line_check_refuses_resuming_last_in_a_new_default_run_dir():
+    # The default run dir is new for every command: there is no last.ckpt to resume there.
+    with pytest.raises(UserError, match="ckpt_path=last resumes the run in hydra.run.dir; add hydra.run.dir="):
+        check_command_line(["ckpt_path=last", "seed=1"])
 
 
 def test_command_line_check_refuses_a_sweep_dir_that_holds_runs(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -36,18 +37,23 @@ RESUMABLE = [
 
 
 class KillMidEpoch(Callback):
-    """Test helper: `kill -9` this very process at a fixed batch, so the kill point is exact."""
+    """Test helper: `kill -9` this very process at a fixed batch, so the kill point is exact.
 
-    def __init__(self, epoch: int, batch: int):
-        self.epoch, self.batch = epoch, batch
+    The kill point comes from the environment (KILL_AT="epoch,batch"), not the config: the
+    resume must repeat the killed run's config exactly, callback included, and must not die.
+    """
+
+    def __init__(self):
+        at = os.environ.get("KILL_AT")
+        self.epoch, self.batch = map(int, at.split(",")) if at else (-1, -1)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def cli(args: list[str], cwd: Path, torch_home: Path) -> subprocess.CompletedProcess:
-    env = cli_env(torch_home)
+def cli(args: list[str], cwd: Path, torch_home: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = cli_env(torch_home, **env_vars)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])  # for KillMidEpoch
     return subprocess.run(
         [sys.executable, "-m", "transferlab", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
@@ -94,8 +100,8 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(cifar10_root, 
     run_training([data, *RESUMABLE], tmp_path / "uninterrupted")
 
     run_dir = tmp_path / "killed"
-    kill = ["+callbacks.kill._target_=test_resume.KillMidEpoch", "+callbacks.kill.epoch=1", "+callbacks.kill.batch=3"]
-    killed = cli([data, *RESUMABLE, *kill, f"hydra.run.dir={run_dir}"], tmp_path, torch_home)
+    kill = ["+callbacks.kill._target_=test_resume.KillMidEpoch"]
+    killed = cli([data, *RESUMABLE, *kill, f"hydra.run.dir={run_dir}"], tmp_path, torch_home, KILL_AT="1,3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (run_dir / "metrics.json").exists()
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -103,10 +109,13 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(cifar10_root, 
 
     first_config = (run_dir / ".hydra" / "config.yaml").read_text()
 
-    resumed = cli([data, *RESUMABLE, "ckpt_path=last", f"hydra.run.dir={run_dir}"], tmp_path, torch_home)
+    resumed = cli([data, *RESUMABLE, *kill, "ckpt_path=last", f"hydra.run.dir={run_dir}"], tmp_path, torch_home)
     assert resumed.returncode == 0, resumed.stderr
 
     assert metrics_without_time(run_dir) == metrics_without_time(tmp_path / "uninterrupted")
+    # The whole run's training time: the epoch before the kill (kept in last.ckpt) plus the resumed two.
+    before_kill = last["callbacks"]["TrainingClock"]["train_time_s"]
+    assert json.loads((run_dir / "metrics.json").read_text())["train_time_s"] > before_kill > 0
     # The record of how the run began stays; the resume keeps its own next to it.
     assert (run_dir / ".hydra" / "config.yaml").read_text() == first_config
     (resume_config,) = (run_dir / ".hydra").glob("resume-*/config.yaml")
@@ -147,3 +156,95 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar10_root,
     assert last["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
     assert not (run_dir / "metrics.json").exists()
+
+
+# ---- resume in place: never mix two experiments, never rewrite a finished run ----------------------
+#: a short run through the command line (so that its .hydra/config.yaml exists): 2 epochs of 2 batches
+SHORT = [
+    "backbone=cnn_small", "trainer.accelerator=cpu", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "data.val_size=20", "data.batch_size=16",
+    "callbacks.progress_bar=null",
+]
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (a new file, such as a .hydra/resume-* config, shows as a new key)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cifar10_root, torch_home) -> tuple[Path, list[str]]:
+    """A finished 2-epoch run and the arguments that made it."""
+    folder = tmp_path_factory.mktemp("finished")
+    args = [f"data.root={cifar10_root}", *SHORT, "trainer.max_epochs=2", f"hydra.run.dir={folder / 'run'}"]
+    result = cli(args, folder, torch_home)
+    assert result.returncode == 0, result.stderr
+    return folder / "run", args
+
+
+# (id, overrides added to the run's own, what the one line must say)
+RESUME_REFUSALS = [
+    ("learning-rate", ["optimizer.lr=0.1"], "settings that change the experiment: optimizer.lr (0.01 -> 0.1)"),
+    ("fewshot-and-seed", ["data.fewshot.per_class=5", "seed=3"], "data.fewshot.per_class (None -> 5), seed (0 -> 3)"),
+    ("classes", ["data.classes=[cat,dog]"], "data.classes (None -> ['cat', 'dog'])"),
+    ("max-epochs-lowered", ["trainer.max_epochs=1"], "trainer.max_epochs=1 is lower than the run's 2; a resume may only raise it"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", [c[1:] for c in RESUME_REFUSALS], ids=[c[0] for c in RESUME_REFUSALS])
+def test_resume_that_changes_the_experiment_is_refused_and_writes_nothing(extra, expected, finished, torch_home):
+    run_dir, args = finished
+    before = file_hashes(run_dir)
+    result = cli([*args, *extra, "ckpt_path=last"], run_dir.parent, torch_home)
+    assert result.returncode == 2, result.stderr
+    line = one_line(result)
+    assert line.startswith("transferlab: error: ") and expected in line
+    assert file_hashes(run_dir) == before
+
+
+# settings that change no trained number may differ (RESUME_MAY_CHANGE in transferlab/validate.py)
+@pytest.mark.parametrize("extra", [[], ["data.num_workers=1", "data.eval_batch_size=7", "test=true"]], ids=["same", "allowed-changes"])
+def test_finished_run_resumed_with_nothing_to_do_is_a_no_op(extra, finished, torch_home):
+    run_dir, args = finished
+    before = file_hashes(run_dir)
+    result = cli([*args, *extra, "ckpt_path=last"], run_dir.parent, torch_home)
+    assert result.returncode == 0, result.stderr
+    assert "already trained 2 epochs of trainer.max_epochs=2" in result.stdout
+    assert "nothing to do, nothing written" in result.stdout
+    assert file_hashes(run_dir) == before  # metrics.json, run_info.json, logs: byte for byte; no new file
+
+
+def test_resume_tests_an_untested_run_then_trains_a_longer_budget(cifar10_root, torch_home, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"data.root={cifar10_root}", *SHORT, f"hydra.run.dir={run_dir}"]
+    assert cli([*args, "trainer.max_epochs=1", "test=false"], tmp_path, torch_home).returncode == 0
+    first = json.loads((run_dir / "metrics.json").read_text())
+    assert not any(k.startswith("test/") for k in first)
+    checkpoints = file_hashes(run_dir / "checkpoints")
+
+    # A search trial tested afterwards: no training, the best checkpoint tested, the rest kept.
+    tested = cli([*args, "trainer.max_epochs=1", "test=true", "ckpt_path=last"], tmp_path, torch_home)
+    assert tested.returncode == 0, tested.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {k: v for k, v in metrics.items() if not k.startswith("test/")} == first
+    assert 0 <= metrics["test/acc"] <= 1
+    assert file_hashes(run_dir / "checkpoints") == checkpoints
+
+    # A longer budget: one more epoch, recorded as such; the time is the whole run's.
+    longer = cli([*args, "trainer.max_epochs=2", "test=true", "ckpt_path=last"], tmp_path, torch_home)
+    assert longer.returncode == 0, longer.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    assert metrics["train_time_s"] > first["train_time_s"]
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["seed"] == 0 and info["resumed_from"] is None  # how the run began stays
+    assert [(r["from_epoch"], r["max_epochs"], r["longer_budget"], r["tested_only"]) for r in info["resumes"]] == [
+        (1, 1, False, True),
+        (1, 2, True, False),
+    ]

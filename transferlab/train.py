@@ -28,7 +28,17 @@ from transferlab.features import cache_features, should_cache
 from transferlab.models import TransferModule
 from transferlab.normalization import describe_weights
 from transferlab.runinfo import config_dir, route_lightning_logs_through_root, run_info
-from transferlab.validate import check_command_line, check_config, checkpoint_path, resume_overrides
+from transferlab.callbacks.guards import TrainingClock
+from transferlab.sweeps import exit_if_jobs_failed, in_sweep, run_sweep_job
+from transferlab.validate import (
+    ResumePlan,
+    read_json,
+    check_command_line,
+    check_config,
+    checkpoint_path,
+    resume_overrides,
+    resume_plan_before_hydra,
+)
 
 log = logging.getLogger("transferlab")
 
@@ -50,16 +60,26 @@ def main(cfg: DictConfig | None = None) -> float | None:
     """`python -m transferlab` and the `transferlab` command: check the run dir, then run Hydra."""
     if cfg is None:
         full_tracebacks_when_debugging()
+        argv = sys.argv[1:]
         # Before Hydra: it saves .hydra/config.yaml into the run dir before `run` could refuse it.
         with user_errors_as_one_line():
-            check_command_line(sys.argv[1:])
-        sys.argv += resume_overrides(sys.argv[1:])
+            check_command_line(argv)
+            plan = resume_plan_before_hydra(argv)
+        if plan is not None and plan.nothing_to_do:
+            print(f"transferlab: {plan.describe()}", flush=True)  # and Hydra never starts: nothing written
+            return None
+        sys.argv += resume_overrides(argv)
+        result = hydra_main(cfg)
+        exit_if_jobs_failed()  # after a sweep (-m): one summary line, exit 1
+        return result
     return hydra_main(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
+        if in_sweep():  # a failed job is recorded in its folder; the other jobs run
+            return run_sweep_job(run, cfg)
         with user_errors_as_one_line():  # also a UserError that hydra.utils.instantiate wrapped
             return run(cfg)
     finally:
@@ -69,11 +89,18 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     route_lightning_logs_through_root()
-    check_config(cfg, output_dir)
+    plan = check_config(cfg, output_dir)
+    if plan is not None and plan.nothing_to_do:
+        log.info("%s", plan.describe())
+        return plan.previous_metrics().get(_optimized_metric(cfg))
     # verbose=False: Lightning would print the seed on stderr, where only errors belong.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("seed: %s", cfg.seed)
 
+    # First of the components: a bad trainer setting (precision=fp7) fails before any data is read.
+    trainer = build_trainer(cfg, output_dir)
+    clock = TrainingClock()
+    trainer.callbacks.append(clock)
     backbone = build_backbone(cfg)
     datamodule = build_datamodule(cfg, backbone, output_dir)
     head = hydra.utils.instantiate(cfg.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
@@ -94,30 +121,94 @@ def run(cfg: DictConfig) -> float | None:
         started = time.perf_counter()
         cache_features(model, datamodule, device=_feature_device(cfg))
         features_time = time.perf_counter() - started
-    trainer = build_trainer(cfg, output_dir)
     log_hyperparameters(trainer, cfg)
 
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
-    train_time = time.perf_counter() - started
-
-    metrics = {k: _number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-    if cfg.get("test", True):
-        metrics.update(test_best(trainer, model, datamodule))
+    if plan is None or plan.trains:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
+        metrics = {k: _number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        if cfg.get("test", True):
+            metrics.update(test_best(trainer, model, datamodule))
+        metrics.update(epochs=trainer.current_epoch, train_time_s=round(_whole_train_time(clock, plan), 3))
+    else:
+        # A finished run resumed to be tested (e.g. the chosen trial of a search): nothing to train.
+        metrics = test_without_training(trainer, model, datamodule, plan)
     metrics.update(
-        epochs=trainer.current_epoch,
-        train_time_s=round(train_time, 3),
         # Computing (or loading) cached backbone features happens before fit: count it apart.
         features_time_s=round(features_time, 3),
         params_total=sum(p.numel() for p in model.parameters()),
         params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        (output_dir / "run_info.json").write_text(json.dumps(run_info(cfg), indent=2) + "\n")
-        log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
-        log.info("outputs in %s", output_dir)
-    return metrics.get(cfg.get("optimized_metric") or "val/acc_best")
+        write_results(cfg, output_dir, metrics, plan)
+    return metrics.get(_optimized_metric(cfg))
+
+
+def write_results(cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None) -> None:
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (output_dir / "run_info.json").write_text(json.dumps(run_record(cfg, output_dir, plan), indent=2) + "\n")
+    log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
+    log.info("outputs in %s", output_dir)
+
+
+def run_record(cfg: DictConfig, output_dir: Path, plan: ResumePlan | None) -> dict:
+    """run_info.json: how the run began, and one entry per resume (a longer budget is recorded there)."""
+    info = run_info(cfg)
+    if plan is None:
+        return info
+    record = read_json(output_dir / "run_info.json") or info
+    record.setdefault("resumes", []).append({
+        "ckpt_path": str(plan.checkpoint),
+        "from_epoch": plan.epochs_done,
+        "max_epochs": plan.max_epochs,
+        # the run now trains longer than it was started with: its numbers are the longer run's
+        "longer_budget": plan.budget_raised,
+        "tested_only": not plan.trains,
+        "git_commit": info["git_commit"],
+        "git_dirty": info["git_dirty"],
+        "versions": info["versions"],
+    })
+    return record
+
+
+def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule, plan: ResumePlan) -> dict:
+    """Test the best checkpoint of a run with no epoch left to train; its training metrics stay."""
+    metrics = {k: v for k, v in plan.previous_metrics().items() if not k.startswith("test/")}
+    if plan.test:
+        best = best_checkpoint(plan.checkpoint) or plan.checkpoint
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+        metrics.update({k: _number(v) for k, v in (results[0] if results else {}).items()})
+        # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json)
+        metrics.setdefault("val/acc_best", _number(model.val_acc_best.compute()))
+    metrics.setdefault("epochs", plan.epochs_done)
+    metrics.setdefault("train_time_s", round(_checkpoint_train_time(plan.checkpoint), 3))
+    return metrics
+
+
+def best_checkpoint(last: Path) -> Path | None:
+    """The best checkpoint by val/acc that `last` records (ModelCheckpoint's state), if it is still there."""
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
+            path = Path(state["best_model_path"])
+            if path.is_file():
+                return path
+    return None
+
+
+def _checkpoint_train_time(path: Path) -> float:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return float(((checkpoint.get("callbacks") or {}).get("TrainingClock") or {}).get("train_time_s", 0.0))
+
+
+def _whole_train_time(clock: TrainingClock, plan: ResumePlan | None) -> float:
+    """Training time of the whole run: a finished run resumed for a longer budget adds this part to
+    its metrics.json time (its checkpoint's clock stopped at the last save, before the run ended)."""
+    previous = plan.previous_metrics().get("train_time_s") if plan is not None else None
+    return clock.elapsed() + previous if previous is not None else clock.total()
+
+
+def _optimized_metric(cfg: DictConfig) -> str:
+    return cfg.get("optimized_metric") or "val/acc_best"
 
 
 def build_backbone(cfg: DictConfig):

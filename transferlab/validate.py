@@ -14,15 +14,18 @@ before the trainer starts.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from transferlab.errors import UserError
+from transferlab.errors import UserError, bad_argument
 from transferlab.runinfo import check_output_dir, ensure_writable, holds_run
 
 #: Hydra flags that print something and exit without running a job
@@ -40,8 +43,18 @@ NUMERIC_SETTINGS = {
     "data.fewshot.per_class": (int, True),
     "data.fewshot.fraction": (float, True),
     "optimizer.lr": (float, False),
+    "optimizer.weight_decay": (float, False),
+    "optimizer.momentum": (float, False),
+    "head.hidden": (int, False),
+    "head.dropout": (float, False),
     "trainer.max_epochs": (int, False),
+    "trainer.max_steps": (int, False),
+    "trainer.limit_train_batches": (float, True),
+    "trainer.limit_val_batches": (float, True),
+    "trainer.limit_test_batches": (float, True),
 }
+#: seeds that numpy (and so Lightning's seed_everything) accepts
+SEED_RANGE = (0, 2**32 - 1)
 
 
 # ---- before Hydra ---------------------------------------------------------------------------
@@ -55,6 +68,9 @@ def check_command_line(argv: Sequence[str]) -> None:
         _check_sweep_dir(overrides.get("hydra.sweep.dir"), resuming)
         return
     run_dir = overrides.get("hydra.run.dir")
+    if run_dir is None and overrides.get("ckpt_path") == "last":
+        # The default run dir is new for every command: `last` would look in an empty folder.
+        raise UserError("ckpt_path=last resumes the run in hydra.run.dir; add hydra.run.dir=<the run's folder>")
     if run_dir is None:
         _check_default_outputs_writable()
     elif "${" not in run_dir:  # an interpolation is only known once Hydra resolves it
@@ -138,14 +154,21 @@ def _check_default_outputs_writable() -> None:
 
 
 # ---- on the composed config -----------------------------------------------------------------
-def check_config(cfg: DictConfig, output_dir: Path) -> None:
+def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
+    """Every check on the composed config; for a resume, what is left to do (see `resume_plan`)."""
     check_output_dir(output_dir, resuming=cfg.get("ckpt_path") not in NO_CHECKPOINT)
     check_required(cfg)
     check_numbers(cfg)
+    check_seed(cfg.seed)
+    check_training_budget(cfg.trainer, test=bool(cfg.get("test", True)))
+    check_optimized_metric(cfg)
+    check_components(cfg)
     check_data_root(cfg.data)
     path = checkpoint_path(cfg.get("ckpt_path"), output_dir)
-    if path is not None:
-        check_checkpoint_matches(path, cfg)
+    if path is None:
+        return None
+    check_checkpoint_matches(path, cfg)
+    return resume_plan(cfg, output_dir, path)
 
 
 def check_required(cfg: DictConfig) -> None:
@@ -183,6 +206,74 @@ def _is_number(value: Any, kind: type) -> bool:
     if isinstance(value, bool):
         return False
     return isinstance(value, int) if kind is int else isinstance(value, (int, float))
+
+
+def check_seed(seed: int) -> None:
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise UserError(f"seed={seed} must be an integer in [{low}, {high}]")
+
+
+def check_training_budget(trainer: DictConfig, test: bool) -> None:
+    """Settings under which the run would train nothing, forever, or measure nothing.
+
+    Lightning accepts them all; the run would then write metrics of an untrained network
+    (max_epochs=0, limit_train_batches=0) or never end (max_epochs=-1 without max_steps).
+    """
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if max_epochs == 0:
+        raise UserError("trainer.max_epochs=0 trains nothing, so the metrics would be an untrained network's; set trainer.max_epochs >= 1")
+    if max_epochs == -1 and not (max_steps or 0) > 0:
+        raise UserError("trainer.max_epochs=-1 trains forever unless trainer.max_steps > 0; set trainer.max_epochs >= 1, or +trainer.max_steps=N to train N steps")
+    if max_steps == 0:
+        raise UserError("trainer.max_steps=0 trains nothing; set trainer.max_steps=-1 (no step limit) or a positive number")
+    # Validation picks the best checkpoint and gives val/acc_best; the test gives test/*.
+    limits = {"limit_train_batches": "trains nothing", "limit_val_batches": "never validates, so no best checkpoint and no val/acc_best"}
+    if test:
+        limits["limit_test_batches"] = "tests nothing (use test=false to skip the test)"
+    for key, consequence in limits.items():
+        value = trainer.get(key)
+        if value is not None and value <= 0:
+            raise UserError(f"trainer.{key}={value} {consequence}; set it to a fraction in (0, 1] or a number of batches >= 1")
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """The value a sweeper optimizes must be one the run measures."""
+    metric = cfg.get("optimized_metric")
+    if metric and str(metric).startswith("test/") and not cfg.get("test", True):
+        raise UserError(f"optimized_metric={metric} is only measured with test=true; optimize a val/ metric (val/acc_best)")
+    if metric and not str(metric).startswith(("train/", "val/", "test/")):
+        raise UserError(f"optimized_metric={metric} is not a metric of the run; use val/acc_best, val/acc, val/loss, ...")
+
+
+def check_components(cfg: DictConfig) -> None:
+    """Build the optimizer, scheduler and head once with stand-in inputs, before any data is read.
+
+    Their constructors check their own arguments (torch.optim's "Invalid learning rate", a
+    head's hidden size), but the real ones are built late: the optimizer only inside
+    `trainer.fit`. A refusal here reads `<group>: <reason>`.
+    """
+    import torch
+    from hydra.utils import instantiate
+
+    with _building("optimizer"):
+        optimizer = instantiate(cfg.optimizer)([torch.zeros(1, requires_grad=True)])
+    if cfg.get("scheduler"):
+        with _building("scheduler"):
+            instantiate(cfg.scheduler)(optimizer)
+    with _building("head"):
+        instantiate(cfg.head, in_features=8, num_classes=2)
+
+
+@contextmanager
+def _building(component: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        refusal = bad_argument(component, error)
+        if refusal is None:
+            raise
+        raise refusal from error
 
 
 def check_data_root(data: DictConfig) -> None:
@@ -266,3 +357,180 @@ def _dataset_name(data: DictConfig) -> str | None:
     from hydra.utils import get_class
 
     return getattr(get_class(data._target_), "name", None)
+
+
+# ---- what a resume may change, and what is left to do --------------------------------------
+#: settings a resume may change: where the run reads its data and executes, what it prints,
+#: and what happens after training; none of them changes a trained number. Everything else
+#: (data, subset, backbone, head, mode, optimizer, scheduler, seed, model, the trainer's
+#: precision, devices, ...) defines the experiment. `trainer.max_epochs` may only be raised.
+RESUME_MAY_CHANGE = (
+    "ckpt_path", "test", "optimized_metric", "task_name", "paths.output_dir",
+    "data.root", "data.download", "data.num_workers", "data.eval_batch_size", "data.in_memory",
+    "trainer.accelerator", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "callbacks.progress_bar", "model.compile", "model.channels_last",
+)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """A resume of the run in `run_dir` from `checkpoint`."""
+
+    run_dir: Path
+    checkpoint: Path
+    epochs_done: int  # epochs the checkpoint finished
+    max_epochs: int  # this command's budget
+    previous_max_epochs: int  # the budget the run last trained to
+    finished: bool  # metrics.json is there
+    test: bool  # this command tests the best checkpoint
+
+    @property
+    def budget_raised(self) -> bool:
+        return self.max_epochs > self.previous_max_epochs
+
+    @property
+    def trains(self) -> bool:
+        return self.epochs_done < self.max_epochs and (not self.finished or self.budget_raised)
+
+    def previous_metrics(self) -> dict:
+        return read_json(self.run_dir / "metrics.json") if self.finished else {}
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """A finished run with no epoch left to train and no test left to run."""
+        untested = self.test and not any(k.startswith("test/") for k in self.previous_metrics())
+        return self.finished and not self.trains and not untested
+
+    def describe(self) -> str:
+        return (
+            f"{self.run_dir} already trained {self.epochs_done} epochs of trainer.max_epochs={self.previous_max_epochs} "
+            f"and wrote its metrics.json; nothing to do, nothing written (raise trainer.max_epochs to train longer)"
+        )
+
+
+def resume_plan(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> ResumePlan:
+    """Refuse a resume that would change the experiment, else say what is left to do.
+
+    The run's first config (`.hydra/config.yaml`, kept by `resume_overrides`) is the
+    reference: a resume that changed the few-shot size, the classes or the learning rate
+    would end as a mix of two experiments under the first one's name.
+    """
+    saved = _saved_config(run_dir)
+    if saved is not None:
+        changed = config_changes(saved, cfg)
+        if changed:
+            raise UserError(
+                f"resuming {run_dir} with settings that change the experiment: {', '.join(changed[:6])}"
+                f"{f' (and {len(changed) - 6} more)' if len(changed) > 6 else ''}; resume with the run's own settings "
+                f"(its .hydra/overrides.yaml), or start a new run (a new hydra.run.dir) from backbone.weights={checkpoint}"
+            )
+    epochs_done = checkpoint_epochs(checkpoint)
+    max_epochs = int(cfg.trainer.max_epochs)
+    previous = _previous_budget(run_dir, saved, default=max_epochs)
+    if max_epochs < previous:
+        raise UserError(
+            f"trainer.max_epochs={max_epochs} is lower than the run's {previous}; a resume may only raise it "
+            f"(trainer.max_epochs>={previous})"
+        )
+    if max_epochs < epochs_done:
+        raise UserError(
+            f"ckpt_path={checkpoint} already trained {epochs_done} epochs, more than trainer.max_epochs={max_epochs}; "
+            f"set trainer.max_epochs>={epochs_done}"
+        )
+    finished = (run_dir / "metrics.json").is_file()
+    return ResumePlan(run_dir, checkpoint, epochs_done, max_epochs, previous, finished, bool(cfg.get("test", True)))
+
+
+def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
+    """The keys (dotted) whose value differs, or that only one of the configs has, outside RESUME_MAY_CHANGE.
+
+    Compared unresolved, as written: `scheduler.T_max: ${trainer.max_epochs}` is the same
+    setting in both, and its source key is compared on its own.
+    """
+    before = _flatten(OmegaConf.to_container(saved, resolve=False))
+    after = _flatten(OmegaConf.to_container(current, resolve=False))
+    keys = sorted(set(before) | set(after))
+    return [
+        f"{key} ({_shown(before.get(key, _ABSENT))} -> {_shown(after.get(key, _ABSENT))})"
+        for key in keys
+        if before.get(key, _ABSENT) != after.get(key, _ABSENT) and not _may_change(key)
+    ]
+
+
+def checkpoint_epochs(path: Path) -> int:
+    """Training epochs a Lightning checkpoint finished (its `epoch` is the 0-based epoch it was saved in)."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
+    if "processed" in progress:
+        return int(progress["processed"])
+    return int(checkpoint.get("epoch", -1)) + 1
+
+
+def resume_plan_before_hydra(argv: Sequence[str]) -> ResumePlan | None:
+    """The same checks as `check_config`'s, for a resume in place, before Hydra writes anything.
+
+    Hydra appends to the run's log and saves the command's config before `run()` starts; a
+    refused resume, or a finished run resumed with nothing to do, must leave the run dir as
+    it was. None when this is no resume in place (or the config does not compose: Hydra
+    then reports that itself).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+
+    from transferlab.runinfo import config_dir
+
+    if NO_JOB_FLAGS.intersection(argv) or "-m" in argv or "--multirun" in argv:
+        return None
+    overrides = command_line_overrides(argv)
+    run_dir = overrides.get("hydra.run.dir")
+    if run_dir is None or _saved_config(Path(run_dir)) is None:
+        return None
+    args = get_args_parser().parse_args(list(argv))
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+            cfg = compose(args.config_name or "train", overrides=args.overrides)
+    except Exception:
+        return None
+    path = checkpoint_path(cfg.get("ckpt_path"), Path(run_dir))
+    if path is None:
+        return None
+    check_checkpoint_matches(path, cfg)
+    return resume_plan(cfg, Path(run_dir), path)
+
+
+_ABSENT = object()
+
+
+def _may_change(key: str) -> bool:
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE + ("trainer.max_epochs",))
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is _ABSENT else str(value)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for name, value in tree.items() for k, v in _flatten(value, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def _saved_config(run_dir: Path) -> DictConfig | None:
+    saved = run_dir / ".hydra" / "config.yaml"
+    return OmegaConf.load(saved) if saved.is_file() else None
+
+
+def _previous_budget(run_dir: Path, saved: DictConfig | None, default: int) -> int:
+    """The max_epochs the run last trained to: its first config's, or a later resume's (run_info.json)."""
+    budgets = [int(saved.trainer.max_epochs)] if saved is not None and "trainer" in saved else []
+    budgets += [int(r["max_epochs"]) for r in read_json(run_dir / "run_info.json").get("resumes", []) if "max_epochs" in r]
+    return max(budgets) if budgets else default
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -5,6 +5,7 @@ uninterrupted one would have. All three are in `conf/callbacks/default.yaml`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -133,7 +134,8 @@ class CheckpointFitsModel(Callback):
         if path is None:
             return
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        problem = state_dict_difference(checkpoint.get("state_dict", {}), pl_module.state_dict())
+        problem = class_difference(_recorded_classes(checkpoint), getattr(pl_module, "data_info", {}).get("class_names"))
+        problem = problem or state_dict_difference(checkpoint.get("state_dict", {}), pl_module.state_dict())
         if problem:
             raise UserError(
                 f"ckpt_path={path}{_provenance(checkpoint)} does not fit this run's model: {problem}; resume with "
@@ -148,6 +150,58 @@ def _provenance(checkpoint: dict) -> str:
     if not backbone:
         return ""
     return f" (trained with backbone {backbone}{f' on {dataset}' if dataset else ''})"
+
+
+def _recorded_classes(checkpoint: dict) -> list[str] | None:
+    meta = checkpoint.get("transferlab") if isinstance(checkpoint.get("transferlab"), dict) else {}
+    return (meta.get("data") or {}).get("class_names")
+
+
+def class_difference(saved: list[str] | None, own: list[str] | None) -> str | None:
+    """Same number of classes is not enough: head output i must mean the same class in both runs."""
+    if saved is None or own is None or list(saved) == list(own):
+        return None
+    return f"it was trained on the classes {_short(saved)}, this run has {_short(own)}"
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    shown = ",".join(names[:limit])
+    return f"[{shown}{',...' if len(names) > limit else ''}] ({len(names)})"
+
+
+class TrainingClock(Callback):
+    """The training time of the whole run, across resumes.
+
+    The time trained so far goes into every checkpoint, so a resumed run reports the
+    interrupted part plus its own (the time after the last checkpoint was lost with the
+    epochs it trained, which the resume repeats).
+    """
+
+    def __init__(self) -> None:
+        self.before = 0.0  # seconds trained before this process, read from the checkpoint
+        self._started: float | None = None
+        self._stopped: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started, self._stopped = time.perf_counter(), None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stopped = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds trained by this process."""
+        if self._started is None:
+            return 0.0
+        return (self._stopped or time.perf_counter()) - self._started
+
+    def total(self) -> float:
+        return self.before + self.elapsed()
+
+    def state_dict(self) -> dict[str, float]:
+        return {"train_time_s": self.total()}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.before = float(state_dict.get("train_time_s", 0.0))
 
 
 def state_dict_difference(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:

@@ -1,0 +1,80 @@
+"""Sweeps (`-m`) that survive their jobs.
+
+Hydra stops a whole sweep at the first job that raises (and our one-line errors exit the
+process). Here a failed job is recorded in its own folder (`failed.json`, and the message
+in the job's log), returns no value (the Optuna sweeper then records the trial as failed
+and the study goes on), and the other jobs run. When the sweep ends, `SweepSummary` (a
+Hydra callback, conf/hydra/default.yaml) counts the failed folders, and the command prints
+one summary line and exits non-zero (`exit_if_jobs_failed`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from transferlab.errors import first_line, user_error_behind
+
+log = logging.getLogger("transferlab")
+
+FAILED = "failed.json"
+#: folders of the failed jobs of the sweep that just ended in this process, and the job count
+_last_sweep: dict[str, Any] = {}
+
+
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_sweep_job(job: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
+    """Run one job of a sweep; a failure is recorded in the job's folder instead of ending the sweep.
+
+    A failed job returns None, not NaN: optuna 2.10 refuses to be told NaN and the
+    hydra-optuna-sweeper then crashes, while a value that is no number is recorded as a
+    failed trial (with `max_failure_rate: 1.0`, conf/hparams_search/*, the study goes on).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    (job_dir / FAILED).unlink(missing_ok=True)  # a job run again in its folder starts clean
+    try:
+        return job(cfg)
+    except Exception as error:
+        cause = user_error_behind(error)
+        if cause is None:  # a bug or the machine: keep the traceback in the job's log
+            log.exception("job failed")
+            message, exit_code = f"{type(error).__name__}: {first_line(error)}", 1
+        else:
+            message, exit_code = " ".join(str(cause).split()), cause.exit_code
+        log.error("transferlab: error: %s", message)  # the job's log (train.log in its folder)
+        record = {"error": message, "exit_code": exit_code, "overrides": list(HydraConfig.get().overrides.task)}
+        (job_dir / FAILED).write_text(json.dumps(record, indent=2) + "\n")
+        return None
+
+
+class SweepSummary(Callback):
+    """At the end of a sweep, note which of its jobs failed (read from their folders, so jobs
+    that ran in other processes, e.g. under the submitit launcher, count too)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [d for d in sorted(sweep_dir.iterdir()) if (d / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+        _last_sweep.update(jobs=len(jobs), failed=[str(d) for d in jobs if (d / FAILED).is_file()])
+
+
+def exit_if_jobs_failed() -> None:
+    """After `-m`: one line on stderr and exit code 1 when any job of the sweep failed."""
+    failed, jobs = _last_sweep.pop("failed", []), _last_sweep.pop("jobs", 0)
+    if failed:
+        print(f"transferlab: error: {len(failed)} of {jobs} jobs failed: {', '.join(failed)} (see failed.json in each)",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
