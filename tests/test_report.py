@@ -14,6 +14,9 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_JOB, cli_env
 from transferlab import report
+from transferlab.report import compare, figures
+from transferlab.report.curves import read_curves
+from transferlab.report.runs import MISSING, Run, find_runs
 
 #: 2 modes x 2 few-shot sizes x 2 seeds = 8 jobs. Seeds vary slowest, so the report must regroup
 #: repeats that the sweep ran apart. cnn_small builds in milliseconds where VGG takes seconds;
@@ -27,6 +30,7 @@ SWEEP = [
     "callbacks.progress_bar=null",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CURVE_TAGS = ("train/loss", "train/acc", "val/loss", "val/acc")
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +69,20 @@ def _job_dirs(sweep: Path) -> list[Path]:
 def test_finds_every_job_of_the_sweep_from_the_sweep_or_its_parent(sweep_dir):
     jobs = [p.resolve() for p in _job_dirs(sweep_dir)]
     assert len(jobs) == 8
-    assert report.find_runs([sweep_dir]) == jobs
-    assert report.find_runs([sweep_dir.parent]) == jobs  # two levels down: parent/sweep/job
-    assert report.find_runs([jobs[3]]) == [jobs[3]]
+    assert find_runs([sweep_dir]) == jobs
+    assert find_runs([sweep_dir.parent]) == jobs  # two levels down: parent/sweep/job
+    assert find_runs([jobs[3]]) == [jobs[3]]
 
 
 def test_setting_falls_back_to_the_config_and_names_groups_by_their_name():
     config = OmegaConf.create({"seed": 0, "mode": {"name": "finetune", "backbone_lr_ratio": 1.0}})
-    frozen = report.Run(Path("a"), {"mode": "frozen"}, config, {})
-    default = report.Run(Path("b"), {"seed": "0"}, config, {})
+    frozen = Run(Path("a"), {"mode": "frozen"}, config, {})
+    default = Run(Path("b"), {"seed": "0"}, config, {})
     assert default.setting("mode") == "finetune"
     assert frozen.setting("seed") == "0"
-    assert frozen.setting("not.in.config") == report.MISSING
+    assert frozen.setting("not.in.config") == MISSING
     # seed is given in one run and equal to the other's default: not a difference
-    assert report.differing_overrides([frozen, default]) == ["mode"]
+    assert compare.differing_overrides([frozen, default]) == ["mode"]
 
 
 # ---- tables --------------------------------------------------------------------------------
@@ -122,9 +126,9 @@ def test_markdown_has_mean_std_and_n_over_two_seeds(sweep_report):
 
 def test_grouped_table_numbers(sweep_dir):
     runs = report.load_runs([sweep_dir])
-    keys = report.differing_overrides(runs)
+    keys = compare.differing_overrides(runs)
     assert keys == ["mode", "data.fewshot.per_class", "seed"]
-    table = report.grouped_table(runs, keys)
+    table = compare.grouped_table(runs, keys)
     assert [(r["mode"], r["data.fewshot.per_class"], r["n"]) for r in table] == [
         ("frozen", "2", 2), ("frozen", "4", 2), ("finetune", "2", 2), ("finetune", "4", 2)
     ]
@@ -154,7 +158,7 @@ def test_figures_are_real_pngs_and_linked_from_the_markdown(sweep_report):
 
 def test_sample_efficiency_has_one_line_per_mode_with_seed_spread(sweep_dir):
     runs = report.load_runs([sweep_dir])
-    lines = report.sample_efficiency_points(runs, report.differing_overrides(runs))
+    lines = compare.sample_efficiency_points(runs, compare.differing_overrides(runs))
     assert list(lines) == ["mode=frozen", "mode=finetune"]
     for points in lines.values():
         assert [x for x, *_ in points] == [2.0, 4.0]
@@ -186,8 +190,8 @@ def test_run_dir_arguments_write_into_the_current_dir(sweep_dir, tmp_path, monke
 # ---- curves and hyperparameters in the event files -----------------------------------------
 def test_curves_come_from_the_event_files_one_point_per_epoch(sweep_dir):
     run_dir = _job_dirs(sweep_dir)[0]
-    curves = report.read_curves(run_dir)
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc"):
+    curves = read_curves(run_dir, CURVE_TAGS)
+    for tag in CURVE_TAGS:
         assert [epoch for epoch, _ in curves[tag]] == [1, 2], tag
     metrics = _metrics(run_dir)
     assert curves["val/acc"][-1][1] == pytest.approx(metrics["val/acc"])
@@ -260,9 +264,9 @@ def test_nothing_to_report_is_a_one_line_error(case, tmp_path, capsys, monkeypat
 
 def test_long_legend_labels_are_wrapped_to_fit_the_figure():
     labels = ["mode=frozen " + "x" * 200, "mode=finetune"]
-    wrapped, columns, lines = report.legend_layout(labels, line_chars=80)
+    wrapped, columns, lines = figures.legend_layout(labels, line_chars=80)
     assert columns == 1
-    assert all(len(line) <= 80 - report.LEGEND_SAMPLE_CHARS for label in wrapped for line in label.splitlines())
+    assert all(len(line) <= 80 - figures.LEGEND_SAMPLE_CHARS for label in wrapped for line in label.splitlines())
     assert lines == wrapped[0].count("\n") + 2
 
 
@@ -306,9 +310,10 @@ def sweep_with_failures(sweep_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report_of_failures(sweep_with_failures) -> subprocess.CompletedProcess:
-    """`python -m transferlab.report SWEEP_DIR`, the real command."""
+    """`python -m transferlab.report SWEEP_DIR`, the real command, with Python's RuntimeWarnings shown."""
     command = [sys.executable, "-m", "transferlab.report", str(sweep_with_failures)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=cli_env(Path(".")))
+    env = {**cli_env(Path(".")), "PYTHONWARNINGS": "default::RuntimeWarning"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.parametrize("name, records, status, error", UNFINISHED_CASES, ids=[c[2] + ":" + ",".join(c[1]) for c in UNFINISHED_CASES])
@@ -331,6 +336,12 @@ def test_unfinished_jobs_stay_out_of_the_tables(sweep_with_failures, report_of_f
     text = (sweep_with_failures / "report.md").read_text()
     assert "2 runs from" in text and "3 more jobs did not finish" in text
     assert "3 jobs did not finish (not in the tables):" in report_of_failures.stdout
+
+
+def test_the_command_writes_nothing_to_stderr_when_it_succeeds(report_of_failures):
+    # Such as runpy's warning that transferlab.report.__main__ was imported before it ran,
+    # which the package's __init__ would cause by importing `main` eagerly.
+    assert report_of_failures.returncode == 0 and report_of_failures.stderr == ""
 
 
 def test_a_sweep_where_no_job_finished_lists_them_and_fails(sweep_with_failures, tmp_path, capsys, monkeypatch):

@@ -1,0 +1,64 @@
+"""The command line: `python -m transferlab.report` and `transferlab-report` (SWEEP_DIR [RUN_DIR ...])."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from transferlab.errors import UserError, exit_with
+from transferlab.report.compare import set_apart
+from transferlab.report.output import write_report
+from transferlab.report.runs import UnfinishedJob, find_jobs, is_run, load_unfinished, named_runs, overrides_text
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run_dirs, unfinished_dirs = find_jobs(args.paths)
+        unfinished = [load_unfinished(d) for d in unfinished_dirs]
+        if not run_dirs:
+            set_apart(unfinished, [])
+            print("\n".join(unfinished_lines(unfinished)), flush=True)  # before the error line on stderr
+            raise UserError(
+                f"no finished runs to compare in {', '.join(map(str, args.paths))}: all {len(unfinished)} jobs "
+                f"failed or did not finish (listed above)"
+            )
+        runs = named_runs(run_dirs)
+        set_apart(unfinished, runs)
+        written = write_report(runs, args.out or default_out_dir(args.paths), sources=args.paths, unfinished=unfinished)
+    except UserError as error:
+        exit_with(error)
+    for path in written.values():
+        print(path)
+    for line in unfinished_lines(unfinished):
+        print(line)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="transferlab-report",
+        description="Tables and plots comparing finished transferlab runs (a sweep dir, or run dirs).",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="SWEEP_DIR_OR_RUN_DIR")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: the sweep dir, else the current dir)")
+    return parser.parse_args(argv)
+
+
+def default_out_dir(paths: list[Path]) -> Path:
+    """The sweep dir when the first argument is one (not itself a run), else the current dir."""
+    first = Path(paths[0])
+    return first if not is_run(first) else Path.cwd()
+
+
+def unfinished_lines(jobs: list[UnfinishedJob]) -> list[str]:
+    """What the command prints: one line per job that did not finish."""
+    if not jobs:
+        return []
+    lines = [f"{len(jobs)} job{'s' if len(jobs) > 1 else ''} did not finish (not in the tables):"]
+    lines += [f"  {job.status}: {job.path} [{overrides_text(job.overrides)}]: {job.explanation}" for job in jobs]
+    return lines
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

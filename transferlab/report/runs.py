@@ -1,0 +1,237 @@
+"""Finding runs on disk and reading what they wrote; jobs of a sweep that did not finish.
+
+A run is a folder with metrics.json. A job that did not finish is a folder Hydra started
+(it has `.hydra/`) without one: failed (it left an error record), killed, or still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from transferlab.errors import UserError
+
+#: how deep below a sweep dir run folders are looked for (job folders, or sweep/group/job)
+SEARCH_DEPTH = 2
+#: what a failed sweep job leaves in its folder (transferlab.sweeps writes failed.json)
+FAILED_RECORD, ERROR_TEXT = "failed.json", "error.txt"
+#: the value shown for a setting a run does not have
+MISSING = "-"
+#: the value shown for a config node that was not overridden and has no `name` to show
+AS_CONFIGURED = "(config)"
+
+
+# ---- finished runs -----------------------------------------------------------------------
+@dataclass
+class Run:
+    """One finished run as it lies on disk."""
+
+    path: Path
+    overrides: dict[str, str]
+    config: Any  # the run's composed config (OmegaConf), None when .hydra/config.yaml is absent
+    metrics: dict[str, float]
+    name: str = ""  # short id for tables, set once all runs of a report are known
+    fewshot_counts: dict[str, int] | None = field(default=None, repr=False)
+
+    def setting(self, key: str) -> str:
+        """The value of `key` in this run: its override, else what the config composed."""
+        if key in self.overrides:
+            return self.overrides[key]
+        return _config_value(self.config, key)
+
+
+def is_run(folder: Path) -> bool:
+    return (folder / "metrics.json").is_file()
+
+
+def find_runs(paths: Iterable[Path]) -> list[Path]:
+    """Run dirs (folders with metrics.json) among `paths` and up to two levels below each."""
+    return find_jobs(paths)[0]
+
+
+def find_jobs(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """(finished run dirs, job dirs that did not finish) among `paths` and up to two levels below."""
+    runs: list[Path] = []
+    unfinished: list[Path] = []
+    for path in map(Path, paths):
+        for job in _jobs_in_argument(path):
+            found = runs if is_run(job) else unfinished
+            if job not in found:  # a run dir given alongside its sweep dir counts once
+                found.append(job)
+    return runs, unfinished
+
+
+def _jobs_in_argument(path: Path) -> list[Path]:
+    """The jobs under one command-line path; a path that holds none is the user's mistake."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a sweep dir or run dirs that hold metrics.json")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; give a sweep dir or run dirs that hold metrics.json")
+    jobs = _jobs_under(path.resolve(), SEARCH_DEPTH)
+    if not jobs:
+        raise UserError(
+            f"no runs found in {path}: looked for metrics.json in it and in its subfolders "
+            f"up to {SEARCH_DEPTH} levels down (a sweep's job folders, or a run dir)"
+        )
+    return jobs
+
+
+def _jobs_under(folder: Path, depth: int) -> list[Path]:
+    """Finished runs and started jobs: a folder that is either is not searched further."""
+    if is_run(folder) or (folder / ".hydra").is_dir():
+        return [folder]
+    if depth == 0:
+        return []
+    jobs: list[Path] = []
+    for child in sorted((c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural_key):
+        jobs.extend(_jobs_under(child, depth - 1))
+    return jobs
+
+
+def _natural_key(path: Path) -> list:
+    """Sort job folders 2, 10 (not 10, 2): Hydra numbers them in the order of the sweep."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    metrics_file = path / "metrics.json"
+    try:
+        metrics = json.loads(metrics_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{metrics_file} is not valid JSON ({e.msg}); the run may have been interrupted while writing it") from None
+    return Run(
+        path=path,
+        overrides=read_overrides(path / ".hydra" / "overrides.yaml"),
+        config=_read_config(path / ".hydra" / "config.yaml"),
+        metrics=metrics,
+        fewshot_counts=_read_fewshot_counts(path / "fewshot_indices.json"),
+    )
+
+
+def load_runs(paths: Iterable[Path]) -> list[Run]:
+    """Every finished run found under `paths`, with short names that tell them apart."""
+    return named_runs(find_runs(paths))
+
+
+def named_runs(run_dirs: list[Path]) -> list[Run]:
+    if not run_dirs:
+        raise UserError("no finished runs (no metrics.json) to compare")
+    runs = [load_run(p) for p in run_dirs]
+    for run, name in zip(runs, short_names([r.path for r in runs])):
+        run.name = name
+    return runs
+
+
+def short_names(paths: list[Path]) -> list[str]:
+    """Job numbers (`0_mode=frozen` -> `0`), prefixed by folders where runs come from several places."""
+    root = Path(_common_parent(paths))
+    names = []
+    for path in paths:
+        parts = list(path.resolve().relative_to(root).parts) or [path.name]
+        parts[-1] = re.match(r"(\d+)_", parts[-1]).group(1) if re.match(r"\d+_", parts[-1]) else parts[-1]
+        names.append("/".join(parts))
+    return names
+
+
+def _common_parent(paths: list[Path]) -> str:
+    resolved = [str(p.resolve()) for p in paths]
+    return os.path.commonpath(resolved) if len(paths) > 1 else str(Path(resolved[0]).parent)
+
+
+# ---- what a run wrote besides metrics.json ---------------------------------------------------
+def read_overrides(overrides_file: Path) -> dict[str, str]:
+    """`{key: value}` from Hydra's list of command-line overrides (`+key=v`, `~key` included)."""
+    if not overrides_file.is_file():
+        return {}  # a run started from Python, not from the command line
+    import yaml
+
+    entries = yaml.safe_load(overrides_file.read_text()) or []
+    overrides = {}
+    for entry in entries:
+        key, _, value = str(entry).partition("=")
+        overrides[key.lstrip("+~")] = value if "=" in str(entry) else "(deleted)"
+    return overrides
+
+
+def overrides_text(overrides: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items()) or "(no overrides)"
+
+
+def _read_config(config_file: Path):
+    if not config_file.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(config_file)
+
+
+def _read_fewshot_counts(counts_file: Path) -> dict[str, int] | None:
+    if not counts_file.is_file():
+        return None
+    return json.loads(counts_file.read_text()).get("per_class")
+
+
+def _config_value(config, key: str) -> str:
+    """`key` in a composed config, as the command line would spell it; groups by their name."""
+    if config is None:
+        return MISSING
+    from omegaconf import DictConfig, OmegaConf
+
+    absent = object()
+    # Interpolations that need Hydra's runtime (paths.output_dir) cannot resolve here: None.
+    value = OmegaConf.select(config, key, default=absent, throw_on_resolution_failure=False)
+    if value is absent:
+        return MISSING
+    if isinstance(value, DictConfig):
+        value = value.get("name", AS_CONFIGURED)  # a config group: mode=frozen is mode.name
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+# ---- jobs that did not finish --------------------------------------------------------------
+@dataclass
+class UnfinishedJob:
+    """A job folder without metrics.json: failed (it left an error record) or unfinished."""
+
+    path: Path
+    overrides: dict[str, str]
+    error: str | None  # first line of the recorded error; None when the job left none
+
+    @property
+    def status(self) -> str:
+        return "failed" if self.error is not None else "unfinished"
+
+    @property
+    def explanation(self) -> str:
+        return self.error if self.error is not None else "no metrics.json and no error record: still running, or killed"
+
+
+def load_unfinished(path: Path) -> UnfinishedJob:
+    return UnfinishedJob(path=Path(path), overrides=read_overrides(path / ".hydra" / "overrides.yaml"), error=recorded_error(path))
+
+
+def recorded_error(job_dir: Path) -> str | None:
+    """The first line of the error a failed job recorded: `failed.json` ("error") or `error.txt`."""
+    record = job_dir / FAILED_RECORD
+    if record.is_file():
+        try:
+            error = json.loads(record.read_text()).get("error")
+        except (json.JSONDecodeError, AttributeError):
+            error = None
+        return _first_line(str(error)) if error else f"{FAILED_RECORD} holds no error message"
+    text_record = job_dir / ERROR_TEXT
+    if text_record.is_file():
+        return _first_line(text_record.read_text(errors="replace")) or f"{ERROR_TEXT} is empty"
+    return None
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
