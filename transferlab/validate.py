@@ -485,8 +485,8 @@ def resume_plan_before_hydra(argv: Sequence[str]) -> ResumePlan | None:
         return None
     overrides = command_line_overrides(argv)
     run_dir = overrides.get("hydra.run.dir")
-    if run_dir is None or _saved_config(Path(run_dir)) is None:
-        return None
+    if overrides.get("ckpt_path") in NO_CHECKPOINT or run_dir is None or _saved_config(Path(run_dir)) is None:
+        return None  # (a ckpt_path set in a config file is still checked in `run`)
     args = get_args_parser().parse_args(list(argv))
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
 
 
@@ -39,11 +41,11 @@ def mlp_head(
 # from `head.*` reports it as `head: <message>` (transferlab.errors.bad_argument).
 def _check_sizes(**sizes: int) -> None:
     for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             raise ValueError(f"{name}={size!r} must be a positive integer")
 
 
 def _check_dropout(dropout: float) -> None:
     # 1.0 would zero every feature: the head would learn from nothing.
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout!r} must be a number in [0, 1)")
