@@ -62,6 +62,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "a_file": folder / "a_file",
     }
     torch.save(checkpoint, paths["cnn_small_ckpt"])
+    paths["five_epochs_ckpt"] = folder / "five_epochs.ckpt"
+    torch.save({**checkpoint, "epoch": 4}, paths["five_epochs_ckpt"])  # saved at the end of epoch index 4
     torch.save([1, 2, 3], paths["list_pth"])
     paths["stray"].mkdir()
     (paths["stray"] / "notes.txt").write_text("not a dataset\n")
@@ -114,6 +116,7 @@ IN_PROCESS_CASES = [
     ("batch-size-not-a-number", ["data.batch_size=12a"], "data.batch_size='12a' is not an integer"),
     ("lr-not-a-number", ["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
     ("max-epochs-negative", ["trainer.max_epochs=-5"], "`max_epochs` must be a non-negative integer or -1"),
+    ("resume-more-epochs-than-budget", ["ckpt_path={five_epochs_ckpt}"], "already trained 5 epochs, more than trainer.max_epochs=1; set trainer.max_epochs>=5"),
     ("resume-other-class-order", ["data.classes=[" + ",".join(reversed(CIFAR10_CLASSES)) + "]", "ckpt_path={cnn_small_ckpt}"],
      "does not fit this run's model: it was trained on the classes [airplane,automobile,bird,cat,deer,dog,...] (10), this run has [truck,ship,"),
 ]

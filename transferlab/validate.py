@@ -403,7 +403,7 @@ class ResumePlan:
 
     def describe(self) -> str:
         return (
-            f"{self.run_dir} already trained {self.epochs_done} epochs of trainer.max_epochs={self.previous_max_epochs} "
+            f"{self.run_dir} already trained {_epochs(self.epochs_done)} of trainer.max_epochs={self.previous_max_epochs} "
             f"and wrote its metrics.json; nothing to do, nothing written (raise trainer.max_epochs to train longer)"
         )
 
@@ -434,7 +434,7 @@ def resume_plan(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> ResumePlan:
         )
     if max_epochs < epochs_done:
         raise UserError(
-            f"ckpt_path={checkpoint} already trained {epochs_done} epochs, more than trainer.max_epochs={max_epochs}; "
+            f"ckpt_path={checkpoint} already trained {_epochs(epochs_done)}, more than trainer.max_epochs={max_epochs}; "
             f"set trainer.max_epochs>={epochs_done}"
         )
     finished = (run_dir / "metrics.json").is_file()
@@ -505,6 +505,10 @@ _ABSENT = object()
 
 def _may_change(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE + ("trainer.max_epochs",))
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
 
 
 def _shown(value: Any) -> str:
