@@ -3,9 +3,9 @@
 Hydra stops a whole sweep at the first job that raises (and our one-line errors exit the
 process). Here a failed job is recorded in its own folder (`failed.json`, and the message
 in the job's log), returns no value (the Optuna sweeper then records the trial as failed
-and the study goes on), and the other jobs run. When the sweep ends, `SweepSummary` (a
-Hydra callback, conf/hydra/default.yaml) counts the failed folders, and the command prints
-one summary line and exits non-zero (`exit_if_jobs_failed`).
+and the study goes on), and the other jobs run. When the sweep ends, the command counts
+the failed folders in the sweep dir (noted by `SweepSummary`, a Hydra callback in
+conf/hydra/default.yaml), prints one summary line and exits non-zero (`exit_if_jobs_failed`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from transferlab.errors import first_line, user_error_behind
 log = logging.getLogger("transferlab")
 
 FAILED = "failed.json"
-#: folders of the failed jobs of the sweep that just ended in this process, and the job count
-_last_sweep: dict[str, Any] = {}
+#: the sweep dir of the sweep that this process started last (set by SweepSummary)
+_last_sweep: dict[str, Path] = {}
 
 
 def in_sweep() -> bool:
@@ -62,19 +62,22 @@ def run_sweep_job(job: Callable[[DictConfig], float | None], cfg: DictConfig) ->
 
 
 class SweepSummary(Callback):
-    """At the end of a sweep, note which of its jobs failed (read from their folders, so jobs
-    that ran in other processes, e.g. under the submitit launcher, count too)."""
+    """Note the sweep dir when a sweep starts, so that the command can read its jobs' folders at the
+    end (also jobs that ran in other processes, e.g. under the submitit launcher, and also when
+    the sweeper itself gave up, as Optuna's does when every trial failed)."""
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = [d for d in sorted(sweep_dir.iterdir()) if (d / ".hydra").is_dir()] if sweep_dir.is_dir() else []
-        _last_sweep.update(jobs=len(jobs), failed=[str(d) for d in jobs if (d / FAILED).is_file()])
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _last_sweep["dir"] = Path(str(config.hydra.sweep.dir))
 
 
 def exit_if_jobs_failed() -> None:
     """After `-m`: one line on stderr and exit code 1 when any job of the sweep failed."""
-    failed, jobs = _last_sweep.pop("failed", []), _last_sweep.pop("jobs", 0)
+    sweep_dir = _last_sweep.pop("dir", None)
+    if sweep_dir is None or not sweep_dir.is_dir():
+        return
+    jobs = [d for d in sorted(sweep_dir.iterdir()) if (d / ".hydra").is_dir()]
+    failed = [str(d) for d in jobs if (d / FAILED).is_file()]
     if failed:
-        print(f"transferlab: error: {len(failed)} of {jobs} jobs failed: {', '.join(failed)} (see failed.json in each)",
+        print(f"transferlab: error: {len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)} (see failed.json in each)",
               file=sys.stderr, flush=True)
         sys.exit(1)

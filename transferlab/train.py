@@ -69,7 +69,11 @@ def main(cfg: DictConfig | None = None) -> float | None:
             print(f"transferlab: {plan.describe()}", flush=True)  # and Hydra never starts: nothing written
             return None
         sys.argv += resume_overrides(argv)
-        result = hydra_main(cfg)
+        try:
+            result = hydra_main(cfg)
+        except SystemExit:
+            exit_if_jobs_failed()  # a sweeper that gave up (Hydra printed why): still name the failed jobs
+            raise
         exit_if_jobs_failed()  # after a sweep (-m): one summary line, exit 1
         return result
     return hydra_main(cfg)
