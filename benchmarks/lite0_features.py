@@ -51,22 +51,14 @@ def model_gflops(model: torch.nn.Module, size: int) -> float:
 
 def transferlab_path(root: str, size: int, batch: int):
     """The backbone and data module exactly as `python -m transferlab experiment=lite0_frozen` builds them."""
-    import hydra
     from conftest import compose_config
 
-    from transferlab.models import TransferModule
-    from transferlab.normalization import describe_weights
+    from transferlab.build import build
 
     overrides = ["experiment=lite0_frozen", f"data.root={root}", "data.download=false", f"data.image_size={size}",
-                 f"data.eval_batch_size={batch}"]
-    cfg = compose_config(overrides, Path("/tmp/tl-bench-lite0"))
-    backbone = hydra.utils.instantiate(cfg.backbone, image_size=size)
-    datamodule = hydra.utils.instantiate(cfg.data, output_dir=None, weights=describe_weights(backbone))
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    head = hydra.utils.instantiate(cfg.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
-    module = TransferModule(backbone, head, num_classes=datamodule.num_classes, channels_last=cfg.model.channels_last)
-    return module.backbone, datamodule
+                 f"data.eval_batch_size={batch}", "data.cache_features=false"]  # the images, not cached features
+    built = build(compose_config(overrides, Path("/tmp/tl-bench-lite0")), with_trainer=False)
+    return built.model.backbone, built.datamodule
 
 
 def plain_timm_loop(images: torch.Tensor, size: int, batch: int, state: dict) -> float:

@@ -91,14 +91,11 @@ def build(root: str, backbone: str, batch_size: int):
 
 
 def make_model(cfg, datamodule):
-    import hydra
-
-    from transferlab import TransferModule
+    """The model `python -m transferlab` trains for `cfg` (transferlab.build: same rules, e.g. scratch = random init)."""
+    from transferlab.build import build_backbone, build_model
 
     torch.manual_seed(0)
-    backbone = hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size)
-    head = hydra.utils.instantiate(cfg.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
-    return TransferModule(backbone, head, datamodule.num_classes, optimizer=hydra.utils.instantiate(cfg.optimizer))
+    return build_model(cfg, build_backbone(cfg), datamodule)
 
 
 def bare_loop_rate(model, datamodule, steps: int, warmup: int) -> float:
@@ -167,12 +164,9 @@ def bench_loop_overhead(root: str, reps: int, steps: int) -> None:
 
 
 def _datamodule(cfg):
-    import hydra
+    from transferlab.build import build_backbone, build_datamodule
 
-    from transferlab.train import build_datamodule
-
-    backbone = hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size)
-    return build_datamodule(cfg, backbone, Path(cfg.paths.output_dir))
+    return build_datamodule(cfg, build_backbone(cfg), Path(cfg.paths.output_dir))
 
 
 # ---- 3: inference throughput ----------------------------------------------------------------------

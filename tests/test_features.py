@@ -77,16 +77,14 @@ def test_cache_is_reused_and_damaged_files_are_rebuilt(cifar10_root, tmp_path, m
 
 def test_cached_checkpoint_predicts_on_images(cifar10_root, tmp_path):
     run_training([*FROZEN, f"data.root={cifar10_root}", "trainer.max_epochs=1"], tmp_path)
-    from transferlab.train import build_datamodule
-    import hydra
+    from transferlab.build import build
 
-    cfg = compose_config(["experiment=vgg_frozen", f"data.root={cifar10_root}", "data.val_size=50"], tmp_path / "x")
-    backbone = hydra.utils.instantiate(cfg.backbone, image_size=32)
-    dm = build_datamodule(cfg, backbone, tmp_path / "x")
-    head = hydra.utils.instantiate(cfg.head, in_features=backbone.out_features, num_classes=10)
-    from transferlab import TransferModule
-
-    model = TransferModule(backbone, head, num_classes=10)
+    # The same config without the cache: the model sees images, as a user's model would.
+    cfg = compose_config(["experiment=vgg_frozen", f"data.root={cifar10_root}", "data.val_size=50",
+                          "data.cache_features=false"], tmp_path / "x")
+    built = build(cfg, with_trainer=False)
+    model, dm = built.model, built.datamodule
+    assert not model.inputs_are_features
     model.load_state_dict(_state(tmp_path))
     model.eval()
     with torch.no_grad():

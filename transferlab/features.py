@@ -52,15 +52,15 @@ def should_cache(setting, mode_name: str, augment: bool, train_bn: bool = False)
     return False
 
 
-def cache_features(
-    module: nn.Module, datamodule: TensorImageDataModule, device: torch.device | str = "cpu", use_disk: bool = True
-) -> None:
-    """Replace the datamodule's image splits by backbone features and switch the module to them.
+def feature_splits(
+    backbone: nn.Module, datamodule: TensorImageDataModule, device: torch.device | str = "cpu", use_disk: bool = True
+) -> dict[str, Split]:
+    """The train/val/test splits of `datamodule` as `backbone` features (labels and positions kept).
 
     Features found in the cache are loaded; the others are computed, after checking that the
     cache folder can take them (a full or read-only folder is refused before any computing).
+    Called by `TensorImageDataModule.use_features`, which serves them instead of images.
     """
-    backbone = module.backbone
     splits = {name: getattr(datamodule, name) for name in SPLITS}
     paths = {name: features_folder() / f"{key}.pt" for name, key in feature_keys(backbone, datamodule).items()}
     features = {name: _load(paths[name], splits[name]) for name in SPLITS} if use_disk else {}
@@ -73,9 +73,7 @@ def cache_features(
         features[name] = extract_features(backbone, datamodule, splits[name], device)
         if use_disk:  # after a failed write, the rest stays in memory too
             use_disk = _save(paths[name], features[name], splits[name])
-    for name, split in splits.items():
-        setattr(datamodule, name, Split(features[name], split.labels, split.positions))
-    module.features_cached = True
+    return {name: Split(features[name], split.labels, split.positions) for name, split in splits.items()}
 
 
 def features_folder() -> Path:

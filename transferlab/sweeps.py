@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transferlab.errors import first_line, user_error_behind
 
@@ -81,3 +81,17 @@ def exit_if_jobs_failed() -> None:
         print(f"transferlab: error: {len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)} (see failed.json in each)",
               file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+# Sweep job folders are named after their overrides (conf/hydra/default.yaml).
+# Sweep job folders are named after their overrides (conf/hydra/default.yaml).
+def job_dirname(overrides: str, limit: int = 120) -> str:
+    """`a=1,b=2` as one folder name: no path separators, cut at a whole override."""
+    text = str(overrides).replace("/", "_").replace("\\", "_")
+    if len(text) <= limit:
+        return text or "default"
+    kept = text[:limit].rsplit(",", 1)[0]
+    return kept + ",..."
+
+
+OmegaConf.register_new_resolver("tl_dirname", job_dirname, replace=True)

@@ -1,7 +1,7 @@
 """Callbacks that keep a run trustworthy: it stops when the loss diverges, it refuses to
 resume from a checkpoint of a different model, and a resumed run continues exactly like the
 uninterrupted one would have. All three are in `conf/callbacks/default.yaml`. A fourth,
-`TrainingClock`, carries the training time across resumes; `transferlab.train.run` adds it
+`TrainingClock`, carries the training time across resumes; `transferlab.build.build_trainer` adds it
 to every run (it is bookkeeping, not a setting).
 """
 

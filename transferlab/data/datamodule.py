@@ -115,7 +115,8 @@ class TensorImageDataModule(L.LightningDataModule):
         self.fewshot = dict(fewshot or {})
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir else None
-        self.cache_features = cache_features  # read by transferlab.features (frozen backbones)
+        self.cache_features = cache_features  # read by transferlab.build (frozen backbones)
+        self.serves_features = False  # True after use_features: batches hold backbone features, not images
         self._check_arguments()
         self.train: Split | None = None
         self.val: Split | None = None
@@ -270,10 +271,27 @@ class TensorImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        if images.dtype != torch.uint8:  # already preprocessed (cached features, user data)
+        if self.serves_features:  # backbone features, already preprocessed when they were computed
             return batch
         training = self.trainer is not None and self.trainer.training
         return self.preprocess(images, train=training), labels
+
+    def use_features(self, backbone, device: str = "cpu") -> float:
+        """Serve `backbone`'s features of every split instead of its images; returns the seconds it took.
+
+        For a frozen backbone without augmentation: its features are the same every epoch, so
+        they are computed once (or loaded from the feature cache, `transferlab.features`) and
+        the head trains on them.
+        """
+        import time
+
+        from transferlab.features import feature_splits
+
+        started = time.perf_counter()
+        splits = feature_splits(backbone, self, device)
+        self.train, self.val, self.test = splits["train"], splits["val"], splits["test"]
+        self.serves_features = True
+        return time.perf_counter() - started
 
     def preprocess(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         """uint8 images on any device -> normalized float batch at `image_size`."""

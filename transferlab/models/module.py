@@ -59,8 +59,8 @@ class TransferModule(L.LightningModule):
             # In place: the state dict keeps its `backbone.*` names, so checkpoints stay portable.
             self.backbone.compile()
             self.head.compile()
-        # Set by `transferlab.features` when batches carry precomputed backbone features.
-        self.features_cached = False
+        # Set by `transferlab.build` when the data module serves precomputed backbone features.
+        self.inputs_are_features = False
 
         def accuracy(top_k: int = 1) -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
@@ -84,7 +84,7 @@ class TransferModule(L.LightningModule):
     def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs, labels = batch
         # Cached features already went through the (frozen, eval-mode) backbone once.
-        logits = self.head(inputs) if self.features_cached else self(inputs)
+        logits = self.head(inputs) if self.inputs_are_features else self(inputs)
         return F.cross_entropy(logits, labels), logits, labels
 
     # ---- train / val / test ----------------------------------------------------------------

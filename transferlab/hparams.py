@@ -1,0 +1,57 @@
+"""The run's settings for TensorBoard's HParams tab (and any other logger)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+
+def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """The run's settings, for TensorBoard's HParams tab (and the other loggers).
+
+    The HParams tab reads each metric from the scalar of the same tag that the run logs
+    later (`val/acc_best` during training, `test/*` at the end), so only the tag names are
+    declared here: logging placeholder values would draw false points at step 0.
+    """
+    params = {k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items() if _comparable(k)}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            _declare_hparams(logger, params, metric_tags=("val/acc_best", "test/acc", "test/loss"))
+        else:
+            logger.log_hyperparams(params)
+
+
+def _comparable(key: str) -> bool:
+    """Settings worth a column when comparing runs: not paths, targets or bookkeeping."""
+    leaf = key.rsplit(".", 1)[-1]
+    return not (
+        key.startswith(("paths.", "callbacks.", "logger.", "hydra."))
+        or leaf in ("_target_", "_partial_", "root", "default_root_dir", "output_dir")
+    )
+
+
+@rank_zero_only  # other DDP ranks have no event file to write to
+def _declare_hparams(logger: TensorBoardLogger, params: dict[str, Any], metric_tags) -> None:
+    from torch.utils.tensorboard.summary import hparams
+
+    experiment, session_start, session_end = hparams(params, {tag: 0.0 for tag in metric_tags})
+    writer = logger.experiment._get_file_writer()
+    for summary in (experiment, session_start, session_end):
+        writer.add_summary(summary)
+    writer.flush()
+    logger.log_hyperparams(params)  # also keeps hparams.yaml next to the events
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    value = tree if isinstance(tree, (int, float, str, bool)) or tree is None else str(tree)
+    return {prefix[:-1]: "null" if value is None else value}
+

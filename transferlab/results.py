@@ -1,0 +1,100 @@
+"""What a run leaves behind: its test metrics, `metrics.json` and `run_info.json`.
+
+Also the two things a resumed run needs to report numbers of the whole run: the test of a
+finished run's best checkpoint, and the training time its checkpoints recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from transferlab.callbacks.guards import TrainingClock
+from transferlab.models import TransferModule
+from transferlab.runinfo import run_info
+from transferlab.validate import ResumePlan, read_json
+
+log = logging.getLogger("transferlab")
+
+
+def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str, float]:
+    """Test metrics from the best checkpoint by val/acc (the current weights if there is none)."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    return {k: _number(v) for k, v in (results[0] if results else {}).items()}
+
+
+def write_results(cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None) -> None:
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (output_dir / "run_info.json").write_text(json.dumps(run_record(cfg, output_dir, plan), indent=2) + "\n")
+    log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
+    log.info("outputs in %s", output_dir)
+
+
+def run_record(cfg: DictConfig, output_dir: Path, plan: ResumePlan | None) -> dict:
+    """run_info.json: how the run began, and one entry per resume (a longer budget is recorded there)."""
+    info = run_info(cfg)
+    if plan is None:
+        return info
+    record = read_json(output_dir / "run_info.json") or info
+    record.setdefault("resumes", []).append({
+        "ckpt_path": str(plan.checkpoint),
+        "from_epoch": plan.epochs_done,
+        "max_epochs": plan.max_epochs,
+        # the run now trains longer than it was started with: its numbers are the longer run's
+        "longer_budget": plan.budget_raised,
+        "tested_only": not plan.trains,
+        "git_commit": info["git_commit"],
+        "git_dirty": info["git_dirty"],
+        "versions": info["versions"],
+    })
+    return record
+
+
+def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule, plan: ResumePlan) -> dict:
+    """Test the best checkpoint of a run with no epoch left to train; its training metrics stay."""
+    metrics = {k: v for k, v in plan.previous_metrics().items() if not k.startswith("test/")}
+    if plan.test:
+        best = best_checkpoint(plan.checkpoint) or plan.checkpoint
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+        metrics.update({k: _number(v) for k, v in (results[0] if results else {}).items()})
+        # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json)
+        metrics.setdefault("val/acc_best", _number(model.val_acc_best.compute()))
+    metrics.setdefault("epochs", plan.epochs_done)
+    metrics.setdefault("train_time_s", round(_checkpoint_train_time(plan.checkpoint), 3))
+    return metrics
+
+
+def best_checkpoint(last: Path) -> Path | None:
+    """The best checkpoint by val/acc that `last` records (ModelCheckpoint's state), if it is still there."""
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
+            path = Path(state["best_model_path"])
+            if path.is_file():
+                return path
+    return None
+
+
+def _checkpoint_train_time(path: Path) -> float:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return float(((checkpoint.get("callbacks") or {}).get("TrainingClock") or {}).get("train_time_s", 0.0))
+
+
+
+def whole_train_time(trainer: L.Trainer, plan: ResumePlan | None) -> float:
+    """Training time of the whole run: a finished run resumed for a longer budget adds this part to
+    its metrics.json time (its checkpoint's clock stopped at the last save, before the run ended)."""
+    clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
+    previous = plan.previous_metrics().get("train_time_s") if plan is not None else None
+    return clock.elapsed() + previous if previous is not None else clock.total()
+
+
+def _number(value) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
