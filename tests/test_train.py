@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO, run_training
+from conftest import FAST, REPO, compose_config, run_training
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -103,3 +103,20 @@ def test_every_preset_runs(preset, cifar10_root, cifar100_root, torch_home, tmp_
     overrides += source_overrides(preset, torch_home, cifar10_root, tmp_path)
     metrics = run_training(overrides, tmp_path / "run")
     assert "test/acc" in metrics and metrics["epochs"] == 1
+
+
+def test_losses_are_means_over_images_whatever_the_batch_size(cifar10_root, tmp_path):
+    """A short last batch must not weigh as much as a full one: val/test loss per image."""
+    import lightning as L
+
+    from transferlab.build import build
+
+    losses = []
+    for batch in (7, 50, 512):
+        cfg = compose_config(["backbone=cnn_small", f"data.root={cifar10_root}", "data.val_size=50",
+                              f"data.eval_batch_size={batch}", "trainer.accelerator=cpu"], tmp_path / str(batch))
+        torch.manual_seed(0)
+        built = build(cfg, with_trainer=False)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        losses.append(trainer.validate(built.model, datamodule=built.datamodule, verbose=False)[0]["val/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-5)

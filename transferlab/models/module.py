@@ -91,7 +91,8 @@ class TransferModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, labels = self._step(batch)
         # Metric objects accumulate on device; Lightning reads them once per epoch (no per-step sync).
-        self.train_loss(loss.detach())
+        # Weighted by the batch's size: the epoch's loss is the mean over images, whatever the batch size.
+        self.train_loss(loss.detach(), weight=labels.shape[0])
         self.train_acc(logits.detach(), labels)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -103,7 +104,7 @@ class TransferModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, labels = self._step(batch)
-        self.val_loss(loss)
+        self.val_loss(loss, weight=labels.shape[0])
         self.val_acc(logits, labels)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -119,7 +120,7 @@ class TransferModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, logits, labels = self._step(batch)
-        self.test_loss(loss)
+        self.test_loss(loss, weight=labels.shape[0])
         self.test_acc(logits, labels)
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
