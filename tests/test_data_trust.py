@@ -7,6 +7,9 @@ per class goes through the real command line, where the user meets it.
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import pickle
 import re
 import shutil
@@ -402,3 +405,69 @@ def test_bad_data_is_refused_in_one_line(bad_roots, tmp_path, torch_home, args, 
     line = one_line_refusal([a.format(**bad_roots) for a in args], tmp_path, torch_home)
     assert expected.format(**bad_roots) in line, line
     assert sorted(p.name for p in bad_roots["truncated"].iterdir()) == ["cifar-10-python.tar.gz"]
+
+
+# ---- the image-folder statistics cache: keyed by content, written whole, never fatal ----------
+def write_flat_images(folder: Path, value: int, size: int = 6) -> Path:
+    """Two classes of two images each, every pixel `value`: a known mean of value/255."""
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(folder / name / f"{i}.png")
+    return folder
+
+
+def stats_files(cache: Path) -> list[Path]:
+    return sorted((cache / "stats").glob("*.json")) if (cache / "stats").is_dir() else []
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "streamed"])
+def test_stats_cache_follows_images_rewritten_in_place(tmp_path, monkeypatch, in_memory):
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    root = write_flat_images(tmp_path / "images", 70)
+    first = imagefolder(root, stats_cache=True, in_memory=in_memory)
+    assert first.mean[0] == pytest.approx(70 / 255, abs=1e-3)
+    assert len(stats_files(tmp_path / "cache")) == 1
+    assert imagefolder(root, stats_cache=True, in_memory=in_memory).mean == first.mean  # the cache is used
+    write_flat_images(root, 190)  # same names, same count, new pixels
+    assert imagefolder(root, stats_cache=True, in_memory=in_memory).mean[0] == pytest.approx(190 / 255, abs=1e-3)
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b'{"mean": [0.1], "std": [1, 1, 1]}', b'{"mean": [NaN, 0, 0], "std": [1, 1, 1]}'],
+                         ids=["empty", "not-json", "wrong-length", "nan"])
+def test_invalid_stats_file_is_recomputed(tmp_path, monkeypatch, caplog, content):
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    root = write_flat_images(tmp_path / "images", 70)
+    imagefolder(root, stats_cache=True)
+    [cached] = stats_files(tmp_path / "cache")
+    cached.write_bytes(content)
+    assert imagefolder(root, stats_cache=True).mean[0] == pytest.approx(70 / 255, abs=1e-3)
+    assert "not valid" in caplog.text
+    assert json.loads(cached.read_text())["mean"][0] == pytest.approx(70 / 255, abs=1e-3)  # rewritten whole
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS, errno.EACCES], ids=["full", "read-only", "no-permission"])
+def test_unwritable_stats_cache_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog, error):
+    """A cache that fails mid-write leaves no half-written stats file, and the run goes on."""
+    from transferlab.data import imagefolder as module
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    real_write = module.write_atomically
+
+    def failing_write(path, write):
+        def half_then_fail(f):
+            f.write(b'{"mean": [')
+            raise OSError(error, os.strerror(error))
+
+        real_write(path, half_then_fail)
+
+    monkeypatch.setattr(module, "write_atomically", failing_write)
+    root = write_flat_images(tmp_path / "images", 70)
+    assert imagefolder(root, stats_cache=True).mean[0] == pytest.approx(70 / 255, abs=1e-3)
+    assert "continuing without the cache" in caplog.text
+    assert list((tmp_path / "cache" / "stats").iterdir()) == []
+    monkeypatch.setattr(module, "write_atomically", real_write)  # space freed: caching works again
+    assert imagefolder(root, stats_cache=True).mean[0] == pytest.approx(70 / 255, abs=1e-3)
+    assert len(stats_files(tmp_path / "cache")) == 1

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from transferlab.cache import cache_root
+from transferlab.checkpointing import write_atomically
 from transferlab.data import transforms as T
 from transferlab.data.datamodule import Split, TensorImageDataModule
 from transferlab.data.subsets import check_two_classes, select_classes, stratified_counts, stratified_holdout
@@ -225,24 +227,69 @@ class ImageFolderDataModule(TensorImageDataModule):
         return Split(images, labels, torch.arange(len(paths)))
 
     def compute_dataset_stats(self, train: Split):
-        """Per-channel statistics of the training images, cached by the list of files."""
-        images = train.images if isinstance(train.images, torch.Tensor) else None
-        key = _stats_key(self.root, len(train), self.store_size, train.positions)
-        path = cache_root() / "stats" / f"{key}.json"
-        if self.stats_cache and path.is_file():
-            stats = json.loads(path.read_text())
-            return tuple(stats["mean"]), tuple(stats["std"])
-        if images is None:  # streamed: a fixed sample of at most 2,000 images is plenty
-            sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:2000]
-            images = train.images[sample].load()
-        mean, std = T.channel_stats(images)
-        if self.stats_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"root": str(self.root), "mean": mean, "std": std}))
+        """Per-channel statistics of the training images, cached by what the images are.
+
+        The cache is an optimisation only: a stats file that cannot be read is recomputed,
+        and one that cannot be written (read-only or full cache folder) is skipped.
+        """
+        if not self.stats_cache:
+            return self._measure_stats(train)
+        path = cache_root() / "stats" / f"{_stats_key(train, self.store_size)}.json"
+        cached = _read_cached_stats(path)
+        if cached is not None:
+            return cached
+        mean, std = self._measure_stats(train)
+        _write_cached_stats(path, {"root": str(self.root), "mean": mean, "std": std})
         return mean, std
 
+    def _measure_stats(self, train: Split):
+        images = train.images
+        if not isinstance(images, torch.Tensor):  # streamed: a fixed sample of at most 2,000 images is plenty
+            sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:2000]
+            images = images[sample].load()
+        return T.channel_stats(images)
 
-def _stats_key(root: Path, n: int, size: int, positions: torch.Tensor) -> str:
-    digest = hashlib.sha256(f"{root.resolve()}|{n}|{size}".encode())
-    digest.update(positions.numpy().tobytes())
-    return digest.hexdigest()[:24]
+
+def _stats_key(train: Split, size: int) -> str:
+    """What the statistics depend on: the image bytes when they are in memory (hashing is far
+    cheaper than decoding); for streamed images each file's path, size and modification time,
+    so that an image rewritten in place under the same name gets new statistics."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{size}|{len(train)}".encode())
+    if isinstance(train.images, torch.Tensor):
+        images = train.images.contiguous()
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.numpy().tobytes())
+    else:
+        for file in train.images.paths:
+            stat = file.stat()
+            digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_cached_stats(path: Path):
+    """(mean, std) from a stats file, or None when there is none or it is not valid."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("cannot read the cached dataset statistics %s (%s); computing them again", path, e.strerror or e)
+        return None
+    try:
+        stats = json.loads(text)
+        mean, std = tuple(float(v) for v in stats["mean"]), tuple(float(v) for v in stats["std"])
+        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in (*mean, *std)):
+            raise ValueError("not three finite numbers each")
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("the cached dataset statistics %s are not valid (%s); computing them again", path, e)
+        return None
+    return mean, std
+
+
+def _write_cached_stats(path: Path, stats: dict) -> None:
+    """Cache the statistics, whole or not at all; a cache that cannot be written costs only time."""
+    try:
+        write_atomically(path, lambda f: f.write(json.dumps(stats).encode()))
+    except OSError as e:
+        log.warning("cannot cache the dataset statistics in %s (%s); continuing without the cache", path.parent, e.strerror or e)
