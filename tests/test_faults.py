@@ -199,3 +199,68 @@ def test_a_run_killed_during_its_first_save_can_be_restarted_and_resumed(cifar10
     assert "holds no complete checkpoint" in resumed.stdout and "starting the run from the beginning" in resumed.stdout
     assert resumed.stdout.count("holds no complete checkpoint") == 1
     assert (run_dir / "metrics.json").is_file()
+
+
+# ---- a full or read-only run dir during a checkpoint save ----------------------------------
+#: `python -m transferlab` with torch.save failing on checkpoints as a full disk makes it fail:
+#: half the bytes written, then the OSError (torch turns it into "unexpected pos", chained)
+CLI_WITH_FULL_RUN_DIR = """
+import errno, runpy, sys, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if ".ckpt.tmp-" in str(getattr(f, "name", "")):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+sys.argv = ["transferlab", *sys.argv[1:]]
+runpy.run_module("transferlab", run_name="__main__")
+"""
+
+
+def test_a_full_run_dir_at_the_checkpoint_save_is_one_line(cifar10_root, torch_home, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"data.root={cifar10_root}", *FROZEN_SMALL, f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_WITH_FULL_RUN_DIR, *args],
+        cwd=tmp_path, env=cli_env(torch_home), capture_output=True, text=True, timeout=300,
+    )
+    lines = nonempty_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    assert lines[0].startswith(f"transferlab: error: no space left on {checkpoints} while writing checkpoint {checkpoints}/")
+    assert lines[0].endswith("(No space left on device); free space (or choose another hydra.run.dir) and resume with ckpt_path=last")
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "error, words",
+    [(errno.ENOSPC, "no space left on"), (errno.EDQUOT, "disk quota exceeded on"), (errno.EROFS, "read-only file system at")],
+    ids=["full", "quota", "read-only"],
+)
+def test_storage_errors_at_a_checkpoint_save_become_one_user_error(tmp_path, monkeypatch, error, words):
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError) as caught:
+        checkpointing.AtomicCheckpointIO().save_checkpoint({"state": 1}, target)
+    assert str(caught.value).startswith(f"{words} {target.parent} while writing checkpoint {target} ({os.strerror(error)}); ")
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.setattr(torch, "save", real_save)
+
+
+def test_other_errors_at_a_checkpoint_save_keep_their_traceback(tmp_path, monkeypatch):
+    """A bug is not the user's to fix: it is not turned into a one-line UserError."""
+    def buggy_save(obj, f, *args, **kwargs):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(torch, "save", buggy_save)
+    with pytest.raises(OSError) as caught:
+        checkpointing.AtomicCheckpointIO().save_checkpoint({"state": 1}, tmp_path / "last.ckpt")
+    assert not isinstance(caught.value, UserError)
+    assert list(tmp_path.iterdir()) == []

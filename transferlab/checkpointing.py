@@ -8,6 +8,7 @@ the next atomic write into that folder removes such leftovers once their writer 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -17,6 +18,8 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from transferlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     previous `last.ckpt` intact instead of a truncated one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
+        path = Path(path)
+        try:
+            write_atomically(path, lambda f: torch.save(checkpoint, f))
+        except Exception as error:  # write_atomically has removed its temporary file
+            full = storage_error_behind(error)
+            if full is None:
+                raise
+            raise UserError(_checkpoint_storage_message(path, full)) from error
+
+
+#: errors of the storage, not of the program: the user fixes them by making room or moving the run
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on", errno.EDQUOT: "disk quota exceeded on", errno.EROFS: "read-only file system at"}
+
+
+def storage_error_behind(error: BaseException) -> OSError | None:
+    """The full-disk / quota / read-only OSError behind `error`, if any.
+
+    torch.save reports a failed write as RuntimeError("... unexpected pos ..."), the OSError
+    kept as its context; the chain is walked for it.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in STORAGE_ERRNOS:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _checkpoint_storage_message(path: Path, error: OSError) -> str:
+    reason = error.strerror or os.strerror(error.errno)
+    return (
+        f"{STORAGE_ERRNOS[error.errno]} {path.parent} while writing checkpoint {path} ({reason}); "
+        f"free space (or choose another hydra.run.dir) and resume with ckpt_path=last"
+    )
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
