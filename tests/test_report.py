@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import statistics
 import subprocess
@@ -359,3 +360,99 @@ def test_a_sweep_where_no_job_finished_lists_them_and_fails(sweep_with_failures,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "no finished runs to compare" in lines[0], lines
     assert not (tmp_path / "report.md").exists()
+
+
+# ---- runs whose metrics.json cannot be trusted ---------------------------------------------
+# (job folder, what its metrics.json becomes, what the failed line must say)
+BROKEN_METRICS = [
+    ("5_broken=truncated", lambda text: text[: len(text) // 2], "metrics.json is not valid JSON: remove the run or rerun it"),
+    ("6_broken=word", lambda text: json.dumps({**json.loads(text), "test/acc": "high"}), "test/acc='high'"),
+    ("7_broken=nan", lambda text: json.dumps({**json.loads(text), "val/acc_best": float("nan")}), "val/acc_best=nan"),
+]
+
+
+@pytest.fixture(scope="module")
+def report_of_broken_runs(sweep_dir, tmp_path_factory):
+    """Two good runs and one per BROKEN_METRICS case; (sweep, stdout, stderr) of the report."""
+    import shutil
+
+    sweep = tmp_path_factory.mktemp("broken") / "sweep"
+    finished = _job_dirs(sweep_dir)
+    for job in finished[:2]:
+        shutil.copytree(job, sweep / job.name)
+    for name, corrupt, _ in BROKEN_METRICS:
+        job = sweep / name
+        shutil.copytree(finished[2], job)
+        (job / "metrics.json").write_text(corrupt((job / "metrics.json").read_text()))
+    command = [sys.executable, "-m", "transferlab.report", str(sweep)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=cli_env(Path(".")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return sweep, done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("name, corrupt, reason", BROKEN_METRICS, ids=[c[0] for c in BROKEN_METRICS])
+def test_a_broken_metrics_file_lists_its_run_as_failed_and_reports_the_rest(report_of_broken_runs, name, corrupt, reason):
+    sweep, out, err = report_of_broken_runs
+    assert err == ""
+    line = next((text for text in out.splitlines() if name in text), None)
+    assert line is not None and line.strip().startswith("failed:") and reason in line, out
+    assert line.rstrip().endswith("remove the run or rerun it")
+    rows = _csv_rows(sweep)
+    assert len(rows) == 2 and not any(name in row["run_dir"] for row in rows)  # never shown as '-'
+    assert all(compare.is_number(float(row["test/acc"])) for row in rows)
+    assert f"| {name} | failed |" in (sweep / "report.md").read_text()
+
+
+# ---- a folder the report cannot be written to ----------------------------------------------
+def _read_only_probe(monkeypatch):
+    from transferlab.report import output
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(output.tempfile, "TemporaryFile", refuse)
+
+
+def _disk_full_at_the_csv(monkeypatch):
+    from transferlab.report import output
+
+    def fill(rows, path):
+        Path(path).write_text("run,")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output, "write_csv", fill)
+
+
+@pytest.mark.parametrize(
+    "make_unwritable, reason",
+    [(_read_only_probe, "Read-only file system"), (_disk_full_at_the_csv, "No space left on device")],
+    ids=["read-only", "full-while-writing"],
+)
+def test_an_unwritable_report_folder_is_one_line_naming_out(sweep_dir, tmp_path, capsys, monkeypatch, make_unwritable, reason):
+    monkeypatch.delenv("TRANSFERLAB_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    make_unwritable(monkeypatch)
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(sweep_dir), "--out", str(out_dir)])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"transferlab: error: cannot write the report to {out_dir} ({reason}); pick another folder with --out"]
+
+
+def test_a_read_only_sweep_dir_is_one_line_through_the_command(sweep_dir, tmp_path):
+    """A real read-only bind mount of the sweep dir (needs root to mount)."""
+    mount_point = tmp_path / "read_only"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(sweep_dir), str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot make a read-only bind mount here (not root)")
+    try:
+        done = subprocess.run([sys.executable, "-m", "transferlab.report", str(mount_point)],
+                              capture_output=True, text=True, timeout=300, env=cli_env(Path(".")))
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        f"transferlab: error: cannot write the report to {mount_point} (Read-only file system); pick another folder with --out"
+    ]

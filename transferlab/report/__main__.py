@@ -9,22 +9,22 @@ from pathlib import Path
 from transferlab.errors import UserError, exit_with
 from transferlab.report.compare import set_apart
 from transferlab.report.output import write_report
-from transferlab.report.runs import UnfinishedJob, find_jobs, is_run, load_unfinished, named_runs, overrides_text
+from transferlab.report.runs import UnfinishedJob, find_jobs, is_run, load_finished, load_unfinished, overrides_text
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run_dirs, unfinished_dirs = find_jobs(args.paths)
-        unfinished = [load_unfinished(d) for d in unfinished_dirs]
-        if not run_dirs:
+        runs, broken = load_finished(run_dirs)
+        unfinished = broken + [load_unfinished(d) for d in unfinished_dirs]
+        if not runs:
             set_apart(unfinished, [])
             print("\n".join(unfinished_lines(unfinished)), flush=True)  # before the error line on stderr
             raise UserError(
                 f"no finished runs to compare in {', '.join(map(str, args.paths))}: all {len(unfinished)} jobs "
                 f"failed or did not finish (listed above)"
             )
-        runs = named_runs(run_dirs)
         set_apart(unfinished, runs)
         written = write_report(runs, args.out or default_out_dir(args.paths), sources=args.paths, unfinished=unfinished)
     except UserError as error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import tempfile
 from pathlib import Path
 
 from transferlab.errors import UserError
@@ -11,6 +13,8 @@ from transferlab.report.runs import Run, UnfinishedJob
 from transferlab.report.tables import report_markdown, summary_table, write_csv
 
 FIGURES = ("curves", "sample_efficiency")
+#: errors that mean "this folder cannot take the report", which --out fixes
+UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def write_report(
@@ -18,10 +22,33 @@ def write_report(
 ) -> dict[str, Path]:
     """Write report.md, report.csv and the figures into `out_dir`; returns what was written."""
     out_dir = Path(out_dir)
+    check_writable(out_dir)  # before any figure is drawn
+    try:
+        return _write_all(runs, out_dir, sources, unfinished)
+    except OSError as e:  # the folder filled up or became read-only while writing
+        if e.errno not in UNWRITABLE:
+            raise
+        raise UserError(_cannot_write(out_dir, e)) from None
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create `out_dir` if needed and write (then remove) a probe file in it: a read-only mount,
+    a folder without permission or a full disk is one line naming --out, not a traceback."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir) as probe:
+            probe.write(b"probe")
+            probe.flush()
     except OSError as e:
-        raise UserError(f"cannot write the report to {out_dir} ({e.strerror}); pick another folder with --out") from None
+        raise UserError(_cannot_write(out_dir, e)) from None
+
+
+def _cannot_write(out_dir: Path, error: OSError) -> str:
+    reason = error.strerror or type(error).__name__
+    return f"cannot write the report to {out_dir} ({reason}); pick another folder with --out"
+
+
+def _write_all(runs, out_dir: Path, sources, unfinished) -> dict[str, Path]:
     keys = differing_overrides(runs)
     written = {"csv": out_dir / "report.csv"}
     write_csv(summary_table(runs, keys), written["csv"])

@@ -7,6 +7,7 @@ A run is a folder with metrics.json. A job that did not finish is a folder Hydra
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -97,20 +98,45 @@ def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
+class BrokenRun(UserError):
+    """A run dir whose metrics.json cannot be trusted: the report lists it as failed, not as a row."""
+
+
+#: metrics.json keys whose values a report shows: each must be a finite number when present
+SHOWN_METRICS = ("val/acc_best", "test/acc", "epochs", "train_time_s", "params_trainable", "params_total")
+
+
 def load_run(path: Path) -> Run:
+    """One finished run; BrokenRun when its metrics.json is unreadable or holds junk."""
     path = Path(path)
-    metrics_file = path / "metrics.json"
-    try:
-        metrics = json.loads(metrics_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{metrics_file} is not valid JSON ({e.msg}); the run may have been interrupted while writing it") from None
     return Run(
         path=path,
         overrides=read_overrides(path / ".hydra" / "overrides.yaml"),
         config=_read_config(path / ".hydra" / "config.yaml"),
-        metrics=metrics,
+        metrics=read_metrics(path / "metrics.json"),
         fewshot_counts=_read_fewshot_counts(path / "fewshot_indices.json"),
     )
+
+
+def read_metrics(metrics_file: Path) -> dict[str, Any]:
+    """The metrics of a run, checked: a wrong number in a table is worse than a missing one."""
+    fix = "remove the run or rerun it"
+    try:
+        metrics = json.loads(metrics_file.read_text())
+    except json.JSONDecodeError:
+        raise BrokenRun(f"metrics.json is not valid JSON: {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BrokenRun(f"metrics.json cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}): {fix}") from None
+    if not isinstance(metrics, dict):
+        raise BrokenRun(f"metrics.json holds a {type(metrics).__name__}, not a table of metrics: {fix}")
+    junk = [f"{key}={metrics[key]!r}" for key in SHOWN_METRICS if key in metrics and not _finite_number(metrics[key])]
+    if junk:
+        raise BrokenRun(f"metrics.json has {', '.join(junk)}, not finite numbers: {fix}")
+    return metrics
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_runs(paths: Iterable[Path]) -> list[Run]:
@@ -121,7 +147,21 @@ def load_runs(paths: Iterable[Path]) -> list[Run]:
 def named_runs(run_dirs: list[Path]) -> list[Run]:
     if not run_dirs:
         raise UserError("no finished runs (no metrics.json) to compare")
-    runs = [load_run(p) for p in run_dirs]
+    return name_runs([load_run(p) for p in run_dirs])
+
+
+def load_finished(run_dirs: list[Path]) -> tuple[list[Run], list["UnfinishedJob"]]:
+    """(runs, broken runs as failed jobs): one bad metrics.json does not hide the other runs."""
+    runs, broken = [], []
+    for path in run_dirs:
+        try:
+            runs.append(load_run(path))
+        except BrokenRun as error:
+            broken.append(UnfinishedJob(path=Path(path), overrides=read_overrides(Path(path) / ".hydra" / "overrides.yaml"), error=str(error)))
+    return (name_runs(runs) if runs else runs), broken
+
+
+def name_runs(runs: list[Run]) -> list[Run]:
     for run, name in zip(runs, short_names([r.path for r in runs])):
         run.name = name
     return runs
