@@ -87,6 +87,10 @@ CLI_CASES = [
     ("resume-other-backbone", ["backbone=vgg11_bn", "ckpt_path={cnn_small_ckpt}"], "(trained with backbone cnn_small on cifar10) does not fit this run's model: the checkpoint has no backbone.body.0.weight"),
     ("root-without-dataset", ["data.root={stray}", "data.download=true"], "holds no cifar10"),
     ("output-dir-not-writable", ["hydra.run.dir={a_file}/run"], "cannot be created (Not a directory"),
+    # config syntax: Hydra/OmegaConf would print many lines (COMMAND_LINE_CASES covers the rest)
+    ("interpolation-unknown", ["data.fewshot.per_class=${{oops}}"], "data.fewshot.per_class=${oops}: Interpolation key 'oops' not found"),
+    ("key-mistyped", ["data.batchsize=5"], "data.batchsize is not a setting; did you mean data.batch_size?"),
+    ("multirun-after-overrides", ["-m", "seed=1,2"], "put -m before the overrides"),
 ]
 # Settings under which a run would train nothing, forever, or with numbers a constructor refuses:
 # one line naming the key, before any data is read (DEGENERATE_IN_PROCESS covers the rest).
@@ -134,6 +138,30 @@ DEGENERATE_IN_PROCESS = [
     ("unknown-trainer-argument", ["+trainer.no_such_argument=1"], "trainer: Trainer.__init__() got an unexpected keyword argument 'no_such_argument'"),
     ("scheduler-bad-target", ["scheduler._target_=torch.optim.lr_scheduler.NoSuch"], "scheduler: Error locating target 'torch.optim.lr_scheduler.NoSuch'"),
     ("optimized-test-metric-untested", ["test=false", "optimized_metric=test/acc"], "optimized_metric=test/acc is only measured with test=true"),
+    # runs that would never validate: exit 0 with no val/acc_best for the sweeper
+    ("validate-after-last-epoch", ["trainer.check_val_every_n_epoch=5", "trainer.max_epochs=2"], "trainer.check_val_every_n_epoch=5 with trainer.max_epochs=2 never validates"),
+    ("validate-every-zero", ["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0 never validates"),
+    ("max-steps-before-validation", ["+trainer.max_steps=3"], "trainer.max_steps=3 stops before the first validation (after 8 steps)"),
+    ("val-size-zero", ["data.val_size=0"], "data.val_size=0 leaves no validation images"),
+    ("scheduler-step-size-zero", ["scheduler=step", "scheduler.step_size=0"], "scheduler: integer modulo by zero (check the scheduler.* settings)"),
+    ("optimized-metric-typo", ["optimized_metric=val/acc_bets"], "optimized_metric=val/acc_bets is not a metric of the run; did you mean val/acc_best?"),
+    ("momentum-above-one", ["optimizer.momentum=2"], "optimizer.momentum=2 must be in [0, 1)"),
+    ("crop-padding-negative", ["data.augment=true", "data.crop_padding=-3"], "data.crop_padding=-3 must be an integer >= 0"),
+    ("gradual-never-unfreezes", ["mode=gradual", "mode.unfreeze_at_epoch=5", "trainer.max_epochs=2"],
+     "mode.unfreeze_at_epoch=5 with trainer.max_epochs=2: the backbone never unfreezes"),
+    ("image-too-large", ["data.image_size=100000"], "data.image_size=100000 is too large for cnn_small"),
+    ("fewshot-not-a-mapping", ["++data.fewshot=5"], "data.fewshot=5 must be a group of settings"),
+    ("limit-fraction-above-one", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is a fraction above 1; set a fraction in (0, 1] or a whole number"),
+]
+# Mistakes in the command line itself, refused before Hydra by check_command_line (one line each)
+COMMAND_LINE_CASES = [
+    ("interpolation-unknown", ["data.fewshot.per_class=${oops}"], "data.fewshot.per_class=${oops}: Interpolation key 'oops' not found"),
+    ("delete-a-setting", ["~data.root"], "~data.root removes a setting the run needs; set it instead (data.root=...)"),
+    ("key-mistyped", ["data.batchsize=5"], "data.batchsize is not a setting; did you mean data.batch_size? (+data.batchsize=value adds a new one)"),
+    ("key-unknown", ["nosuchkey=1"], "nosuchkey is not a setting (+nosuchkey=value adds a new one)"),
+    ("grammar", ["data.classes=[cat,dog"], "data.classes=[cat,dog cannot be parsed (no viable alternative at input '[cat,dog')"),
+    ("multirun-after-overrides", ["backbone=cnn_small", "-m", "seed=1,2"], "put -m before the overrides"),
+    ("flag-between-overrides", ["backbone=cnn_small", "--cfg", "job", "seed=1"], "put --cfg before the overrides"),
 ]
 
 
@@ -190,6 +218,80 @@ def test_bad_input_is_refused_before_training(extra, expected, files, cifar10_ro
     assert expected in str(error)
     assert "\n" not in str(error)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [c[1:] for c in COMMAND_LINE_CASES], ids=[c[0] for c in COMMAND_LINE_CASES])
+def test_command_line_mistakes_are_refused_before_hydra(extra, expected, tmp_path):
+    with pytest.raises(UserError) as raised:
+        check_command_line([*extra, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert expected in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["backbone=foo"], ["-m", "seed=1,2"], ["~logger"], ["+data.extra=1"], ["data.classes=[cat,dog]"], ["--cfg", "job", "nosuchkey=1"]],
+    ids=["unknown-choice-left-to-hydra", "sweep", "delete-a-group", "add-a-key", "list", "no-job"],
+)
+def test_command_line_check_accepts_what_composes(argv, tmp_path):
+    check_command_line([*argv, f"hydra.run.dir={tmp_path / 'run'}"])  # raises nothing
+
+
+def test_command_line_check_is_fast(tmp_path):
+    import time
+
+    check_command_line([f"hydra.run.dir={tmp_path / 'warm'}"])  # imports Hydra once
+    start = time.perf_counter()
+    check_command_line(["backbone=cnn_small", "data.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert time.perf_counter() - start < 1.0
+
+
+def test_optimized_metric_names_come_from_the_model():
+    from transferlab.validate import logged_metrics
+
+    assert {"train/loss", "val/acc", "val/acc_best", "test/acc"} <= set(logged_metrics())
+
+
+def test_tiny_fewshot_fraction_warns_that_it_keeps_one_image(caplog):
+    from transferlab.data.subsets import fewshot_indices
+
+    labels = torch.arange(2).repeat(10)  # 10 images per class
+    chosen = fewshot_indices(labels, ["cat", "dog"], per_class=None, fraction=0.001, seed=0)
+    assert len(chosen) == 2
+    assert "data.fewshot.fraction=0.001 rounds to fewer than 1 image per class" in caplog.text
+
+
+@pytest.mark.parametrize("extra, warns", [(["mode=frozen"], True), (["mode=frozen", "backbone.weights={ckpt}"], False), (["mode=finetune"], False)])
+def test_frozen_random_backbone_is_allowed_with_a_warning(extra, warns, files, caplog, tmp_path):
+    from conftest import compose_config
+    from transferlab.validate import check_mode
+
+    check_mode(compose_config(["backbone=cnn_small", *[a.format(ckpt=files["cnn_small_ckpt"]) for a in extra]], tmp_path))
+    assert ("mode=frozen with random weights: the backbone is a fixed random feature extractor" in caplog.text) == warns
+
+
+@pytest.mark.parametrize("how", ["inside-lightning", "outside-lightning"])
+def test_ctrl_c_says_how_to_resume(how, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from transferlab.train import ctrl_c_reported
+
+    trainer = SimpleNamespace(interrupted=True)
+    with pytest.raises(SystemExit) as raised, ctrl_c_reported(trainer, tmp_path):
+        raise SystemExit(1) if how == "inside-lightning" else KeyboardInterrupt
+    assert raised.value.code == 130
+    assert capsys.readouterr().err == f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={tmp_path}\n"
+
+
+def test_other_exits_pass_through_the_ctrl_c_report(tmp_path):
+    from types import SimpleNamespace
+
+    from transferlab.train import ctrl_c_reported
+
+    with pytest.raises(SystemExit) as raised, ctrl_c_reported(SimpleNamespace(interrupted=False), tmp_path):
+        raise SystemExit(3)
+    assert raised.value.code == 3
 
 
 @pytest.mark.parametrize("choice", ["head=foo", "mode=foo", "data=foo"])

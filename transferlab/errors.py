@@ -45,7 +45,7 @@ def exit_with(error: UserError, code: int | None = None) -> None:
 #: what a constructor raises for a bad argument (torch.optim's "Invalid learning rate", a wrong
 #: type, an unknown keyword) and Hydra for a `_target_` it cannot import; anything else
 #: (a RuntimeError, an OSError) may be a bug or the machine, and keeps its traceback
-BAD_ARGUMENT_ERRORS = (ValueError, TypeError, ImportError)
+BAD_ARGUMENT_ERRORS = (ValueError, TypeError, ImportError, ArithmeticError)
 
 
 def user_error_behind(error: BaseException) -> UserError | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 import lightning as L
@@ -23,7 +25,7 @@ from transferlab.hparams import log_hyperparameters
 from transferlab.results import test_best, test_without_training, whole_train_time, write_results
 from transferlab.runinfo import config_dir, route_lightning_logs_through_root
 from transferlab.sweeps import exit_if_jobs_failed, in_sweep, run_sweep_job
-from transferlab.validate import check_command_line, check_config, checkpoint_path, resume_overrides, resume_plan_before_hydra
+from transferlab.validate import check_command_line, check_config, check_validates, checkpoint_path, resume_overrides, resume_plan_before_hydra
 
 log = logging.getLogger("transferlab")
 
@@ -75,16 +77,19 @@ def run(cfg: DictConfig) -> float | None:
 
     built = build(cfg, output_dir)
     trainer, model, datamodule = built.trainer, built.model, built.datamodule
-    log_hyperparameters(trainer, cfg)
     if plan is None or plan.trains:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=_str(checkpoint_path(cfg.ckpt_path, output_dir)))
-        metrics = {k: _number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-        if cfg.get("test", True):
-            metrics.update(test_best(trainer, model, datamodule))
-        metrics.update(epochs=trainer.current_epoch, train_time_s=round(whole_train_time(trainer, plan), 3))
-    else:
-        # A finished run resumed to be tested (e.g. the chosen trial of a search): nothing to train.
-        metrics = test_without_training(trainer, model, datamodule, plan)
+        check_validates(cfg.trainer, datamodule)
+    log_hyperparameters(trainer, cfg)
+    with ctrl_c_reported(trainer, output_dir):
+        if plan is None or plan.trains:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=_str(checkpoint_path(cfg.ckpt_path, output_dir)))
+            metrics = {k: _number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+            if cfg.get("test", True):
+                metrics.update(test_best(trainer, model, datamodule))
+            metrics.update(epochs=trainer.current_epoch, train_time_s=round(whole_train_time(trainer, plan), 3))
+        else:
+            # A finished run resumed to be tested (e.g. the chosen trial of a search): nothing to train.
+            metrics = test_without_training(trainer, model, datamodule, plan)
     metrics.update(
         # Computing (or loading) cached backbone features happens before fit: counted apart.
         features_time_s=round(built.features_time_s, 3),
@@ -94,6 +99,32 @@ def run(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         write_results(cfg, output_dir, metrics, plan)
     return metrics.get(optimized_metric(cfg))
+
+
+#: the shell's exit status for a command stopped by Ctrl-C (128 + SIGINT)
+INTERRUPTED_EXIT = 130
+
+
+@contextmanager
+def ctrl_c_reported(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
+    """Ctrl-C: one line saying how to resume, exit 130.
+
+    Lightning catches the KeyboardInterrupt inside fit/test, marks `trainer.interrupted`
+    and calls sys.exit(1) silently; outside them it arrives as a KeyboardInterrupt.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        _exit_interrupted(output_dir)
+    except SystemExit:
+        if trainer.interrupted:
+            _exit_interrupted(output_dir)
+        raise
+
+
+def _exit_interrupted(output_dir: Path) -> None:
+    print(f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={output_dir}", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_EXIT)
 
 
 def optimized_metric(cfg: DictConfig) -> str:

@@ -15,6 +15,7 @@ before the trainer starts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -23,9 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from transferlab.errors import UserError, bad_argument
+from transferlab.errors import UserError, bad_argument, first_line
 from transferlab.runinfo import check_output_dir, ensure_writable, holds_run
 
 #: Hydra flags that print something and exit without running a job
@@ -53,15 +54,22 @@ NUMERIC_SETTINGS = {
     "trainer.limit_val_batches": (float, True),
     "trainer.limit_test_batches": (float, True),
 }
+#: backbone.weights values that mean a random init
+NO_WEIGHTS = ("none", "null", "random", "")
+#: scheduler steps tried on a stand-in optimizer before any data is read
+SCHEDULER_TRIAL_STEPS = 3
 #: seeds that numpy (and so Lightning's seed_everything) accepts
 SEED_RANGE = (0, 2**32 - 1)
 
 
 # ---- before Hydra ---------------------------------------------------------------------------
 def check_command_line(argv: Sequence[str]) -> None:
-    """Refuse a run dir that cannot be written or already holds a run (unless resuming)."""
+    """Refuse overrides that do not compose, and a run dir that cannot be written or already
+    holds a run (unless resuming)."""
+    check_flags_before_overrides(argv)
     if NO_JOB_FLAGS.intersection(argv):
         return
+    check_overrides_compose(argv)
     overrides = command_line_overrides(argv)
     resuming = overrides.get("ckpt_path") not in NO_CHECKPOINT
     if "-m" in argv or "--multirun" in argv:
@@ -77,6 +85,136 @@ def check_command_line(argv: Sequence[str]) -> None:
         _check_creatable(Path(run_dir), "hydra.run.dir")
         if Path(run_dir).is_dir():
             check_output_dir(Path(run_dir), resuming)
+
+
+def check_flags_before_overrides(argv: Sequence[str]) -> None:
+    """Hydra's argument parser reads the overrides as one list: overrides on both sides of a flag
+    (`backbone=cnn_small -m seed=1,2`) make it print its whole usage."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        _, unread = get_args_parser().parse_known_args(list(argv))
+    except SystemExit:
+        return  # a flag's own mistake (--cfg foo): argparse's message names it
+    if not unread:
+        return
+    first_override = next((i for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
+    late = [arg for arg in argv[first_override:] if arg.startswith("-") and "=" not in arg]
+    if late:
+        raise UserError(f"put {late[0]} before the overrides: python -m transferlab {late[0]} ... key=value ...")
+    raise UserError(f"unrecognized arguments: {' '.join(unread)} (see python -m transferlab --help)")
+
+
+def check_overrides_compose(argv: Sequence[str]) -> None:
+    """Parse the overrides and compose the config once, as Hydra will, and refuse in one line
+    what Hydra would report over many: a grammar error, a mistyped key, `~key` of a setting the
+    run reads, an interpolation `${...}` that names no setting.
+
+    Unknown config group choices (backbone=foo) are left to Hydra: its message lists the
+    choices. A sweep (-m) is only parsed: its values are lists until the sweeper picks one.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args = get_args_parser().parse_args(list(argv))
+    parser = OverridesParser.create()
+    for text in args.overrides:
+        try:
+            parser.parse_overrides([text])
+        except OverrideParseException as error:
+            raise UserError(
+                f"{text} cannot be parsed ({first_line(error)}); quote a value with special characters "
+                "(key='value'), see https://hydra.cc/docs/advanced/override_grammar/basic"
+            ) from None
+    if args.multirun or args.config_path or args.config_dir:
+        return
+    cfg = _compose_or_refuse(args.config_name or "train", args.overrides)
+    if cfg is not None:
+        _check_deletions(args.overrides, args.config_name or "train")
+        _check_interpolations(cfg, args.overrides)
+
+
+def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    from transferlab.runinfo import config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        return compose(config_name, overrides=list(overrides))
+
+
+def _compose_or_refuse(config_name: str, overrides: Sequence[str]) -> DictConfig | None:
+    """The composed config; None when Hydra should report the failure itself (an unknown choice)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    try:
+        return _compose(config_name, overrides)
+    except MissingConfigException:
+        return None  # backbone=foo: Hydra's message lists the available choices
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
+            raise _unknown_key(str(cause.full_key), config_name, overrides) from None
+        raise UserError(f"{' '.join(first_line(error).split())} (in the overrides {' '.join(overrides)})") from None
+    except Exception as error:  # a value of the wrong type for a typed node, ...
+        raise UserError(f"the overrides do not compose: {first_line(error)}") from None
+
+
+def _unknown_key(key: str, config_name: str, overrides: Sequence[str]) -> UserError:
+    import difflib
+
+    others = [o for o in overrides if _override_key(o) != key]
+    try:
+        known = list(_flatten(OmegaConf.to_container(_compose(config_name, others), resolve=False)))
+    except Exception:
+        known = []
+    known += sorted({k.rsplit(".", 1)[0] for k in known if "." in k})
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return UserError(f"{key} is not a setting{hint} (+{key}=value adds a new one)")
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def _check_deletions(overrides: Sequence[str], config_name: str) -> None:
+    """`~key` of a single setting leaves the code reading a key that is gone; removing a whole
+    group or node (~logger, ~callbacks.early_stopping) is how a config drops a component."""
+    deleted = [o for o in overrides if o.startswith("~")]
+    if not deleted:
+        return
+    defaults = _compose(config_name, [o for o in overrides if not o.startswith("~")])
+    for override in deleted:
+        key = _override_key(override)
+        value = OmegaConf.select(defaults, key, default=None, throw_on_missing=False)
+        if not isinstance(value, (DictConfig, ListConfig)) and value is not None:
+            raise UserError(f"{override} removes a setting the run needs; set it instead ({key}=...)")
+
+
+def _check_interpolations(cfg: DictConfig, overrides: Sequence[str], prefix: str = "") -> None:
+    """Resolve every `${...}` except Hydra's own (`${hydra:...}` is only known inside the job)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else list(cfg.keys())
+    for key in keys:
+        full_key = f"{prefix}{key}"
+        try:
+            value = cfg[key]
+        except InterpolationResolutionError as error:
+            if "HydraConfig was not set" in str(error):
+                continue
+            source = next((o for o in overrides if _override_key(o) == full_key), full_key)
+            raise UserError(
+                f"{source}: {first_line(error)}; an interpolation ${{...}} must name an existing setting "
+                "(quote a literal: key='\\${...}')"
+            ) from None
+        except Exception:
+            continue  # ??? (missing) values are check_required's
+        if isinstance(value, (DictConfig, ListConfig)):
+            _check_interpolations(value, overrides, f"{full_key}.")
 
 
 def resume_overrides(argv: Sequence[str]) -> list[str]:
@@ -159,9 +297,11 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     check_output_dir(output_dir, resuming=cfg.get("ckpt_path") not in NO_CHECKPOINT)
     check_required(cfg)
     check_numbers(cfg)
+    check_mappings(cfg)
     check_seed(cfg.seed)
     check_training_budget(cfg.trainer, test=bool(cfg.get("test", True)))
     check_optimized_metric(cfg)
+    check_mode(cfg)
     check_components(cfg)
     check_data_root(cfg.data)
     path = checkpoint_path(cfg.get("ckpt_path"), output_dir)
@@ -202,6 +342,17 @@ def check_numbers(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is not {wanted}{' (or null)' if nullable else ''}")
 
 
+#: settings that must be groups of settings (or null), as `++data.fewshot=5` would replace one by a number
+MAPPING_SETTINGS = {"data.fewshot": "data.fewshot.per_class=5 or data.fewshot.fraction=0.1"}
+
+
+def check_mappings(cfg: DictConfig) -> None:
+    for key, example in MAPPING_SETTINGS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not isinstance(value, DictConfig):
+            raise UserError(f"{key}={value!r} must be a group of settings, not a value; set one of its keys instead ({example})")
+
+
 def _is_number(value: Any, kind: type) -> bool:
     if isinstance(value, bool):
         return False
@@ -227,6 +378,14 @@ def check_training_budget(trainer: DictConfig, test: bool) -> None:
         raise UserError("trainer.max_epochs=-1 trains forever unless trainer.max_steps > 0; set trainer.max_epochs >= 1, or +trainer.max_steps=N to train N steps")
     if max_steps == 0:
         raise UserError("trainer.max_steps=0 trains nothing; set trainer.max_steps=-1 (no step limit) or a positive number")
+    every = trainer.get("check_val_every_n_epoch", 1)
+    if every is not None and every <= 0:
+        raise UserError(f"trainer.check_val_every_n_epoch={every} never validates, so no best checkpoint and no val/acc_best; set it to 1 (every epoch) or more")
+    if every is not None and max_epochs is not None and max_epochs > 0 and every > max_epochs and not (max_steps or 0) > 0:
+        raise UserError(
+            f"trainer.check_val_every_n_epoch={every} with trainer.max_epochs={max_epochs} never validates, so no best checkpoint "
+            f"and no val/acc_best; set trainer.check_val_every_n_epoch<={max_epochs}"
+        )
     # Validation picks the best checkpoint and gives val/acc_best; the test gives test/*.
     limits = {"limit_train_batches": "trains nothing", "limit_val_batches": "never validates, so no best checkpoint and no val/acc_best"}
     if test:
@@ -235,6 +394,37 @@ def check_training_budget(trainer: DictConfig, test: bool) -> None:
         value = trainer.get(key)
         if value is not None and value <= 0:
             raise UserError(f"trainer.{key}={value} {consequence}; set it to a fraction in (0, 1] or a number of batches >= 1")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = trainer.get(key)
+        if isinstance(value, float) and value > 1:  # Lightning reads a float as a fraction of the batches
+            raise UserError(
+                f"trainer.{key}={value} is a fraction above 1; set a fraction in (0, 1] or a whole number of batches "
+                f"(trainer.{key}={int(value)})"
+            )
+
+
+def check_validates(trainer: DictConfig, datamodule: Any) -> None:
+    """After the data is read: the run reaches its first validation (else no val/acc_best).
+
+    Lightning validates at the end of an epoch; trainer.max_steps can stop it earlier, and
+    an empty validation split (data.val_size=0) validates nothing.
+    """
+    if datamodule.val is not None and len(datamodule.val) == 0:
+        raise UserError("data.val_size=0 leaves no validation images, so no best checkpoint and no val/acc_best; set data.val_size >= 1")
+    max_steps = trainer.get("max_steps", -1) or -1
+    if max_steps <= 0:
+        return
+    batches = len(datamodule.train_dataloader())
+    limit = trainer.get("limit_train_batches")
+    if limit is not None:
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * float(limit))  # as Lightning reads it
+    accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
+    steps_to_validation = -(-batches // accumulate) * int(trainer.get("check_val_every_n_epoch", 1) or 1)
+    if max_steps < steps_to_validation:
+        raise UserError(
+            f"trainer.max_steps={max_steps} stops before the first validation (after {steps_to_validation} steps), so no best "
+            f"checkpoint and no val/acc_best; set trainer.max_steps>={steps_to_validation} or use trainer.max_epochs"
+        )
 
 
 def check_optimized_metric(cfg: DictConfig) -> None:
@@ -242,8 +432,41 @@ def check_optimized_metric(cfg: DictConfig) -> None:
     metric = cfg.get("optimized_metric")
     if metric and str(metric).startswith("test/") and not cfg.get("test", True):
         raise UserError(f"optimized_metric={metric} is only measured with test=true; optimize a val/ metric (val/acc_best)")
-    if metric and not str(metric).startswith(("train/", "val/", "test/")):
-        raise UserError(f"optimized_metric={metric} is not a metric of the run; use val/acc_best, val/acc, val/loss, ...")
+    logged = logged_metrics()
+    if metric and str(metric) not in logged:
+        import difflib
+
+        close = difflib.get_close_matches(str(metric), logged, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"optimized_metric={metric} is not a metric of the run; {hint}the run logs {', '.join(logged)}")
+
+
+def logged_metrics() -> list[str]:
+    """The names TransferModule logs (its `self.log("...")` calls), read from its source so the
+    list cannot drift from the model; reading the file keeps torch unimported here."""
+    import importlib.util
+    import re
+
+    origin = importlib.util.find_spec("transferlab.models.module").origin
+    return sorted(set(re.findall(r"""self\.log\(\s*["']([^"']+)["']""", Path(origin).read_text())))
+
+
+def check_mode(cfg: DictConfig) -> None:
+    """A gradual unfreeze that never happens is a frozen run under another name; a frozen random
+    backbone is a legitimate baseline, but easy to run by accident."""
+    mode = cfg.get("mode") or {}
+    unfreeze_at = mode.get("unfreeze_at_epoch")
+    max_epochs = cfg.trainer.get("max_epochs")
+    if unfreeze_at is not None and max_epochs is not None and max_epochs > 0 and unfreeze_at >= max_epochs:
+        raise UserError(
+            f"mode.unfreeze_at_epoch={unfreeze_at} with trainer.max_epochs={max_epochs}: the backbone never unfreezes "
+            f"(epochs count from 0); set mode.unfreeze_at_epoch<{max_epochs} or trainer.max_epochs>{unfreeze_at}"
+        )
+    weights = (cfg.get("backbone") or {}).get("weights", "imagenet")
+    if mode.get("name") == "frozen" and (not mode.get("pretrained", True) or str(weights).lower() in NO_WEIGHTS):
+        logging.getLogger("transferlab").warning(
+            "mode=frozen with random weights: the backbone is a fixed random feature extractor (backbone.weights=%s)", weights
+        )
 
 
 def check_components(cfg: DictConfig) -> None:
@@ -256,11 +479,18 @@ def check_components(cfg: DictConfig) -> None:
     import torch
     from hydra.utils import instantiate
 
+    momentum = cfg.optimizer.get("momentum")
+    if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
+        raise UserError(f"optimizer.momentum={momentum} must be in [0, 1) (0.9 is usual); at 1 or above the updates grow without bound")
     with _building("optimizer"):
         optimizer = instantiate(cfg.optimizer)([torch.zeros(1, requires_grad=True)])
     if cfg.get("scheduler"):
         with _building("scheduler"):
-            instantiate(cfg.scheduler)(optimizer)
+            scheduler = instantiate(cfg.scheduler)(optimizer)
+            # A few steps too: StepLR(step_size=0) only fails (ZeroDivisionError) once it steps.
+            for _ in range(SCHEDULER_TRIAL_STEPS):
+                optimizer.step()
+                scheduler.step()
     with _building("head"):
         instantiate(cfg.head, in_features=8, num_classes=2)
 

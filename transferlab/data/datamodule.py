@@ -146,6 +146,8 @@ class TensorImageDataModule(L.LightningDataModule):
             raise UserError(f"data.image_size={self.image_size} must be a positive integer")
         if self.val_size < 0:
             raise UserError(f"data.val_size={self.val_size} must be >= 0")
+        if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, numbers.Integral) or self.crop_padding < 0:
+            raise UserError(f"data.crop_padding={self.crop_padding!r} must be an integer >= 0 (pixels added around an image before a random crop)")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, numbers.Integral) or self.num_workers < 0:
             raise UserError(
                 f"data.num_workers={self.num_workers!r} must be an integer >= 0 (0 loads batches in the main process)"

@@ -6,11 +6,14 @@ seed picks the same images in every process and on every machine.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from transferlab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transferlab.data.datamodule import Split
@@ -171,7 +174,14 @@ def fewshot_indices(
                     f"images; use per_class <= {count}"
                 )
         else:
-            k = max(1, round(float(fraction) * count))
+            k = round(float(fraction) * count)
+            if k < 1:
+                # Every class keeps at least one image: the run trains on more than the fraction asked for.
+                log.warning(
+                    "data.fewshot.fraction=%s rounds to fewer than 1 image per class (class %r has %d); "
+                    "using 1 image per class", fraction, name, count,
+                )
+                k = 1
         # A generator draw per class, in class order: stable whatever the other classes hold.
         order = torch.randperm(count, generator=generator)
         chosen.append(members[order[:k]])

@@ -102,7 +102,13 @@ def probe_features(module: nn.Module, image_size: int, what: str, fix: str) -> i
         with torch.no_grad():
             out = module(torch.zeros(1, 3, image_size, image_size))
     except RuntimeError as e:
-        raise UserError(f"data.image_size={image_size} is too small for {what} ({str(e).splitlines()[0]}); {fix}") from None
+        reason = str(e).splitlines()[0]
+        if isinstance(e, torch.OutOfMemoryError) or "allocate" in reason or "out of memory" in reason.lower():
+            raise UserError(
+                f"data.image_size={image_size} is too large for {what}: one image does not fit in memory ({reason}); "
+                "use a smaller data.image_size"
+            ) from None
+        raise UserError(f"data.image_size={image_size} is too small for {what} ({reason}); {fix}") from None
     finally:
         module.train(was_training)
     return int(out.flatten(1).shape[1])
