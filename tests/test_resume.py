@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from conftest import cli_env, run_training
 from transferlab.callbacks.guards import SeedEachEpoch
 from transferlab.checkpointing import AtomicCheckpointIO
+from transferlab.errors import UserError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -78,7 +80,7 @@ def test_failed_save_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match="no space left on"):  # one line naming the folder (transferlab.checkpointing)
         checkpoint_io.save_checkpoint({"epoch": 1, "weights": torch.zeros(4)}, target)
 
     assert target.read_bytes() == before
@@ -248,3 +250,88 @@ def test_resume_tests_an_untested_run_then_trains_a_longer_budget(cifar10_root, 
         (1, 1, False, True),
         (1, 2, True, False),
     ]
+
+
+# ---- resume elsewhere: a moved run dir, another run's checkpoint ------------------------------------
+def checkpoint_state(path: Path, monitored: bool) -> dict:
+    """The ModelCheckpoint state in a checkpoint: the best-by-val/acc one, or the last-epoch one."""
+    callbacks = torch.load(path, map_location="cpu", weights_only=False)["callbacks"]
+    return next(s for k, s in callbacks.items() if k.startswith("ModelCheckpoint") and bool(s.get("monitor")) == monitored)
+
+
+def test_moved_run_dir_resumes_with_its_best_checkpoint(cifar10_root, torch_home, tmp_path):
+    # A high constant rate: the validation accuracy jumps around, so a forgotten best score shows.
+    args = [f"data.root={cifar10_root}", *SHORT, "optimizer.lr=0.2", "scheduler=none"]
+    assert cli([*args, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, torch_home).returncode == 0
+    before_move = checkpoint_state(tmp_path / "run" / "checkpoints" / "last.ckpt", monitored=True)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    moved = tmp_path / "moved"
+
+    resumed = cli([*args, "trainer.max_epochs=5", "ckpt_path=last", f"hydra.run.dir={moved}"], tmp_path, torch_home)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "dirpath has changed" not in resumed.stderr
+    best = checkpoint_state(moved / "checkpoints" / "last.ckpt", monitored=True)
+    # The best score of the epochs before the move is remembered, the best file is in the new dir,
+    # the one before it was replaced (one best file), and the test used it.
+    assert float(best["best_model_score"]) >= float(before_move["best_model_score"])
+    assert Path(best["best_model_path"]).parent == moved / "checkpoints"
+    assert [p.name for p in (moved / "checkpoints").glob("best-*.ckpt")] == [Path(best["best_model_path"]).name]
+    metrics = json.loads((moved / "metrics.json").read_text())
+    assert metrics["val/acc_best"] == pytest.approx(float(best["best_model_score"]))
+
+
+def test_best_checkpoint_of_a_moved_run_is_found_next_to_last(tmp_path):
+    from transferlab.results import best_checkpoint
+
+    (tmp_path / "new").mkdir()
+    for name in ("best-epoch001.ckpt", "last.ckpt"):
+        (tmp_path / "new" / name).write_bytes(b"")
+    state = {"monitor": "val/acc", "dirpath": "/gone/checkpoints", "best_model_path": "/gone/checkpoints/best-epoch001.ckpt"}
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}}, tmp_path / "new" / "last.ckpt")
+    assert best_checkpoint(tmp_path / "new" / "last.ckpt") == tmp_path / "new" / "best-epoch001.ckpt"
+
+
+# (id, overrides added to the finished run's own, what the one line must say)
+FOREIGN_RESUME_REFUSALS = [
+    ("lr-valsize-seed", ["optimizer.lr=0.5", "data.val_size=100", "seed=7"], "data.val_size (20 -> 100), optimizer.lr (0.01 -> 0.5)"),
+    ("optimizer", ["optimizer=adamw"], "optimizer._target_ (torch.optim.SGD -> torch.optim.AdamW)"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", [c[1:] for c in FOREIGN_RESUME_REFUSALS], ids=[c[0] for c in FOREIGN_RESUME_REFUSALS])
+def test_resuming_another_runs_checkpoint_in_a_new_dir_compares_with_its_config(extra, expected, finished, torch_home, tmp_path):
+    run_dir, args = finished
+    before = file_hashes(run_dir)
+    ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+    result = cli([*args, ckpt, "trainer.max_epochs=3", *extra, f"hydra.run.dir={tmp_path / 'new'}"], tmp_path, torch_home)
+    assert result.returncode == 2, result.stderr
+    line = one_line(result)
+    assert line.startswith("transferlab: error: ") and "settings that change the experiment" in line and expected in line
+    assert file_hashes(run_dir) == before
+
+
+def logged_learning_rates(run_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    (tag,) = [t for t in events.Tags()["scalars"] if t.startswith("lr-") and t.endswith("head")]
+    by_step = {e.step: e.value for e in events.Scalars(tag)}  # a resumed epoch's value replaces nothing: steps differ
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def test_raised_budget_stretches_the_cosine_schedule(cifar10_root, torch_home, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"data.root={cifar10_root}", *SHORT, "scheduler=cosine", f"hydra.run.dir={run_dir}"]
+    assert cli([*args, "trainer.max_epochs=2"], tmp_path, torch_home).returncode == 0
+    longer = cli([*args, "trainer.max_epochs=5", "ckpt_path=last"], tmp_path, torch_home)
+    assert longer.returncode == 0, longer.stderr
+
+    rates = logged_learning_rates(run_dir)
+    assert len(rates) == 5, rates
+    assert rates[:2] == pytest.approx([0.01, 0.005])  # the first 2 epochs, of a 2-epoch schedule
+    assert all(rate > 0 for rate in rates), rates
+    resumed = rates[2:]
+    assert all(a > b for a, b in zip(resumed, resumed[1:])), rates
+    # epoch 2 of a 5-epoch cosine from 0.01, continued to its end
+    assert resumed[-1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 4 / 5)) / 2, rel=1e-4)

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from transferlab.callbacks.guards import TrainingClock
+from transferlab.callbacks.guards import TrainingClock, relocated
 from transferlab.models import TransferModule
 from transferlab.runinfo import run_info
 from transferlab.validate import ResumePlan, read_json
@@ -75,7 +75,8 @@ def best_checkpoint(last: Path) -> Path | None:
     checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
     for state in (checkpoint.get("callbacks") or {}).values():
         if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
-            path = Path(state["best_model_path"])
+            # A moved run dir: the best file is next to `last`, not at the path recorded before the move.
+            path = Path(relocated(state["best_model_path"], state.get("dirpath") or "", last.parent))
             if path.is_file():
                 return path
     return None

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from transferlab.errors import TrainingDiverged, UserError
@@ -169,6 +169,88 @@ def class_difference(saved: list[str] | None, own: list[str] | None) -> str | No
 def _short(names: list[str], limit: int = 6) -> str:
     shown = ",".join(names[:limit])
     return f"[{shown}{',...' if len(names) > limit else ''}] ({len(names)})"
+
+
+class RunDirCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose saved state follows its run dir when the dir is moved.
+
+    Lightning's own drops the best score, the kept files and the last path of a checkpoint
+    whose `dirpath` differs from this run's: after `mv runs/a runs/b` and a resume, any epoch
+    would count as the best, the old best file would stay next to the new one, and the run
+    would be tested on the wrong one. Paths under the old dirpath whose file is now under
+    the new one are rewritten there; others (a checkpoint of another run, resumed into a new
+    dir) keep their absolute paths: still comparable, and never deleted (Lightning only
+    removes files under its own dirpath).
+    """
+
+    @property
+    def state_key(self) -> str:
+        # The same key as a plain ModelCheckpoint's: checkpoints written before this class still load.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old_dir = state_dict.get("dirpath")
+        if old_dir and self.dirpath and old_dir != self.dirpath:
+            state_dict = relocate_checkpoint_state(state_dict, old_dir, self.dirpath)
+        super().load_state_dict(state_dict)
+
+
+def relocate_checkpoint_state(state: dict, old_dir: str, new_dir: str) -> dict:
+    """ModelCheckpoint's state with its paths moved from `old_dir` to `new_dir` where the file is there now."""
+    move = lambda path: relocated(path, old_dir, new_dir)  # noqa: E731
+    state = dict(state, dirpath=new_dir)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if state.get(key):
+            state[key] = move(state[key])
+    if isinstance(state.get("best_k_models"), dict):
+        state["best_k_models"] = {move(path): score for path, score in state["best_k_models"].items()}
+    return state
+
+
+def relocated(path: str, old_dir: str | Path, new_dir: str | Path) -> str:
+    """`path` (a file under `old_dir`) under `new_dir` instead, if the file is there; else `path` unchanged."""
+    try:
+        moved = Path(new_dir) / Path(path).relative_to(old_dir)
+    except ValueError:
+        return str(path)
+    return str(moved) if moved.is_file() else str(path)
+
+
+class ScheduleFollowsBudget(Callback):
+    """A resume with a raised trainer.max_epochs stretches a cosine schedule to the new budget.
+
+    `CosineAnnealingLR(T_max=${trainer.max_epochs})` is built with the new budget, but
+    Lightning then restores the checkpoint's scheduler, T_max included: the old schedule
+    would reach 0 at the old last epoch and climb back up. After the restore, a scheduler
+    whose T_max differs from the one the config built gets the config's, and every group
+    that trains gets the new schedule's rate at the current epoch (from its base rate, which
+    already holds its lr_scale); a frozen group stays at 0 (transferlab/callbacks/freeze.py).
+    """
+
+    def __init__(self) -> None:
+        self._configured: list[int | None] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Between configure_optimizers and the checkpoint's restore: the config's lengths.
+        self._configured = [getattr(c.scheduler, "T_max", None) for c in trainer.lr_scheduler_configs]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for config, t_max in zip(trainer.lr_scheduler_configs, self._configured):
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and t_max and scheduler.T_max != t_max:
+                stretch_cosine(scheduler, int(t_max))
+
+
+def stretch_cosine(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, t_max: int) -> None:
+    """Continue `scheduler` at its current step as if it had been built with `T_max=t_max`."""
+    import math
+
+    scheduler.T_max = t_max
+    factor = (1 + math.cos(math.pi * scheduler.last_epoch / t_max)) / 2
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        if any(p.requires_grad for p in group["params"]):
+            group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * factor
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class TrainingClock(Callback):

@@ -186,7 +186,16 @@ class TransferModule(L.LightningModule):
             "data": self.data_info,
             "backbone": getattr(self.backbone, "name", type(self.backbone).__name__),
             "num_classes": self.num_classes,
+            # The experiment's settings: a resume from this checkpoint, in any run dir, is compared with them.
+            "config": self._run_config(),
         }
+
+    def _run_config(self) -> dict | None:
+        from transferlab.validate import current_run_config
+
+        if not hasattr(self, "_recorded_config"):
+            self._recorded_config = current_run_config()
+        return self._recorded_config
 
 
 def _lr_group(name: str, params: list[nn.Parameter], head_lr: float, scale: float) -> dict:
