@@ -277,11 +277,23 @@ def test_ctrl_c_says_how_to_resume(how, tmp_path, capsys):
 
     from transferlab.train import ctrl_c_reported
 
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     trainer = SimpleNamespace(interrupted=True)
     with pytest.raises(SystemExit) as raised, ctrl_c_reported(trainer, tmp_path):
         raise SystemExit(1) if how == "inside-lightning" else KeyboardInterrupt
     assert raised.value.code == 130
     assert capsys.readouterr().err == f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={tmp_path}\n"
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_the_run_starts_over(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from transferlab.train import ctrl_c_reported
+
+    with pytest.raises(SystemExit), ctrl_c_reported(SimpleNamespace(interrupted=True), tmp_path):
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err.endswith("(no checkpoint saved yet: it starts over)\n")
 
 
 def test_other_exits_pass_through_the_ctrl_c_report(tmp_path):

@@ -123,7 +123,9 @@ def ctrl_c_reported(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
 
 
 def _exit_interrupted(output_dir: Path) -> None:
-    print(f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={output_dir}", file=sys.stderr, flush=True)
+    # Without a checkpoint yet, ckpt_path=last starts the run over in the same folder (checkpoint_path).
+    saved = "" if (output_dir / "checkpoints" / "last.ckpt").is_file() else " (no checkpoint saved yet: it starts over)"
+    print(f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={output_dir}{saved}", file=sys.stderr, flush=True)
     sys.exit(INTERRUPTED_EXIT)
 
 

@@ -163,6 +163,7 @@ def fewshot_indices(
     """Indices (into `labels`) of a stratified subsample: K per class or a fraction per class."""
     generator = torch.Generator().manual_seed(int(seed))
     chosen = []
+    rounded_up: list[str] = []  # classes whose fraction rounds to no image
     for c, name in enumerate(class_names):
         members = torch.nonzero(labels == c).flatten()
         count = len(members)
@@ -176,13 +177,15 @@ def fewshot_indices(
         else:
             k = round(float(fraction) * count)
             if k < 1:
-                # Every class keeps at least one image: the run trains on more than the fraction asked for.
-                log.warning(
-                    "data.fewshot.fraction=%s rounds to fewer than 1 image per class (class %r has %d); "
-                    "using 1 image per class", fraction, name, count,
-                )
+                rounded_up.append(name)
                 k = 1
         # A generator draw per class, in class order: stable whatever the other classes hold.
         order = torch.randperm(count, generator=generator)
         chosen.append(members[order[:k]])
+    if rounded_up:
+        # Every class keeps at least one image: the run trains on more than the fraction asked for.
+        log.warning(
+            "data.fewshot.fraction=%s rounds to fewer than 1 image per class (%d of %d classes, e.g. %r); "
+            "using 1 image in each", fraction, len(rounded_up), len(class_names), rounded_up[0],
+        )
     return torch.cat(chosen).sort().values
