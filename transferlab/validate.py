@@ -599,6 +599,8 @@ RESUME_MAY_CHANGE = (
     "data.root", "data.download", "data.num_workers", "data.eval_batch_size", "data.in_memory",
     "trainer.accelerator", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "callbacks.progress_bar", "model.compile", "model.channels_last",
+    # bookkeeping that changes no trained number (runs from before these existed stay resumable)
+    "callbacks.model_checkpoint._target_", "callbacks.last_checkpoint._target_", "callbacks.schedule_follows_budget",
 )
 
 
@@ -641,16 +643,16 @@ class ResumePlan:
 def resume_plan(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> ResumePlan:
     """Refuse a resume that would change the experiment, else say what is left to do.
 
-    The run's first config (`.hydra/config.yaml`, kept by `resume_overrides`) is the
-    reference: a resume that changed the few-shot size, the classes or the learning rate
+    The config the checkpoint was trained with is the reference (`trained_config`), wherever
+    the resume runs: a resume that changed the few-shot size, the classes or the learning rate
     would end as a mix of two experiments under the first one's name.
     """
-    saved = _saved_config(run_dir)
+    saved = trained_config(checkpoint)
     if saved is not None:
         changed = config_changes(saved, cfg)
         if changed:
             raise UserError(
-                f"resuming {run_dir} with settings that change the experiment: {', '.join(changed[:6])}"
+                f"resuming {checkpoint} with settings that change the experiment: {', '.join(changed[:6])}"
                 f"{f' (and {len(changed) - 6} more)' if len(changed) > 6 else ''}; resume with the run's own settings "
                 f"(its .hydra/overrides.yaml), or start a new run (a new hydra.run.dir) from backbone.weights={checkpoint}"
             )
@@ -685,6 +687,33 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
         for key in keys
         if before.get(key, _ABSENT) != after.get(key, _ABSENT) and not _may_change(key)
     ]
+
+
+def trained_config(checkpoint: Path) -> DictConfig | None:
+    """The config `checkpoint` was trained with: recorded in it (`TransferModule.on_save_checkpoint`),
+    else, for a checkpoint written before that, its run dir's first `.hydra/config.yaml`.
+
+    Not the config of the run dir the resume runs in: resuming another run's checkpoint in a
+    new dir, Hydra has just written this command's own config there.
+    """
+    recorded = checkpoint_meta(checkpoint).get("config")
+    if isinstance(recorded, dict):
+        return OmegaConf.create(recorded)
+    return _saved_config(checkpoint.resolve().parent.parent)
+
+
+def current_run_config() -> dict | None:
+    """This process's composed config as Hydra saved it (unresolved, as `config_changes` compares);
+    None outside a Hydra job (tests that call `transferlab.train.run` directly)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if not hydra_cfg.output_subdir:
+        return None
+    saved = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(saved), resolve=False) if saved.is_file() else None
 
 
 def checkpoint_epochs(path: Path) -> int:
