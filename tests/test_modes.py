@@ -229,7 +229,8 @@ def test_resume_restores_groups_rates_and_frozen_set(resume_epoch, cifar10_root,
     expected = torch.load(_epoch_checkpoint(tmp_path / "uninterrupted", 2), map_location="cpu", weights_only=False)
 
     mid = shutil.copy(_epoch_checkpoint(tmp_path / "uninterrupted", resume_epoch), tmp_path / "mid.ckpt")  # no "=" for Hydra
-    resumed, resumed_records = _probe_run([*overrides, f"ckpt_path={mid}"], run_dir)
+    # A fresh run dir: the uninterrupted run's dir holds a finished run (resuming it would only test it).
+    resumed, resumed_records = _probe_run([*overrides, f"ckpt_path={mid}"], tmp_path / "resumed")
     got = torch.load(_epoch_checkpoint(run_dir / "epochs", 2), map_location="cpu", weights_only=False)
 
     assert resumed_records == records[resume_epoch + 1 :]  # same rates, trainable set and BatchNorm modes
@@ -240,4 +241,4 @@ def test_resume_restores_groups_rates_and_frozen_set(resume_epoch, cifar10_root,
     assert got["lr_schedulers"] == expected["lr_schedulers"]
     for key, value in expected["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][key], value, rtol=0, atol=1e-6)
-    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["epochs"] == 3
