@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fakedata import write_cifar10, write_cifar100, write_torchvision_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: the smallest real run on the tiny data (cnn_small, one epoch): the base of CLI cases
+TINY_RUN = [
+    "backbone=cnn_small",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "data.val_size=50",
+    "data.batch_size=32",
+    "callbacks.progress_bar=null",
+]
 
 #: overrides that make any preset run in seconds on the tiny data
 FAST = [
@@ -86,11 +97,31 @@ def one_thread():
 
 
 def cli_env(torch_home: Path, **extra) -> dict[str, str]:
-    env = dict(os.environ, TORCH_HOME=str(torch_home), PYTHONWARNINGS="ignore", **extra)
+    env = dict(os.environ, TORCH_HOME=str(torch_home), PYTHONWARNINGS="ignore")
     # os.environ already carries the test's TRANSFERLAB_CACHE (set by the autouse fixture).
     env.pop("TRANSFERLAB_DEBUG", None)
     env.pop("HYDRA_FULL_ERROR", None)
+    env.update(extra)  # after the pops: a test may switch debugging on
     return env
+
+
+def cli(args: list[str], cwd: Path, torch_home: Path, module: str = "transferlab", timeout: int = 300, **env):
+    """`python -m transferlab ARGS` (or another module) as the user runs it: a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(torch_home, **env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def cifar10_datamodule(root, **kwargs):
+    """The CIFAR-10 data module on `root`, read and split (val_size 50 unless given)."""
+    from transferlab.data.cifar import CIFAR10DataModule
+
+    kwargs.setdefault("val_size", 50)
+    dm = CIFAR10DataModule(root=str(root), download=False, **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
 
 
 def compose_config(overrides: list[str], output_dir: Path):

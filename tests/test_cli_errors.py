@@ -7,36 +7,18 @@ several lines that list the available options; our own errors are exactly one li
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import cli_env, run_training
+from conftest import TINY_RUN, cli, run_training
 from transferlab.errors import UserError, user_error_behind
 from transferlab.validate import check_command_line, check_data_root, command_line_overrides
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 #: a small, fast run on the tiny data; every case adds the mistake to it
-BASE = [
-    "backbone=cnn_small",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "data.val_size=50",
-    "data.batch_size=32",
-    "callbacks.progress_bar=null",
-]
-
-
-def cli(args: list[str], cwd: Path, torch_home: Path, **env) -> subprocess.CompletedProcess:
-    full_env = cli_env(torch_home)
-    full_env.update(env)  # after cli_env, which drops the debug switches
-    return subprocess.run(
-        [sys.executable, "-m", "transferlab", *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300,
-    )
+BASE = TINY_RUN
 
 
 def nonempty_lines(text: str) -> list[str]:

@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 import tarfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fakedata import write_cifar10
+from conftest import cifar10_datamodule
 from transferlab import CIFAR10DataModule, CIFAR100DataModule
 from transferlab.data import ImageFolderDataModule
 from transferlab.data import transforms as T
 from transferlab.errors import UserError
 
 
-def cifar10(root, **kwargs) -> CIFAR10DataModule:
-    kwargs.setdefault("val_size", 50)
-    dm = CIFAR10DataModule(root=str(root), download=False, **kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+cifar10 = cifar10_datamodule  # the shared helper, under the short name these tests use
 
 
 def _counts(labels: torch.Tensor, n: int) -> list[int]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_training
+from conftest import cifar10_datamodule, run_training
 from fakedata import write_cifar10, write_png16
 from test_cli_errors import BASE, cli, nonempty_lines
 from transferlab import CIFAR10DataModule
@@ -32,12 +32,7 @@ from transferlab.errors import UserError
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def cifar10(root, **kwargs) -> CIFAR10DataModule:
-    kwargs.setdefault("val_size", 50)
-    dm = CIFAR10DataModule(root=str(root), download=False, **kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+cifar10 = cifar10_datamodule  # the shared helper, under the short name these tests use
 
 
 def imagefolder(root, **kwargs) -> ImageFolderDataModule:

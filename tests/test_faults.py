@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, run_training
+from conftest import TINY_RUN, cli, cli_env, run_training
 from transferlab import checkpointing, features
 from transferlab.checkpointing import write_atomically
 from transferlab.errors import UserError
@@ -22,22 +22,7 @@ from transferlab.runinfo import holds_run
 #: a process id that cannot exist (above Linux's largest pid_max, 2**22)
 DEAD_PID = 99999999
 #: cnn_small, frozen: a cached-features run in a few seconds
-FROZEN_SMALL = [
-    "backbone=cnn_small",
-    "mode=frozen",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "data.val_size=50",
-    "data.batch_size=32",
-    "callbacks.progress_bar=null",
-]
-
-
-def cli(args: list[str], cwd: Path, torch_home: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "transferlab", *args],
-        cwd=cwd, env=cli_env(torch_home, **env), capture_output=True, text=True, timeout=300,
-    )
+FROZEN_SMALL = [*TINY_RUN, "mode=frozen"]
 
 
 def nonempty_lines(text: str) -> list[str]:

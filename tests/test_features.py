@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, cli_env, compose_config, run_training
+from conftest import FAST, cli, compose_config, run_training
 from transferlab.errors import UserError
 from transferlab.features import should_cache
 
@@ -105,9 +104,7 @@ def test_cache_setting_rules():
 
 # ---- the cache key: a change to anything the features depend on recomputes them ----------
 def _cli(args: list[str], cwd: Path, torch_home: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = cli_env(torch_home, TRANSFERLAB_CACHE=str(cache))
-    command = [sys.executable, "-m", "transferlab", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return cli(args, cwd, torch_home, timeout=600, TRANSFERLAB_CACHE=str(cache))
 
 
 def _job_logs(sweep: Path) -> list[str]:

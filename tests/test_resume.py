@@ -8,14 +8,13 @@ import math
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import cli_env, run_training
+from conftest import cli as run_cli, run_training
 from transferlab.callbacks.guards import SeedEachEpoch
 from transferlab.checkpointing import AtomicCheckpointIO
 from transferlab.errors import UserError
@@ -55,11 +54,9 @@ class KillMidEpoch(Callback):
 
 
 def cli(args: list[str], cwd: Path, torch_home: Path, **env_vars: str) -> subprocess.CompletedProcess:
-    env = cli_env(torch_home, **env_vars)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])  # for KillMidEpoch
-    return subprocess.run(
-        [sys.executable, "-m", "transferlab", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    # tests/ on the path: the runs use test callbacks (KillMidEpoch)
+    pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return run_cli(args, cwd, torch_home, PYTHONPATH=pythonpath, **env_vars)
 
 
 def metrics_without_time(run_dir: Path) -> dict:

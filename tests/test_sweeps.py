@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_JOB, cli_env
+from conftest import TINY_JOB, cli
 
 #: job 1 of 3 asks for more images per class than the tiny data has (25-28 per class)
 FEWSHOT_SWEEP = ["data.fewshot.per_class=2,1000,3"]
 
 
 def sweep(args: list[str], cwd: Path, torch_home: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "transferlab", "-m", *args, "callbacks.progress_bar=null"],
-        cwd=cwd, env=cli_env(torch_home), capture_output=True, text=True, timeout=400,
-    )
+    return cli(["-m", *args, "callbacks.progress_bar=null"], cwd, torch_home, timeout=400)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
