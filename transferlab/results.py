@@ -26,7 +26,7 @@ def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str
     """Test metrics from the best checkpoint by val/acc (the current weights if there is none)."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-    return {k: _number(v) for k, v in (results[0] if results else {}).items()}
+    return {k: as_number(v) for k, v in (results[0] if results else {}).items()}
 
 
 def write_results(cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None) -> None:
@@ -62,9 +62,9 @@ def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule,
     if plan.test:
         best = best_checkpoint(plan.checkpoint) or plan.checkpoint
         results = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
-        metrics.update({k: _number(v) for k, v in (results[0] if results else {}).items()})
+        metrics.update({k: as_number(v) for k, v in (results[0] if results else {}).items()})
         # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json)
-        metrics.setdefault("val/acc_best", _number(model.val_acc_best.compute()))
+        metrics.setdefault("val/acc_best", as_number(model.val_acc_best.compute()))
     metrics.setdefault("epochs", plan.epochs_done)
     metrics.setdefault("train_time_s", round(_checkpoint_train_time(plan.checkpoint), 3))
     return metrics
@@ -96,6 +96,6 @@ def whole_train_time(trainer: L.Trainer, plan: ResumePlan | None) -> float:
     return clock.elapsed() + previous if previous is not None else clock.total()
 
 
-def _number(value) -> float:
+def as_number(value) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 

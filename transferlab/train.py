@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from transferlab.build import build
 from transferlab.errors import full_tracebacks_when_debugging, user_errors_as_one_line
 from transferlab.hparams import log_hyperparameters
-from transferlab.results import test_best, test_without_training, whole_train_time, write_results
+from transferlab.results import as_number, test_best, test_without_training, whole_train_time, write_results
 from transferlab.runinfo import config_dir, route_lightning_logs_through_root
 from transferlab.sweeps import exit_if_jobs_failed, in_sweep, run_sweep_job
 from transferlab.validate import check_command_line, check_config, check_validates, checkpoint_path, resume_overrides, resume_plan_before_hydra
@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> float | None:
     with ctrl_c_reported(trainer, output_dir):
         if plan is None or plan.trains:
             trainer.fit(model, datamodule=datamodule, ckpt_path=_str(checkpoint_path(cfg.ckpt_path, output_dir)))
-            metrics = {k: _number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+            metrics = {k: as_number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
             if cfg.get("test", True):
                 metrics.update(test_best(trainer, model, datamodule))
             metrics.update(epochs=trainer.current_epoch, train_time_s=round(whole_train_time(trainer, plan), 3))
@@ -141,7 +141,3 @@ def release_memory() -> None:
 
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
-
-
-def _number(value) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)

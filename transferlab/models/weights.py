@@ -24,6 +24,7 @@ from torch import nn
 
 from transferlab.errors import UserError
 from transferlab.network import fail_fast_when_offline, reachable
+from transferlab.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 NO_WEIGHTS = ("none", "null", "random", "")
 
@@ -204,7 +205,7 @@ def _torchvision_files() -> dict[str, dict[str, Any]]:
             transform = weights.transforms()
             if hasattr(transform, "mean"):
                 files[os.path.basename(weights.url)] = {
-                    "name": "imagenet" if tuple(transform.mean) == IMAGENET_STATS[0] else f"torchvision:{weights}",
+                    "name": "imagenet" if tuple(transform.mean) == IMAGENET_MEAN else f"torchvision:{weights}",
                     "mean": list(transform.mean),
                     "std": list(transform.std),
                 }
@@ -225,15 +226,12 @@ def _timm_files() -> dict[str, dict[str, Any]]:
     return files
 
 
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
 def timm_normalization(pretrained_cfg: dict) -> dict[str, Any] | None:
     """A timm pretrained config's mean/std (and interpolation), in transferlab's form."""
     if "mean" not in pretrained_cfg or "std" not in pretrained_cfg:
         return None
     mean, std = tuple(float(v) for v in pretrained_cfg["mean"]), tuple(float(v) for v in pretrained_cfg["std"])
-    name = "imagenet" if (mean, std) == IMAGENET_STATS else f"timm:{pretrained_cfg.get('architecture', '?')}"
+    name = "imagenet" if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD) else f"timm:{pretrained_cfg.get('architecture', '?')}"
     return {"name": name, "mean": list(mean), "std": list(std), "interpolation": pretrained_cfg.get("interpolation")}
 
 
