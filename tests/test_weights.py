@@ -159,3 +159,19 @@ def test_explicit_normalization_wins_over_the_checkpoint_with_a_warning(cifar10_
     with pytest.warns(UserWarning, match=r"data.normalization=imagenet but the backbone weights .* were trained with mean=\[0.4914"):
         resolved = resolve_normalization("imagenet", describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked"))
     assert resolved.name == "imagenet" and resolved.mean == (0.485, 0.456, 0.406)
+
+
+def test_a_run_dir_stands_for_the_best_checkpoint_its_last_checkpoint_records(tmp_path):
+    from transferlab.checkpointing import run_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    with pytest.raises(UserError, match="without checkpoints/best-"):
+        run_checkpoint(tmp_path / "run", "backbone.weights")
+    for epoch in (2, 10):  # a stale best file of another run beside the real one
+        torch.save({"state_dict": {}}, folder / f"best-epoch{epoch:03d}.ckpt")
+    assert run_checkpoint(tmp_path / "run", "backbone.weights").name == "best-epoch010.ckpt"  # by epoch, not by text
+    # last.ckpt records the best from a run dir that has since been moved: its file here is the answer.
+    state = {"monitor": "val/acc", "best_model_path": "/elsewhere/checkpoints/best-epoch002.ckpt", "dirpath": "/elsewhere/checkpoints"}
+    torch.save({"state_dict": {}, "callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}}, folder / "last.ckpt")
+    assert run_checkpoint(tmp_path / "run", "backbone.weights").name == "best-epoch002.ckpt"

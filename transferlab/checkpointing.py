@@ -149,3 +149,64 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# ---- reading checkpoints: one home for finding a run's checkpoint and transferlab's record in it ----
+def read_checkpoint(path: Path, setting: str) -> dict:
+    """A Lightning checkpoint, memory-mapped (reading its metadata copies no tensor); refuses other files.
+
+    `setting` names what the user gave (`ckpt_path`, `backbone.weights`, ...) for the error line.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise UserError(f"{setting}={path} is not a readable checkpoint ({type(e).__name__}); give a .ckpt written by transferlab") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{setting}={path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by transferlab or its run dir")
+    return checkpoint
+
+
+def transferlab_record(checkpoint: dict) -> dict:
+    """What `TransferModule.on_save_checkpoint` recorded (data, backbone, classes, config); {} for other checkpoints."""
+    record = checkpoint.get("transferlab")
+    return record if isinstance(record, dict) else {}
+
+
+def recorded_best(last: Path) -> Path | None:
+    """The best checkpoint by val/acc that `last` records (ModelCheckpoint's state), if it is still there."""
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
+            # A moved run dir: the best file is next to `last`, not at the path recorded before the move.
+            path = Path(relocated(state["best_model_path"], state.get("dirpath") or "", last.parent))
+            if path.is_file():
+                return path
+    return None
+
+
+def run_checkpoint(run_dir: Path, setting: str) -> Path:
+    """The checkpoint a run dir stands for: its best by val/acc, else its last.
+
+    The best is the one `last.ckpt` records; without it, the `best-epochNNN.ckpt` of the latest
+    epoch (file names order by epoch: zero-padded).
+    """
+    folder = Path(run_dir) / "checkpoints"
+    last = folder / "last.ckpt"
+    best = recorded_best(last) if last.is_file() else None
+    candidates = sorted(folder.glob("best-*.ckpt"))
+    best = best or (candidates[-1] if candidates else None) or (last if last.is_file() else None)
+    if best is None:
+        raise UserError(
+            f"{setting}={run_dir} is a folder without checkpoints/best-*.ckpt or last.ckpt; "
+            f"give the run dir of a finished transferlab run or a checkpoint file"
+        )
+    return best
+
+
+def relocated(path: str, old_dir: str | Path, new_dir: str | Path) -> str:
+    """`path` (a file under `old_dir`) under `new_dir` instead, if the file is there; else `path` unchanged."""
+    try:
+        moved = Path(new_dir) / Path(path).relative_to(old_dir)
+    except ValueError:
+        return str(path)
+    return str(moved) if moved.is_file() else str(path)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from transferlab.checkpointing import run_checkpoint, transferlab_record
 from transferlab.errors import UserError
 from transferlab.network import fail_fast_when_offline, reachable
 from transferlab.normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -105,7 +106,7 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        path = best_checkpoint(path)
+        path = run_checkpoint(path, "backbone.weights")
     if not path.is_file():
         raise UserError(f"backbone.weights={path}: no such file; give an existing .ckpt/.pth/.pt/.safetensors file, imagenet or none")
     try:
@@ -122,7 +123,7 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
         raise UserError(f"backbone.weights={path} is not a readable checkpoint or state dict ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise UserError(f"backbone.weights={path} holds a {type(obj).__name__}, not a state dict or checkpoint")
-    meta = obj.get("transferlab") if isinstance(obj.get("transferlab"), dict) else None
+    meta = transferlab_record(obj) or None
     state = obj.get("state_dict", obj)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"backbone.weights={path} is not a state dict (expected a mapping of names to tensors)")
@@ -135,20 +136,6 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
     else:
         normalization = published_normalization(path.name)
     return LoadedWeights(state, source=str(path), normalization=normalization, extra=meta or {})
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint of a run dir (by val/acc), else its last one."""
-    folder = run_dir / "checkpoints"
-    best = sorted(folder.glob("best-*.ckpt"))
-    if best:
-        return best[-1]
-    if (folder / "last.ckpt").is_file():
-        return folder / "last.ckpt"
-    raise UserError(
-        f"backbone.weights={run_dir} is a folder without {folder.name}/best-*.ckpt or last.ckpt; "
-        f"give the run dir of a finished transferlab run or a checkpoint file"
-    )
 
 
 def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
