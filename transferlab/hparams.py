@@ -17,12 +17,36 @@ def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:
     later (`val/acc_best` during training, `test/*` at the end), so only the tag names are
     declared here: logging placeholder values would draw false points at step 0.
     """
-    params = {k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items() if _comparable(k)}
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    params = {k: v for k, v in _flatten(settings).items() if _comparable(k)}
+    params.update(component_names(settings))
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             _declare_hparams(logger, params, metric_tags=("val/acc_best", "test/acc", "test/loss"))
         else:
             logger.log_hyperparams(params)
+
+
+#: config groups that name a class or function to build (`_target_`, dropped from the columns)
+NAMED_COMPONENTS = ("backbone", "head", "optimizer", "scheduler")
+
+
+def component_names(settings: dict) -> dict[str, str]:
+    """`optimizer.name=AdamW`, `scheduler.name=CosineAnnealingLR` (or `none`), `head.name=mlp`,
+    `backbone.name=cnn_small`: what each group builds, named after its `_target_` (whose full
+    path is not a column), and `backbone.weights` as the run used them.
+    """
+    names = {}
+    for group in NAMED_COMPONENTS:
+        node = settings.get(group) or {}
+        target = str(node.get("_target_") or "")
+        # a group's own `name` (torchvision/timm backbones: the model) says more than its builder
+        name = node.get("name") or target.rsplit(".", 1)[-1].removesuffix("_head") or "none"
+        names[f"{group}.name"] = str(name)
+    if not (settings.get("mode") or {}).get("pretrained", True):
+        # mode=scratch trains from random init whatever backbone.weights says (transferlab.build.build_backbone)
+        names["backbone.weights"] = "none"
+    return names
 
 
 def _comparable(key: str) -> bool:

@@ -20,9 +20,11 @@ import torch
 from omegaconf import DictConfig
 
 from transferlab.build import build
+from transferlab.confusion import per_class_results
 from transferlab.errors import full_tracebacks_when_debugging, user_errors_as_one_line
 from transferlab.hparams import log_hyperparameters
 from transferlab.results import as_number, test_best, test_without_training, whole_train_time, write_results
+from transferlab.quietlogs import quiet_third_party
 from transferlab.runinfo import config_dir, route_lightning_logs_through_root
 from transferlab.sweeps import exit_if_jobs_failed, in_sweep, run_sweep_job
 from transferlab.validate import check_command_line, check_config, check_validates, checkpoint_path, resume_overrides, resume_plan_before_hydra
@@ -67,6 +69,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def run(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     route_lightning_logs_through_root()
+    quiet_third_party()
     plan = check_config(cfg, output_dir)
     if plan is not None and plan.nothing_to_do:
         log.info("%s", plan.describe())
@@ -90,6 +93,8 @@ def run(cfg: DictConfig) -> float | None:
         else:
             # A finished run resumed to be tested (e.g. the chosen trial of a search): nothing to train.
             metrics = test_without_training(trainer, model, datamodule, plan)
+    # After a test: test/acc_per_class, and confusion_matrix.csv/.png in the run dir (nothing without a test).
+    metrics.update(per_class_results(trainer, model, output_dir))
     metrics.update(
         # Computing (or loading) cached backbone features happens before fit: counted apart.
         features_time_s=round(built.features_time_s, 3),

@@ -178,7 +178,7 @@ class CIFARDataModule(TensorImageDataModule):
         labels = torch.cat(labels)
         if train:
             self._check_every_class_has_images(folder, labels, names)
-        self._warn_if_not_official(folder, list(files) + [self.meta_file])
+        self._warn_once_if_not_official(folder)
         return torch.cat(images), labels, names
 
     def _read_names(self, folder: Path) -> list[str]:
@@ -252,6 +252,14 @@ class CIFARDataModule(TensorImageDataModule):
         dataset = getattr(tvd, self.torchvision_class)
         pairs = dataset.train_list + dataset.test_list + [[dataset.meta["filename"], dataset.meta["md5"]]]
         return {name: md5 for name, md5 in pairs}
+
+    def _warn_once_if_not_official(self, folder: Path) -> None:
+        """Both splits and the meta file at the first read: one warning per run, not one per split."""
+        if getattr(self, "_md5_checked", None) == folder:
+            return
+        self._md5_checked = folder
+        present = [n for n in (*self.train_files, *self.test_files, self.meta_file) if (folder / n).is_file()]
+        self._warn_if_not_official(folder, present)
 
     def _warn_if_not_official(self, folder: Path, names: list[str]) -> None:
         """A re-encoded copy reads fine: say so once, don't refuse it."""

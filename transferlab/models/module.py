@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from transferlab.errors import UserError
 
@@ -74,6 +74,10 @@ class TransferModule(L.LightningModule):
         self.top5 = num_classes > 10
         if self.top5:
             self.val_acc5, self.test_acc5 = accuracy(5), accuracy(5)
+        # Counts (rows: true class, columns: predicted) of the last test; per-class results come from it
+        # (transferlab/confusion.py). Not in the state dict: torchmetrics states are not persistent.
+        self.test_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
+        self.test_confusion_matrix: torch.Tensor | None = None
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -127,6 +131,14 @@ class TransferModule(L.LightningModule):
         if self.top5:
             self.test_acc5(logits, labels)
             self.log("test/acc_top5", self.test_acc5, on_step=False, on_epoch=True)
+        self.test_confusion.update(logits.detach(), labels)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
+
+    def on_test_epoch_end(self) -> None:
+        # compute() sums the counts over DDP ranks: every rank holds the whole test set's matrix.
+        self.test_confusion_matrix = self.test_confusion.compute().cpu()
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
