@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +69,8 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _last_sweep["dir"] = Path(str(config.hydra.sweep.dir))
+        # Before any job folder is named: the command's sweep, with its comma lists and ranges intact.
+        _varying["keys"] = varying_keys(config.hydra)
 
 
 def exit_if_jobs_failed() -> None:
@@ -83,15 +86,96 @@ def exit_if_jobs_failed() -> None:
         sys.exit(1)
 
 
-# Sweep job folders are named after their overrides (conf/hydra/default.yaml).
-# Sweep job folders are named after their overrides (conf/hydra/default.yaml).
-def job_dirname(overrides: str, limit: int = 120) -> str:
-    """`a=1,b=2` as one folder name: no path separators, cut at a whole override."""
-    text = str(overrides).replace("/", "_").replace("\\", "_")
+# ---- job folder names ---------------------------------------------------------------------
+# A sweep's job folder is named after what tells it apart: the keys that vary across the sweep
+# (conf/hydra/default.yaml, `subdir: ${tl_job_dir:${hydra.job.num}}`), e.g. `3_mode=frozen,seed=1`.
+# Settings every job shares would make long names that say nothing (and cut off what varies).
+
+#: the most characters of overrides in a folder name (the job number keeps names unique)
+NAME_LIMIT = 140
+#: characters kept in a folder name; any other becomes `_`
+UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-]")
+#: the keys that vary in the sweep this process started last (set by SweepSummary)
+_varying: dict[str, list[str]] = {}
+
+
+def varying_keys(hydra_cfg: DictConfig) -> list[str]:
+    """Keys a sweep gives several values: sweep overrides on its command line (`a=1,2`,
+    `range(..)`, `choice(..)`, `interval(..)`, `glob(..)`) and the sweeper's own search space
+    (`hydra.sweeper.params`, e.g. an Optuna search's learning rate and weight decay)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    arguments = [str(o) for o in hydra_cfg.overrides.task]
+    params = hydra_cfg.sweeper.get("params") if "sweeper" in hydra_cfg else None
+    arguments += [f"{key}={value}" for key, value in (params or {}).items()]
+    keys: list[str] = []
+    for override in parser.parse_overrides(arguments):
+        if override.is_sweep_override() and override.key_or_group not in keys:
+            keys.append(override.key_or_group)
+    return keys
+
+
+def job_dir(num, _root_: DictConfig) -> str:
+    """`<num>_<varying key>=<value>,...`: short, unique (the job number) and safe as a folder name."""
+    hydra_cfg = _root_.hydra
+    keys = _varying.get("keys")
+    if keys is None:  # a job run in another process (a submitit launcher): ask the sweep's own record
+        keys = _keys_recorded_in(Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml")
+    if keys is None:
+        keys = varying_keys(hydra_cfg)  # at least the sweeper's search space
+    values = _job_values(hydra_cfg.overrides.task)
+    name = job_dirname({k: values[k] for k in keys if k in values})
+    return f"{num}_{name}" if name else str(num)
+
+
+def job_dirname(settings: dict[str, str], limit: int = NAME_LIMIT) -> str:
+    """`per_class=10,seed=1` from `{"data.fewshot.per_class": "10", "seed": "1"}`: keys shortened
+    where that stays unambiguous, long floats to 4 digits, cut at a whole setting past `limit`."""
+    names = _short_keys(list(settings))
+    parts = [UNSAFE.sub("_", f"{names[k]}={_short_value(v)}") for k, v in settings.items()]
+    text = ",".join(parts)
     if len(text) <= limit:
-        return text or "default"
+        return text
     kept = text[:limit].rsplit(",", 1)[0]
     return kept + ",..."
 
 
-OmegaConf.register_new_resolver("tl_dirname", job_dirname, replace=True)
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """`data.fewshot.per_class` -> `per_class`, `backbone.name` -> `backbone`, unless two keys would meet."""
+    def short(key: str) -> str:
+        parts = key.split(".")
+        return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+    shorts = [short(k) for k in keys]
+    return {k: s if shorts.count(s) == 1 else k for k, s in zip(keys, shorts)}
+
+
+def _short_value(value: str) -> str:
+    """A sampled `0.0012345678901` reads `0.001235`; the exact value is in .hydra/overrides.yaml."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if len(value) > 8 and not value.lstrip("-").isdigit() else value
+
+
+def _job_values(task) -> dict[str, str]:
+    values = {}
+    for entry in map(str, task):
+        key, sep, value = entry.partition("=")
+        if sep:
+            values[key.lstrip("+~")] = value
+    return values
+
+
+def _keys_recorded_in(multirun_yaml: Path) -> list[str] | None:
+    if not multirun_yaml.is_file():
+        return None
+    try:
+        return varying_keys(OmegaConf.load(multirun_yaml).hydra)
+    except Exception:  # an unreadable record: fall back to what the job's own config says
+        return None
+
+
+OmegaConf.register_new_resolver("tl_job_dir", job_dir, replace=True)
