@@ -102,6 +102,11 @@ def test_csv_has_one_row_per_run_grouped_by_setting(sweep_report):
         assert float(row["val/acc_best"]) == pytest.approx(metrics["val/acc_best"])
         assert int(row["epochs"]) == metrics["epochs"] == 2
         assert float(row["train_time_s"]) == pytest.approx(metrics["train_time_s"])
+        # the run's time counts computing its cached features (frozen mode) as well as training
+        assert float(row["features_time_s"]) == pytest.approx(metrics["features_time_s"])
+        assert float(row["time_s"]) == pytest.approx(metrics["train_time_s"] + metrics["features_time_s"])
+        # a run's per-class accuracies (a table, not a number) do not stop the report
+        assert isinstance(metrics["test/acc_per_class"], dict) and len(metrics["test/acc_per_class"]) == 10
         assert int(row["params_trainable"]) == metrics["params_trainable"]
         assert int(row["params_total"]) == metrics["params_total"]
         frozen = row["mode"] == "frozen"
@@ -113,7 +118,7 @@ def test_markdown_has_mean_std_and_n_over_two_seeds(sweep_report):
     text = (sweep_report / "report.md").read_text()
     assert "## Mean ± std over seeds" in text
     grouped = text.split("## Mean ± std over seeds")[1]
-    header = "| mode | data.fewshot.per_class | n | val/acc_best | test/acc | train time (s) |"
+    header = "| mode | data.fewshot.per_class | n | val/acc_best | test/acc | time (s) |"
     assert header in grouped
     for mode in ("frozen", "finetune"):
         for k in ("2", "4"):
@@ -186,6 +191,64 @@ def test_run_dir_arguments_write_into_the_current_dir(sweep_dir, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     report.main([str(_job_dirs(sweep_dir)[0])])
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "report.csv", "curves.png"}
+
+
+def test_frozen_runs_count_their_feature_extraction_in_the_time_column(sweep_report):
+    rows = [r for r in _csv_rows(sweep_report) if r["mode"] == "frozen"]
+    assert any(float(r["features_time_s"]) > 0 for r in rows)  # the cache was computed by one of them
+    text = (sweep_report / "report.md").read_text().split("## Mean ± std over seeds")[0]
+    for row in rows:
+        line = next(line for line in text.splitlines() if line.startswith(f"| {row['run']} |"))
+        assert f"| {float(row['time_s']):.1f} |" in line
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("0.0012345678901234", "0.001235"), ("2.3456789012e-05", "2.346e-05"), ("0.5", "0.5"),
+    ("123456789", "123456789"), ("frozen", "frozen"),
+])
+def test_settings_are_rounded_for_reading(value, shown):
+    assert compare.readable(value) == shown
+
+
+def test_titles_name_the_data_the_backbone_and_what_varies(sweep_dir):
+    runs = report.load_runs([sweep_dir])
+    keys = compare.differing_overrides(runs)
+    assert figures.describe(runs, keys) == "cifar10, cnn_small; varying mode, per_class"
+
+
+def test_seeds_of_a_setting_are_one_mean_line_with_a_min_max_band():
+    band = figures.seed_band([[(1, 1.0), (2, 0.5)], [(1, 3.0), (2, 0.7)], [(1, 2.0)]])
+    assert band == [(1, 2.0, 1.0, 3.0), (2, pytest.approx(0.6), 0.5, 0.7)]
+
+
+@pytest.mark.parametrize("epochs", [[1], [1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]])
+def test_the_epoch_axis_shows_no_epoch_that_did_not_happen(epochs):
+    plt = figures._pyplot()
+    fig, ax = plt.subplots()
+    ax.plot(epochs, [0.0] * len(epochs), marker="o")
+    figures._epoch_axis(ax, epochs)
+    fig.canvas.draw()
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    plt.close(fig)
+    assert epochs[0] - 1 < low < epochs[0] and epochs[-1] < high < epochs[-1] + 1
+    assert all(float(t).is_integer() and epochs[0] <= t <= epochs[-1] for t in ticks) and ticks
+
+
+def test_the_curves_figure_has_one_line_per_setting(sweep_dir, monkeypatch):
+    drawn = []
+    plt = figures._pyplot()
+    original = plt.Axes.plot
+
+    def record(ax, *args, **kwargs):
+        drawn.append(kwargs.get("label"))
+        return original(ax, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "plot", record)
+    runs = report.load_runs([sweep_dir])
+    figures.plot_curves(runs, compare.differing_overrides(runs), sweep_dir.parent / "curves_probe.png")
+    per_panel = len(drawn) // 4
+    assert sorted(drawn[:per_panel]) == sorted(f"mode={m} per_class={k} (2 seeds)" for m in ("frozen", "finetune") for k in (2, 4))
 
 
 # ---- curves and hyperparameters in the event files -----------------------------------------

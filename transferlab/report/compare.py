@@ -6,11 +6,11 @@ import math
 import statistics
 from typing import Any
 
-from transferlab.report.runs import Run, UnfinishedJob
+from transferlab.report.runs import TIME, Run, UnfinishedJob
 
 SEED_KEY = "seed"
 #: metrics averaged over seeds in the grouped table
-GROUPED_METRICS = ("val/acc_best", "test/acc", "train_time_s")
+GROUPED_METRICS = ("val/acc_best", "test/acc", TIME)
 FEWSHOT_KEYS = ("data.fewshot.per_class", "data.fewshot.fraction")
 
 
@@ -47,7 +47,16 @@ def set_apart(jobs: list[UnfinishedJob], runs: list[Run]) -> None:
 def run_label(run: Run, keys: list[str]) -> str:
     """`mode=frozen per_class=10 seed=1`: legend text, keys shortened where that stays unambiguous."""
     names = short_keys(keys)
-    return " ".join(f"{names[k]}={run.setting(k)}" for k in keys) or run.name
+    return " ".join(f"{names[k]}={readable(run.setting(k))}" for k in keys) or run.name
+
+
+def readable(value: str) -> str:
+    """A setting as a reader wants it: a sampled `0.0012345678901234` as `0.001235` (the CSV keeps it whole)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return f"{number:.4g}" if len(value) > 8 and not value.lstrip("-").isdigit() else value
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+import statistics
 import textwrap
 from pathlib import Path
-from typing import Any
 
-from transferlab.report.compare import group_keys, group_runs, ordered_runs, run_label, sample_efficiency_points
+from transferlab.report.compare import group_keys, group_runs, run_label, sample_efficiency_points, short_keys
 from transferlab.report.curves import read_curves
 from transferlab.report.runs import Run
 
@@ -37,52 +37,90 @@ def _pyplot():
 
 # ---- curves.png ----------------------------------------------------------------------------
 def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
-    """2x2 figure: train/val loss and accuracy against epoch, one line per run; None if no curves."""
+    """2x2 figure: train/val loss and accuracy against epoch, one line per setting: the mean over
+    its seeds, with a band from the lowest to the highest seed; None if no run has curves."""
     tags = [tag for tag, _ in CURVE_PANELS]
+    settings = group_runs(runs, group_keys(keys))
     curves = {run.name: read_curves(run.path, tags) for run in runs}
     if not any(points for run_curves in curves.values() for points in run_curves.values()):
         return None
     plt = _pyplot()
-    _, _, legend_lines = legend_layout([run_label(r, keys) for r in runs], LEGEND_CHARS_WIDE)
+    labels = {values: _setting_label(group, keys) for values, group in settings.items()}
+    _, _, legend_lines = legend_layout(list(labels.values()), LEGEND_CHARS_WIDE)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7 + LEGEND_LINE_INCHES * legend_lines), sharex=True, layout="constrained")
-    styles = run_styles(runs, keys)
+    colours = plt.get_cmap("tab10").colors
+    epochs_drawn: set[int] = set()
     for ax, (tag, title) in zip(axes.flat, CURVE_PANELS):
-        for run in ordered_runs(runs, keys):  # the legend lists runs as the tables do
-            points = curves[run.name][tag]
-            if points:
-                epochs, values = zip(*points)
-                ax.plot(epochs, values, marker="o", markersize=3, label=run_label(run, keys), **styles[run.name])
+        for i, (values, group) in enumerate(settings.items()):
+            band = seed_band([curves[run.name][tag] for run in group])
+            if not band:
+                continue
+            epochs, means, lows, highs = zip(*band)
+            epochs_drawn.update(epochs)
+            colour = colours[i % len(colours)]
+            ax.plot(epochs, means, marker="o", markersize=3, color=colour, label=labels[values])
+            if len(group) > 1:
+                ax.fill_between(epochs, lows, highs, color=colour, alpha=0.2, linewidth=0)
         _style_curve_panel(ax, tag, title)
+    _epoch_axis(axes.flat[0], sorted(epochs_drawn))  # shared by all four panels
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     _legend_below(fig, axes.flat[0], LEGEND_CHARS_WIDE)
-    fig.suptitle(f"Training curves of {len(runs)} runs")
+    fig.suptitle(f"Training curves: {describe(runs, keys)}\n{_seed_note(settings.values())}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def run_styles(runs: list[Run], keys: list[str]) -> dict[str, dict[str, Any]]:
-    """One colour per setting, one line style per seed: repeats of a setting read as a bundle."""
-    plt = _pyplot()
-    colours = plt.get_cmap("tab10").colors
-    dashes = ["-", "--", ":", "-."]
-    styles = {}
-    for i, group in enumerate(group_runs(runs, group_keys(keys)).values()):
-        for j, run in enumerate(group):
-            styles[run.name] = {"color": colours[i % len(colours)], "linestyle": dashes[j % len(dashes)]}
-    return styles
+def seed_band(series: list[list[tuple[int, float]]]) -> list[tuple[int, float, float, float]]:
+    """`[(epoch, mean, min, max), ...]` over the runs of one setting, at each epoch any of them logged."""
+    by_epoch: dict[int, list[float]] = {}
+    for points in series:
+        for epoch, value in points:
+            by_epoch.setdefault(epoch, []).append(value)
+    return [(e, statistics.fmean(v), min(v), max(v)) for e, v in sorted(by_epoch.items())]
+
+
+def describe(runs: list[Run], keys: list[str]) -> str:
+    """`cifar10, cnn_small; varying mode, per_class`: the data, the backbone, and what the runs compare."""
+    parts = []
+    for group in ("data", "backbone"):
+        values = list(dict.fromkeys(run.component(group) for run in runs))
+        parts.append(" / ".join(values))
+    compared = [short_keys(keys)[k] for k in group_keys(keys)]
+    return ", ".join(parts) + ("; varying " + ", ".join(compared) if compared else "")
+
+
+def _setting_label(group: list[Run], keys: list[str]) -> str:
+    label = run_label(group[0], group_keys(keys)) if group_keys(keys) else "all runs"
+    return f"{label} ({len(group)} seeds)" if len(group) > 1 else label
+
+
+def _seed_note(groups) -> str:
+    sizes = sorted({len(group) for group in groups})
+    if sizes == [1]:
+        return "one run per line"
+    seeds = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    return f"line: mean over {seeds} seeds, band: lowest to highest seed"
 
 
 def _style_curve_panel(ax, tag: str, title: str) -> None:
     ax.set_title(title)
     ax.set_ylabel("accuracy" if tag.endswith("acc") else "cross-entropy loss")
     ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    low, high = ax.get_xlim()
-    if high - low < 2:  # one epoch: widen, or the axis falls back to fractional ticks
-        middle = round((low + high) / 2)
-        ax.set_xlim(middle - 1, middle + 1)
+
+
+def _epoch_axis(ax, epochs: list[int]) -> None:
+    """Ticks at whole epochs and limits just around the epochs run: no epoch that did not happen
+    (matplotlib's margins and integer locator would add one past the last)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not epochs:
+        return
+    first, last = epochs[0], epochs[-1]
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    pad = max(0.25, 0.03 * (last - first))
+    ax.set_xlim(first - pad, last + pad)
 
 
 # ---- sample_efficiency.png -------------------------------------------------------------------
@@ -101,7 +139,7 @@ def plot_sample_efficiency(runs: list[Run], keys: list[str], path: Path) -> Path
         ax.errorbar([x * shift for x in xs], means, yerr=stds, marker="o", capsize=4, label=label)
     _size_axis(ax, sorted({x for points in lines.values() for x, *_ in points}))
     ax.set_ylabel("test accuracy")
-    ax.set_title("Sample efficiency: test accuracy vs. training set size\n(mean over seeds, error bars: std)")
+    ax.set_title(f"Sample efficiency: {describe(runs, keys)}\ntest accuracy (mean over seeds, error bars: std over seeds)")
     ax.grid(alpha=0.3)
     _legend_below(fig, ax, LEGEND_CHARS_NARROW)
     fig.savefig(path, dpi=110)

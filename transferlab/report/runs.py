@@ -37,6 +37,16 @@ class Run:
     metrics: dict[str, float]
     name: str = ""  # short id for tables, set once all runs of a report are known
     fewshot_counts: dict[str, int] | None = field(default=None, repr=False)
+    #: the config group choices Hydra recorded (`.hydra/hydra.yaml`): `{"data": "cifar10", "backbone": ...}`
+    choices: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def component(self, group: str) -> str:
+        """What a config group built: its `name` (a torchvision/timm backbone's model), else the
+        group's choice (`backbone=cnn_small`, `data=cifar10`), else MISSING."""
+        name = _config_value(self.config, f"{group}.name")
+        if name not in (MISSING, "null"):
+            return name
+        return str(self.choices.get(group) or self.overrides.get(group) or MISSING)
 
     def setting(self, key: str) -> str:
         """The value of `key` in this run: its override, else what the config composed."""
@@ -103,7 +113,10 @@ class BrokenRun(UserError):
 
 
 #: metrics.json keys whose values a report shows: each must be a finite number when present
-SHOWN_METRICS = ("val/acc_best", "test/acc", "epochs", "train_time_s", "params_trainable", "params_total")
+SHOWN_METRICS = ("val/acc_best", "test/acc", "epochs", "train_time_s", "features_time_s", "params_trainable", "params_total")
+#: a run's time in the tables: training plus computing its cached features (frozen mode), which
+#: happens before training and is recorded apart in metrics.json (transferlab/train.py)
+TIME, TIME_PARTS = "time_s", ("train_time_s", "features_time_s")
 
 
 def load_run(path: Path) -> Run:
@@ -113,9 +126,17 @@ def load_run(path: Path) -> Run:
         path=path,
         overrides=read_overrides(path / ".hydra" / "overrides.yaml"),
         config=_read_config(path / ".hydra" / "config.yaml"),
-        metrics=read_metrics(path / "metrics.json"),
+        metrics=with_run_time(read_metrics(path / "metrics.json")),
         fewshot_counts=_read_fewshot_counts(path / "fewshot_indices.json"),
+        choices=_read_choices(path / ".hydra" / "hydra.yaml"),
     )
+
+
+def with_run_time(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`time_s` = train_time_s + features_time_s (absent in runs that predate it: 0)."""
+    if _finite_number(metrics.get("train_time_s")):
+        metrics[TIME] = sum(metrics.get(part) or 0.0 for part in TIME_PARTS)
+    return metrics
 
 
 def read_metrics(metrics_file: Path) -> dict[str, Any]:
@@ -208,6 +229,20 @@ def _read_config(config_file: Path):
     from omegaconf import OmegaConf
 
     return OmegaConf.load(config_file)
+
+
+def _read_choices(hydra_file: Path) -> dict[str, str]:
+    """Hydra's record of the config groups chosen (`hydra.runtime.choices`), {} when absent."""
+    if not hydra_file.is_file():
+        return {}
+    import yaml
+
+    try:
+        record = yaml.safe_load(hydra_file.read_text()) or {}
+        choices = record["hydra"]["runtime"]["choices"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return {}
+    return {str(k): str(v) for k, v in (choices or {}).items() if v is not None}
 
 
 def _read_fewshot_counts(counts_file: Path) -> dict[str, int] | None:

@@ -14,19 +14,22 @@ from transferlab.report.compare import (
     grouped_table,
     is_number,
     ordered_runs,
+    readable,
     seeds_repeat,
 )
-from transferlab.report.runs import MISSING, Run, UnfinishedJob, overrides_text
+from transferlab.report.runs import MISSING, TIME, TIME_PARTS, Run, UnfinishedJob, overrides_text
 
 #: metrics.json keys the tables show, with their column titles
 METRIC_COLUMNS = (
     ("val/acc_best", "val/acc_best"),
     ("test/acc", "test/acc"),
     ("epochs", "epochs"),
-    ("train_time_s", "train time (s)"),
+    (TIME, "time (s)"),  # training + computing cached features
     ("params_trainable", "trainable params"),
     ("params_total", "total params"),
 )
+#: report.csv has the time's parts too, every number at full precision
+CSV_METRICS = (*(metric for metric, _ in METRIC_COLUMNS), *TIME_PARTS)
 #: (name in what write_report wrote, section title), in the order report.md shows the figures
 FIGURE_SECTIONS = (("curves", "Training curves"), ("sample_efficiency", "Sample efficiency"))
 
@@ -38,7 +41,7 @@ def summary_table(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
     for run in ordered_runs(runs, keys):
         row: dict[str, Any] = {"run": run.name, "run_dir": str(run.path)}
         row.update({k: run.setting(k) for k in keys})
-        row.update({metric: run.metrics.get(metric) for metric, _ in METRIC_COLUMNS})
+        row.update({metric: run.metrics.get(metric) for metric in CSV_METRICS})
         rows.append(row)
     return rows
 
@@ -64,6 +67,7 @@ def report_markdown(
         "",
         f"- Differ between runs: {', '.join(f'`{k}`' for k in keys) or 'nothing (no override differs)'}",
         f"- Same in every run: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'no common overrides'}",
+        f"- Time: training plus computing cached backbone features (`features_time_s`, frozen mode), in seconds",
         "",
         summary_markdown(runs),
     ]
@@ -80,7 +84,7 @@ def summary_markdown(runs: list[Run]) -> str:
     keys = differing_overrides(runs)
     rows = summary_table(runs, keys)
     headers = ["run", *keys, *(title for _, title in METRIC_COLUMNS)]
-    cells = [[row["run"], *(row[k] for k in keys), *(_format(m, row[m]) for m, _ in METRIC_COLUMNS)] for row in rows]
+    cells = [[row["run"], *(readable(row[k]) for k in keys), *(_format(m, row[m]) for m, _ in METRIC_COLUMNS)] for row in rows]
     parts = ["## Runs", "", markdown_table(headers, cells)]
     if seeds_repeat(runs, keys):
         parts += ["", "## Mean ± std over seeds", "", _grouped_markdown(runs, keys)]
@@ -92,7 +96,7 @@ def _grouped_markdown(runs: list[Run], keys: list[str]) -> str:
     cells = []
     for row in grouped_table(runs, keys):
         stats = [_mean_std(m, row[f"{m} mean"], row[f"{m} std"]) for m in GROUPED_METRICS]
-        cells.append([*(row[k] for k in group_keys(keys)), row["n"], *stats])
+        cells.append([*(readable(row[k]) for k in group_keys(keys)), row["n"], *stats])
     return markdown_table(headers, cells)
 
 
@@ -116,7 +120,7 @@ def _format(metric: str, value) -> str:
         return f"{int(value):,}"
     if metric == "epochs":
         return str(int(value))
-    if metric == "train_time_s":
+    if metric == TIME:
         return f"{value:.1f}"
     return f"{value:.4f}"
 
