@@ -32,13 +32,17 @@ SPLITS = ("train", "val", "test")
 FILE_OVERHEAD_BYTES = 64 << 10
 
 
+#: modes whose backbone never trains: its features can be computed once
+FIXED_BACKBONE_MODES = ("frozen", "linear_probe")
+
+
 def should_cache(setting, mode_name: str, augment: bool, train_bn: bool = False) -> bool:
     """`auto`: on exactly when cached and uncached training are the same computation."""
-    exact = mode_name == "frozen" and not augment and not train_bn
+    exact = mode_name in FIXED_BACKBONE_MODES and not augment and not train_bn
     if str(setting).lower() == "auto":
         return exact
     if setting in (True, "true"):
-        if mode_name != "frozen" or train_bn:
+        if mode_name not in FIXED_BACKBONE_MODES or train_bn:
             raise UserError(
                 f"data.cache_features=true needs mode=frozen with train_bn=false (got mode={mode_name}): "
                 f"a backbone that trains changes its features every step"
@@ -53,18 +57,26 @@ def should_cache(setting, mode_name: str, augment: bool, train_bn: bool = False)
 
 
 def feature_splits(
-    backbone: nn.Module, datamodule: TensorImageDataModule, device: torch.device | str = "cpu", use_disk: bool = True
+    backbone: nn.Module,
+    datamodule: TensorImageDataModule,
+    device: torch.device | str = "cpu",
+    use_disk: bool = True,
+    names: tuple[str, ...] = SPLITS,
 ) -> dict[str, Split]:
-    """The train/val/test splits of `datamodule` as `backbone` features (labels and positions kept).
+    """The train/val/test splits of `datamodule` (or those in `names`) as `backbone` features (labels
+    and positions kept); `transferlab.rank` scores the training split only.
 
     Features found in the cache are loaded; the others are computed, after checking that the
     cache folder can take them (a full or read-only folder is refused before any computing).
     Called by `TensorImageDataModule.use_features`, which serves them instead of images.
     """
-    splits = {name: getattr(datamodule, name) for name in SPLITS}
+    unknown = set(names) - set(SPLITS)
+    if unknown or not names:
+        raise ValueError(f"feature_splits: names must be some of {SPLITS}, got {names}")
+    splits = {name: getattr(datamodule, name) for name in names}
     paths = {name: features_folder() / f"{key}.pt" for name, key in feature_keys(backbone, datamodule).items()}
-    features = {name: _load(paths[name], splits[name]) for name in SPLITS} if use_disk else {}
-    missing = [name for name in SPLITS if features.get(name) is None]
+    features = {name: _load(paths[name], splits[name]) for name in names} if use_disk else {}
+    missing = [name for name in names if features.get(name) is None]
     if use_disk and missing:
         remove_orphaned_temp_files(features_folder())  # a killed write's leftover must not count as used space
         check_cache_folder(features_folder(), _feature_bytes(backbone, [splits[name] for name in missing]))

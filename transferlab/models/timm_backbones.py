@@ -57,6 +57,22 @@ def efficientnet_lite(variant: str = "lite0", weights: str | None = "imagenet", 
     return backbone
 
 
+def efficientnet_lite_classifier(variant: str = "lite0") -> nn.Linear:
+    """The ImageNet classifier (1,000 classes) of the package weights, which `efficientnet_lite` leaves out.
+
+    timm's EfficientNet computes its logits as `classifier(pooled features)`, and the backbone's
+    output is those pooled features, so this head on the backbone's (cached) features gives the
+    source model's ImageNet predictions (`transferlab.rank`: LEEP and NCE).
+    """
+    if variant not in EFFICIENTNET_LITE:
+        raise UserError(f"backbone.variant={variant!r} is not one of {', '.join(EFFICIENTNET_LITE)}")
+    state = W.load_efficientnet_lite_package(variant, _full_state_keys(EFFICIENTNET_LITE[variant])).state_dict
+    weight, bias = state["classifier.weight"], state["classifier.bias"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": bias})
+    return head.eval()
+
+
 # ---- building ------------------------------------------------------------------------------
 def _create(name: str) -> nn.Module:
     import timm

@@ -1,0 +1,320 @@
+"""`python -m transferlab.rank`: rank pretrained backbones for a target dataset before fine-tuning any.
+
+    python -m transferlab.rank 'rank.backbones=[efficientnet_lite0,efficientnet_lite1]' data.fewshot.per_class=50
+
+For each backbone (an option of the `backbone` config group, built as `backbone=NAME` builds it,
+with the normalization its weights expect), the features of the target's training set (from
+the feature cache, `transferlab.features`) are scored with LogME and H-score, and the source
+model's predictions with LEEP and NCE where its classifier is known (`transferlab.rank.source`).
+Writes `rank.csv` and `rank.md` into the run dir and prints the table.
+
+Two phases, so that bad input costs nothing: every backbone and the data are built and
+checked first, and only then are features computed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from transferlab.errors import UserError, bad_argument, full_tracebacks_when_debugging, user_errors_as_one_line
+from transferlab.rank import scores
+from transferlab.rank.table import SCORES, print_table, write_tables
+from transferlab.runinfo import config_dir
+
+log = logging.getLogger("transferlab.rank")
+
+CONFIG_NAME = "rank"
+#: the run's own files: a run dir that holds them already is never written into again
+OUTPUT_FILES = ("rank.csv", "rank.md")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def main() -> None:
+    full_tracebacks_when_debugging()
+    with user_errors_as_one_line():
+        # Before Hydra: it writes .hydra/ into the run dir before the job could refuse anything.
+        check_command_line(sys.argv[1:])
+    hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
+def hydra_main(cfg: DictConfig) -> None:
+    with user_errors_as_one_line():
+        run(cfg)
+
+
+# ---- before Hydra ---------------------------------------------------------------------------
+def check_command_line(argv: Sequence[str]) -> None:
+    """The overrides compose, name known backbones, and the run dir can take a new ranking."""
+    from transferlab import command_line as cl
+
+    cl.check_flags_before_overrides(argv)
+    if cl.NO_JOB_FLAGS.intersection(argv):
+        return
+    if cl.is_sweep(argv):
+        raise UserError(
+            "python -m transferlab.rank runs one ranking per command (no -m); it ranks several backbones at once "
+            "with 'rank.backbones=[a,b,c]', and other settings take one command each"
+        )
+    _check_backbones_is_a_list(argv)
+    cl.check_overrides_compose(["--config-name", CONFIG_NAME, *argv])
+    cfg = cl.compose(CONFIG_NAME, _overrides(argv))
+    for name in backbone_names(cfg.rank.get("backbones")):
+        check_backbone_config(name, cl.compose("train", [f"backbone={name}"]).backbone)
+    check_settings(cfg)
+    run_dir = cl.command_line_overrides(argv).get("hydra.run.dir")
+    if run_dir is not None and "${" not in run_dir:
+        check_run_dir(Path(run_dir))
+        cl._check_creatable(Path(run_dir), "hydra.run.dir")
+
+
+def _overrides(argv: Sequence[str]) -> list[str]:
+    from hydra._internal.utils import get_args_parser
+
+    return list(get_args_parser().parse_args(list(argv)).overrides)
+
+
+def _check_backbones_is_a_list(argv: Sequence[str]) -> None:
+    """`rank.backbones=a,b` is a sweep in Hydra's grammar; say how to write the list instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in _overrides(argv):
+        if text.split("=", 1)[0].lstrip("+") != "rank.backbones":
+            continue
+        try:
+            override = parser.parse_overrides([text])[0]
+        except Exception:
+            return  # a grammar error: check_overrides_compose's message
+        if override.is_sweep_override():
+            raise UserError(f"{text} is not a list; write the backbones in brackets, quoted for the shell: 'rank.backbones=[a,b]'")
+
+
+def backbone_names(value: Any) -> list[str]:
+    """`rank.backbones` as a list of backbone group options (a single name is a list of one)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, ListConfig)) or len(value) == 0:
+        raise UserError(
+            f"rank.backbones={_shown(value)} names no backbone; give a list of conf/backbone options, e.g. "
+            "'rank.backbones=[efficientnet_lite0,efficientnet_lite1]'"
+        )
+    known = available_backbones()
+    names: list[str] = []
+    for entry in value:
+        if not isinstance(entry, str):
+            raise UserError(f"rank.backbones: {_shown(entry)} is not a backbone name; give option names of conf/backbone ({', '.join(known)})")
+        if entry not in known:
+            close = difflib.get_close_matches(entry, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"rank.backbones: {entry!r} is not a backbone; {hint}choose from {', '.join(known)}")
+        if entry in names:
+            raise UserError(f"rank.backbones: {entry} is listed twice; list each backbone once")
+        names.append(entry)
+    return names
+
+
+def available_backbones() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "backbone").glob("*.yaml"))
+
+
+def check_backbone_config(name: str, backbone_cfg: DictConfig) -> None:
+    """A backbone option that leaves a setting as ??? (timm, torchvision: their `name`) cannot be ranked by name."""
+    missing = [key for key, value in OmegaConf.to_container(backbone_cfg, resolve=False).items() if value == "???"]
+    if missing:
+        raise UserError(
+            f"rank.backbones: {name} needs backbone.{missing[0]}, which a ranking does not set; rank options that are "
+            f"complete on their own (e.g. resnet18, efficientnet_lite0), or add a file conf/backbone/<yours>.yaml"
+        )
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The rank.* settings and the numbers the data module reads, before anything is built."""
+    from transferlab.settings import check_mappings, check_numbers, check_seed
+
+    if str(cfg.rank.get("device")) not in DEVICES:
+        raise UserError(f"rank.device={cfg.rank.get('device')!r} is not one of {', '.join(DEVICES)}")
+    if cfg.rank.device == "cuda" and not _cuda():
+        raise UserError("rank.device=cuda but this machine has no usable GPU; use rank.device=auto or cpu")
+    shrinkage = cfg.rank.get("h_score_shrinkage")
+    if shrinkage != "ledoit_wolf" and not (isinstance(shrinkage, (int, float)) and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1):
+        raise UserError(f"rank.h_score_shrinkage={shrinkage!r} must be ledoit_wolf or a number in [0, 1]")
+    check_numbers(cfg)
+    check_mappings(cfg)
+    check_seed(cfg.seed)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    held = [name for name in OUTPUT_FILES if (run_dir / name).exists()]
+    if held:
+        raise UserError(f"hydra.run.dir={run_dir} already holds a ranking ({held[0]}); pick a new hydra.run.dir (nothing was changed)")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value)
+    return "[]" if value == [] else repr(value)
+
+
+# ---- the job --------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """One backbone, built and checked, with its data module and source head; no features yet."""
+
+    name: str
+    backbone: Any  # a transferlab Backbone
+    datamodule: Any
+    source: Any
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    from transferlab.data.datamodule import check_data_root
+
+    output_dir = Path(cfg.paths.output_dir)
+    check_run_dir(output_dir)
+    names = backbone_names(cfg.rank.backbones)
+    check_settings(cfg)
+    check_data_root(cfg.data)
+    candidates = [prepare(name, cfg, output_dir) for name in names]
+    check_same_images(candidates)
+    device = feature_device(str(cfg.rank.device))
+    described = describe_run(cfg, candidates[0].datamodule)
+    rows = []
+    for i, candidate in enumerate(candidates, start=1):
+        log.info("backbone %d of %d: %s (%s)", i, len(candidates), candidate.name, candidate.backbone.weights_source)
+        rows.append(score(candidate, device, cfg.rank.h_score_shrinkage))
+        candidate.datamodule = None  # its images are no longer needed
+    add_ranks(rows)
+    csv_path, md_path = write_tables(rows, output_dir, described)
+    print_table(rows)
+    log.info("wrote %s and %s", csv_path, md_path)
+    return rows
+
+
+def backbone_config(name: str, cfg: DictConfig) -> DictConfig:
+    """The main command's config for `backbone=NAME mode=frozen` with this command's data settings."""
+    composed = hydra.compose(config_name="train", overrides=[f"backbone={name}", "mode=frozen"])
+    with open_dict(composed):
+        composed.seed = cfg.seed
+        composed.data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    return composed
+
+
+def prepare(name: str, cfg: DictConfig, output_dir: Path) -> Candidate:
+    """Build the backbone (weights loaded) and its data module (read, split, normalized for its weights)."""
+    from transferlab.build import build_backbone, build_datamodule
+    from transferlab.rank.source import source_head
+
+    composed = backbone_config(name, cfg)
+    try:
+        backbone = build_backbone(composed)
+        source = source_head(composed.backbone, backbone)
+    except Exception as error:
+        refusal = bad_argument("backbone", error)
+        if refusal is None:
+            raise
+        raise UserError(f"rank.backbones: {name} cannot be built: {refusal}") from error
+    try:
+        datamodule = build_datamodule(composed, backbone, output_dir)
+    except Exception as error:
+        refusal = bad_argument("data", error)
+        if refusal is None:
+            raise
+        raise refusal from error
+    return Candidate(name, backbone, datamodule, source)
+
+
+def check_same_images(candidates: list[Candidate]) -> None:
+    """Every backbone is scored on the same training images (the subset depends on data and seed only)."""
+    import torch
+
+    first = candidates[0].datamodule.train
+    for other in candidates[1:]:
+        if not torch.equal(other.datamodule.train.positions, first.positions):
+            raise RuntimeError(f"{other.name} got other training images than {candidates[0].name}: a bug in the data module")
+
+
+def feature_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if _cuda() else "cpu"
+    return setting
+
+
+def score(candidate: Candidate, device: str, shrinkage) -> dict:
+    """Features of the training split (cached), then each score, timed."""
+    from transferlab.features import feature_splits
+
+    started = time.perf_counter()
+    train = feature_splits(candidate.backbone, candidate.datamodule, device, names=("train",))["train"]
+    features_time = time.perf_counter() - started
+    features, labels = train.images.double().numpy(), train.labels.numpy()
+    started = time.perf_counter()
+    row = {
+        "backbone": candidate.name,
+        "weights": candidate.backbone.weights_source,
+        "features": features.shape[1],
+        "images": features.shape[0],
+        "classes": len(candidate.datamodule.class_names),
+        "logme": scores.logme(features, labels),
+        "h_score": scores.h_score(features, labels, shrinkage=shrinkage),
+    }
+    row.update(source_scores(candidate, train.images, labels))
+    row.update(features_time_s=round(features_time, 3), scores_time_s=round(time.perf_counter() - started, 3))
+    log.info("%s: %s", candidate.name, ", ".join(f"{k}={row[k]:.4f}" for k in SCORES))
+    return row
+
+
+def source_scores(candidate: Candidate, features: torch.Tensor, labels) -> dict:
+    """LEEP and NCE from the source head's probabilities; NaN with the reason when there is no head."""
+    import torch
+
+    if candidate.source.head is None:
+        return {"leep": math.nan, "nce": math.nan, "note": f"LEEP, NCE n/a: {candidate.source.reason}"}
+    with torch.inference_mode():
+        logits = candidate.source.head(features.float()).double().numpy()
+    probabilities = scores.softmax(logits)
+    return {
+        "leep": scores.leep(probabilities, labels),
+        "nce": scores.nce(probabilities, labels),
+        "note": f"LEEP, NCE from the source model's {probabilities.shape[1]}-class predictions",
+    }
+
+
+def _cuda() -> bool:
+    import torch  # here: the checks before Hydra stay quick
+
+    return torch.cuda.is_available()
+
+
+def add_ranks(rows: list[dict]) -> None:
+    for name in SCORES:
+        for row, rank in zip(rows, scores.ranks([row[name] for row in rows])):
+            row[f"rank_{name}"] = rank
+
+
+def describe_run(cfg: DictConfig, datamodule) -> dict:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return {
+        "dataset": getattr(datamodule, "name", data.get("_target_")),
+        "classes": len(datamodule.class_names),
+        "training images": len(datamodule.train),
+        "image_size": data.get("image_size"),
+        "fewshot": data.get("fewshot"),
+        "val_size": data.get("val_size"),
+        "seed": cfg.seed,
+        "h_score_shrinkage": cfg.rank.h_score_shrinkage,
+    }
+
+
+if __name__ == "__main__":
+    main()
