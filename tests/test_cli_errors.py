@@ -14,7 +14,8 @@ import torch
 
 from conftest import TINY_RUN, cli, run_training
 from transferlab.errors import UserError, user_error_behind
-from transferlab.validate import check_command_line, check_data_root, command_line_overrides
+from transferlab.command_line import check_command_line, command_line_overrides
+from transferlab.data.datamodule import check_data_root
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 #: a small, fast run on the tiny data; every case adds the mistake to it
@@ -230,7 +231,7 @@ def test_command_line_check_is_fast(tmp_path):
 
 
 def test_optimized_metric_names_come_from_the_model():
-    from transferlab.validate import logged_metrics
+    from transferlab.settings import logged_metrics
 
     assert {"train/loss", "val/acc", "val/acc_best", "test/acc"} <= set(logged_metrics())
 
@@ -247,7 +248,7 @@ def test_tiny_fewshot_fraction_warns_that_it_keeps_one_image(caplog):
 @pytest.mark.parametrize("extra, warns", [(["mode=frozen"], True), (["mode=frozen", "backbone.weights={ckpt}"], False), (["mode=finetune"], False)])
 def test_frozen_random_backbone_is_allowed_with_a_warning(extra, warns, files, caplog, tmp_path):
     from conftest import compose_config
-    from transferlab.validate import check_mode
+    from transferlab.callbacks.freeze import check_mode
 
     check_mode(compose_config(["backbone=cnn_small", *[a.format(ckpt=files["cnn_small_ckpt"]) for a in extra]], tmp_path))
     assert ("mode=frozen with random weights: the backbone is a fixed random feature extractor" in caplog.text) == warns

@@ -207,7 +207,7 @@ def test_resume_that_changes_the_experiment_is_refused_and_writes_nothing(extra,
     assert file_hashes(run_dir) == before
 
 
-# settings that change no trained number may differ (RESUME_MAY_CHANGE in transferlab/validate.py)
+# settings that change no trained number may differ (RESUME_MAY_CHANGE in transferlab/resume.py)
 @pytest.mark.parametrize("extra", [[], ["data.num_workers=1", "data.eval_batch_size=7", "test=true"]], ids=["same", "allowed-changes"])
 def test_finished_run_resumed_with_nothing_to_do_is_a_no_op(extra, finished, torch_home):
     run_dir, args = finished

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from transferlab.callbacks.guards import TrainingClock, relocated
 from transferlab.models import TransferModule
 from transferlab.runinfo import run_info
-from transferlab.validate import ResumePlan, read_json
+from transferlab.resume import ResumePlan, read_json
 
 log = logging.getLogger("transferlab")
 

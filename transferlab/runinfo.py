@@ -26,6 +26,15 @@ def config_dir() -> Path:
     raise RuntimeError(f"transferlab's configs are missing: no conf/train.yaml in {PACKAGE_DIR} or its parent")
 
 
+#: `ckpt_path` values that mean "start a new run" (as typed on the command line, or composed)
+NO_CHECKPOINT = (None, "", "null", "None")
+
+
+def resumes(ckpt_path: object) -> bool:
+    """Whether a `ckpt_path` setting asks to resume (`last` or a checkpoint path)."""
+    return ckpt_path not in NO_CHECKPOINT
+
+
 def holds_run(folder: Path) -> bool:
     """A run wrote here: its results or at least one complete checkpoint.
 

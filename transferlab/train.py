@@ -27,7 +27,10 @@ from transferlab.results import as_number, test_best, test_without_training, who
 from transferlab.quietlogs import quiet_third_party
 from transferlab.runinfo import config_dir, route_lightning_logs_through_root
 from transferlab.sweeps import exit_if_jobs_failed, in_sweep, run_sweep_job
-from transferlab.validate import check_command_line, check_config, check_validates, checkpoint_path, resume_overrides, resume_plan_before_hydra
+from transferlab.budget import check_validates
+from transferlab.command_line import check_command_line
+from transferlab.resume import checkpoint_path, resume_overrides, resume_plan_before_hydra
+from transferlab.settings import check_config
 
 log = logging.getLogger("transferlab")
 

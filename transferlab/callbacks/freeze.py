@@ -20,7 +20,7 @@ it unfreezes.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Any, Iterable
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -221,3 +221,24 @@ def _head_group(optimizer: Optimizer) -> dict:
 
 def _describe_lrs(optimizer: Optimizer) -> str:
     return ", ".join(f"{g.get('name', i)} lr {g['lr']:.3g}" for i, g in enumerate(optimizer.param_groups))
+
+
+def check_mode(cfg: Any) -> None:
+    """The mode's settings against the rest of the composed config, before anything is built.
+
+    A gradual unfreeze that never happens is a frozen run under another name; a frozen random
+    backbone is a legitimate baseline, but easy to run by accident.
+    """
+    from transferlab.models.weights import wants_weights
+
+    mode = cfg.get("mode") or {}
+    unfreeze_at = mode.get("unfreeze_at_epoch")
+    max_epochs = cfg.trainer.get("max_epochs")
+    if unfreeze_at is not None and max_epochs is not None and max_epochs > 0 and unfreeze_at >= max_epochs:
+        raise UserError(
+            f"mode.unfreeze_at_epoch={unfreeze_at} with trainer.max_epochs={max_epochs}: the backbone never unfreezes "
+            f"(epochs count from 0); set mode.unfreeze_at_epoch<{max_epochs} or trainer.max_epochs>{unfreeze_at}"
+        )
+    weights = (cfg.get("backbone") or {}).get("weights", "imagenet")
+    if mode.get("name") == "frozen" and (not mode.get("pretrained", True) or not wants_weights(weights)):
+        log.warning("mode=frozen with random weights: the backbone is a fixed random feature extractor (backbone.weights=%s)", weights)

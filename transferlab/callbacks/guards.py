@@ -128,7 +128,7 @@ class CheckpointFitsModel(Callback):
         self.output_dir = Path(output_dir or ".")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from transferlab.validate import checkpoint_path
+        from transferlab.resume import checkpoint_path
 
         if stage != "fit":
             return

@@ -313,3 +313,13 @@ def _relabel(split: Split, keep: list[int], num_classes: int) -> Split:
     new_labels = mapping[split.labels]
     idx = torch.nonzero(new_labels >= 0).flatten()
     return Split(split.images[idx], new_labels[idx], split.positions[idx])
+
+
+def check_data_root(data: Any) -> None:
+    """The configured data module's own `data.root` rule (`CIFARDataModule.check_root`), from the
+    `data` config alone: before anything is built or read."""
+    from hydra.utils import get_class
+
+    module = get_class(data._target_)
+    if hasattr(module, "check_root"):  # data modules whose file layout we know
+        module.check_root(Path(str(data.root)).expanduser(), bool(data.get("download")))

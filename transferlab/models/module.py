@@ -203,7 +203,7 @@ class TransferModule(L.LightningModule):
         }
 
     def _run_config(self) -> dict | None:
-        from transferlab.validate import current_run_config
+        from transferlab.resume import current_run_config
 
         if not hasattr(self, "_recorded_config"):
             self._recorded_config = current_run_config()
