@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 
 from transferlab.data.datamodule import TensorImageDataModule
 from transferlab.features import should_cache
+from transferlab.linear_probe import check_probe_config
+from transferlab.regularizers import build_regularizer, check_regularizer_config
 from transferlab.models import TransferModule
 from transferlab.normalization import describe_weights
 
@@ -34,6 +36,7 @@ class Assembly:
 
 def build(cfg: DictConfig, output_dir: Path | None = None, with_trainer: bool = True) -> Assembly:
     """Everything a run needs, checked and ready; `with_trainer=False` for benchmarks and tools."""
+    check_method_combination(cfg)
     trainer = build_trainer(cfg, output_dir) if with_trainer else None
     backbone = build_backbone(cfg)
     datamodule = build_datamodule(cfg, backbone, output_dir)
@@ -76,7 +79,15 @@ def build_model(cfg: DictConfig, backbone, datamodule: TensorImageDataModule) ->
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         data_info=datamodule.describe(),
+        # After the backbone's weights are loaded: L2-SP snapshots them as its w0 (TransferModule binds it).
+        regularizer=build_regularizer(cfg),
     )
+
+
+def check_method_combination(cfg: DictConfig) -> None:
+    """Mode x head x regularizer combinations that would mean nothing, refused before any weights or data."""
+    check_probe_config(cfg)
+    check_regularizer_config(cfg)
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path | None) -> L.Trainer:

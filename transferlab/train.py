@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from transferlab.build import build
 from transferlab.confusion import per_class_results
 from transferlab.errors import full_tracebacks_when_debugging, user_errors_as_one_line
+from transferlab.linear_probe import add_probe_to_run_info, probe_head_before_fine_tuning, run_linear_probe
 from transferlab.hparams import log_hyperparameters
 from transferlab.results import as_number, test_best, test_without_training, whole_train_time, write_results
 from transferlab.quietlogs import quiet_third_party
@@ -86,8 +87,12 @@ def run(cfg: DictConfig) -> float | None:
     if plan is None or plan.trains:
         check_validates(cfg.trainer, datamodule)
     log_hyperparameters(trainer, cfg)
+    if cfg.mode.name == "lp_ft":  # LP-FT's probe stage sets the head, then an ordinary fine-tuning fit
+        probe_head_before_fine_tuning(cfg, built, resuming=plan is not None)
     with ctrl_c_reported(trainer, output_dir):
-        if plan is None or plan.trains:
+        if cfg.mode.name == "linear_probe":  # one L-BFGS solve, no epochs (transferlab/linear_probe.py)
+            metrics = run_linear_probe(cfg, built, output_dir)
+        elif plan is None or plan.trains:
             trainer.fit(model, datamodule=datamodule, ckpt_path=_str(checkpoint_path(cfg.ckpt_path, output_dir)))
             metrics = {k: as_number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
             if cfg.get("test", True):
@@ -106,6 +111,7 @@ def run(cfg: DictConfig) -> float | None:
     )
     if trainer.is_global_zero:
         write_results(cfg, output_dir, metrics, plan)
+        add_probe_to_run_info(output_dir, trainer)  # linear_probe / lp_ft: the L2 grid and the choice
     return metrics.get(optimized_metric(cfg))
 
 

@@ -37,10 +37,16 @@ class TransferModule(L.LightningModule):
         data_info: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        regularizer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # A penalty added to the training loss (transferlab.regularizers), logged as train/penalty.
+        # Bound now, while the backbone holds the weights it was loaded with (L2-SP's w0).
+        self.regularizer = regularizer
+        if regularizer is not None and hasattr(regularizer, "bind"):
+            regularizer.bind(self)
         self.num_classes = num_classes
         self.optimizer_factory = optimizer or partial(torch.optim.SGD, lr=0.01, momentum=0.9)
         self.scheduler_factory = scheduler
@@ -67,6 +73,7 @@ class TransferModule(L.LightningModule):
 
         self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_penalty = MeanMetric()
         self.val_acc_best = MaxMetric()
         # In the checkpoint: a resumed run must remember the best epoch before the interruption.
         self.val_acc_best.persistent(True)
@@ -81,25 +88,40 @@ class TransferModule(L.LightningModule):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(images))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of `images` (what the head reads)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(images))
+        return self.backbone(images)
 
     def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, logits, labels, _ = self._step_with_features(batch)
+        return loss, logits, labels
+
+    def _step_with_features(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs, labels = batch
         # Cached features already went through the (frozen, eval-mode) backbone once.
-        logits = self.head(inputs) if self.inputs_are_features else self(inputs)
-        return F.cross_entropy(logits, labels), logits, labels
+        features = inputs if self.inputs_are_features else self.embed(inputs)
+        logits = self.head(features)
+        return F.cross_entropy(logits, labels), logits, labels, features
 
     # ---- train / val / test ----------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, logits, labels = self._step(batch)
+        loss, logits, labels, features = self._step_with_features(batch)
         # Metric objects accumulate on device; Lightning reads them once per epoch (no per-step sync).
         # Weighted by the batch's size: the epoch's loss is the mean over images, whatever the batch size.
         self.train_loss(loss.detach(), weight=labels.shape[0])
         self.train_acc(logits.detach(), labels)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.regularizer is not None:
+            # train/loss stays the cross-entropy (comparable across methods); the optimizer sees both.
+            penalty = self.regularizer(self, features)
+            self.train_penalty(penalty.detach(), weight=labels.shape[0])
+            self.log("train/penalty", self.train_penalty, on_step=False, on_epoch=True)
+            loss = loss + penalty
         return loss
 
     def on_validation_epoch_start(self) -> None:
