@@ -198,10 +198,10 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
 
     Compared unresolved, as written: `scheduler.T_max: ${trainer.max_epochs}` is the same
     setting in both, and its source key is compared on its own. A saved config from before a
-    setting moved is read under the new names (RENAMED_SETTINGS).
+    setting moved is read under the new names (RENAMED_SETTINGS), and so is the current one.
     """
     before = _under_current_names(dotted_settings(OmegaConf.to_container(saved, resolve=False)))
-    after = dotted_settings(OmegaConf.to_container(current, resolve=False))
+    after = _under_current_names(dotted_settings(OmegaConf.to_container(current, resolve=False)))
     keys = sorted(set(before) | set(after))
     return [
         f"{key} ({_shown(before.get(key, _ABSENT))} -> {_shown(after.get(key, _ABSENT))})"
