@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from transferlab.data.datamodule import TensorImageDataModule
 from transferlab.features import should_cache
+from transferlab.inference import architecture_record
 from transferlab.linear_probe import check_probe_config
 from transferlab.regularizers import build_regularizer, check_regularizer_config
 from transferlab.models import TransferModule
@@ -71,7 +72,7 @@ def build_datamodule(cfg: DictConfig, backbone, output_dir: Path | None) -> Tens
 def build_model(cfg: DictConfig, backbone, datamodule: TensorImageDataModule) -> TransferModule:
     """The LightningModule of `conf/model/`: backbone, a new head for the data's classes, optimizer, scheduler."""
     head = hydra.utils.instantiate(cfg.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
-    return hydra.utils.instantiate(
+    model = hydra.utils.instantiate(
         cfg.model,
         backbone=backbone,
         head=head,
@@ -82,6 +83,10 @@ def build_model(cfg: DictConfig, backbone, datamodule: TensorImageDataModule) ->
         # After the backbone's weights are loaded: L2-SP snapshots them as its w0 (TransferModule binds it).
         regularizer=build_regularizer(cfg),
     )
+    # Set after instantiate: Hydra would build the `_target_` nodes it holds. Checkpoints record it, so
+    # that `TransferModule.load_from_checkpoint(path)` rebuilds this network without the config.
+    model.architecture = architecture_record(cfg, backbone.out_features, datamodule.num_classes)
+    return model
 
 
 def check_method_combination(cfg: DictConfig) -> None:

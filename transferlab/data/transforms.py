@@ -60,6 +60,15 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
+def eval_transform(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
+    """What an image goes through at evaluation (no augmentation): normalize, then resize to `size`.
+
+    The one definition for validation/test batches and for a trained model's new images
+    (`transferlab.inference.Preprocess`: prediction and exported models).
+    """
+    return resize(normalize(images, mean, std), size)
+
+
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units of a uint8 image tensor (N, C, H, W)."""
     c = images.shape[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ class TransferModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         regularizer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        architecture: dict | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -58,6 +60,9 @@ class TransferModule(L.LightningModule):
         self.backbone_lr_ratio = backbone_lr_ratio
         self.layer_decay = layer_decay
         self.data_info = dict(data_info or {})
+        # How to rebuild backbone and head from a checkpoint alone (`transferlab.inference`): their
+        # config nodes, set by `transferlab.build`; None for a module assembled by hand.
+        self.architecture = architecture
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -220,6 +225,9 @@ class TransferModule(L.LightningModule):
             "data": self.data_info,
             "backbone": getattr(self.backbone, "name", type(self.backbone).__name__),
             "num_classes": self.num_classes,
+            # What `load_from_checkpoint(path)` rebuilds the network from, without the config.
+            "architecture": self.architecture,
+            "channels_last": self.channels_last,
             # The experiment's settings: a resume from this checkpoint, in any run dir, is compared with them.
             "config": self._run_config(),
         }
@@ -230,6 +238,18 @@ class TransferModule(L.LightningModule):
         if not hasattr(self, "_recorded_config"):
             self._recorded_config = current_run_config()
         return self._recorded_config
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None, **kwargs):
+        """Lightning's `load_from_checkpoint`, standing alone: without `backbone`/`head`, the
+        checkpoint's own record rebuilds them (no config, no network; `transferlab.inference`),
+        and `checkpoint_path` may be a run dir (its best checkpoint)."""
+        if "backbone" not in kwargs and "head" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
+            from transferlab.inference import rebuild_arguments
+
+            checkpoint_path, rebuilt = rebuild_arguments(checkpoint_path)
+            kwargs = {**rebuilt, **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
 
 
 def _lr_group(name: str, params: list[nn.Parameter], head_lr: float, scale: float) -> dict:

@@ -1,0 +1,160 @@
+"""`python -m transferlab.export` and checkpoints that stand alone, through the real command line.
+
+The exported files are run as their users run them (onnxruntime, torch.jit.load) on uint8
+images at the run's size, and must give the PyTorch model's probabilities. Two models: the
+tiny cnn_small run of test_predict.py, and EfficientNet-Lite0 with its real ImageNet weights
+at 64 px in channels-last layout (timm's "same" padding, another memory format).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, cli, cli_env
+from test_predict import CNN_RUN, cnn_run, error_lines, train_once  # noqa: F401  (cnn_run: the shared fixture)
+
+#: EfficientNet-Lite0, real weights (the `weights` extra), frozen, one training and one validation batch
+LITE0_RUN = [o for o in TINY_RUN if not o.startswith("backbone=")] + [
+    "backbone=efficientnet_lite0",
+    "mode=frozen",
+    "data.image_size=64",
+    "data.cache_features=false",
+    "model.channels_last=true",
+    "trainer.limit_train_batches=1",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "test=false",
+    "data.download=false",
+]
+#: the issue's bar for the exported model against PyTorch
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="session")
+def lite0_run(tmp_path_factory, cifar10_root, torch_home, transferlab_cache) -> Path:
+    return train_once(tmp_path_factory, "lite0", LITE0_RUN + [f"data.root={cifar10_root}"], torch_home, transferlab_cache)
+
+
+def pytorch_probabilities(run_dir: Path, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The trained model's softmax on uint8 `images`, normalized by hand with the checkpoint's mean/std."""
+    from transferlab.models import TransferModule
+
+    model = TransferModule.load_from_checkpoint(run_dir).eval()
+    data = model.data_info
+    mean = torch.tensor(data["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(data["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model((images.float() / 255.0 - mean) / std).softmax(dim=1), data
+
+
+def run_exported(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.type for i in session.get_inputs()] == ["tensor(uint8)"]
+        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    module = torch.jit.load(str(path))
+    with torch.no_grad():
+        return module(images)
+
+
+def random_images(count: int, size: int) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("model", ["cnn_small", "lite0"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_model_gives_pytorch_probabilities(request, model, fmt, tmp_path, torch_home):
+    run_dir = request.getfixturevalue("cnn_run" if model == "cnn_small" else "lite0_run")
+    out = tmp_path / f"model.{fmt}"
+    out.write_text("an older export\n")  # --force replaces it
+
+    result = cli([str(run_dir), "--format", fmt, "--out", str(out), "--force"], tmp_path, torch_home, module="transferlab.export")
+
+    assert result.returncode == 0, result.stderr
+    # A batch size the export never saw (the batch axis is free), at the run's own image size.
+    size = 32 if model == "cnn_small" else 64
+    images = random_images(5, size)
+    expected, data = pytorch_probabilities(run_dir, images)
+    got = run_exported(fmt, out, images)
+    assert data["image_size"] == size
+    assert got.shape == expected.shape == (5, 10)
+    assert (got - expected).abs().max().item() <= TOLERANCE
+    described = json.loads(Path(f"{out}.classes.json").read_text())
+    assert described["classes"] == data["class_names"]
+    assert described["input"]["shape"] == ["N", 3, size, size]
+
+
+def test_existing_export_is_not_overwritten(cnn_run, tmp_path, torch_home):
+    (tmp_path / "model.onnx.classes.json").write_text("mine\n")
+
+    result = cli([str(cnn_run), "--format", "onnx"], tmp_path, torch_home, module="transferlab.export")
+
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "transferlab: error: model.onnx.classes.json already exists; choose another --out, or add --force to overwrite it"
+    ]
+    assert (tmp_path / "model.onnx.classes.json").read_text() == "mine\n"
+    assert not (tmp_path / "model.onnx").exists()
+
+
+#: a fresh interpreter with the network unusable: loading must need neither it nor the run's config
+FRESH_LOAD = """
+import json, socket, sys
+
+class NoNetwork(socket.socket):
+    def connect(self, *args, **kwargs):
+        raise OSError("loading a checkpoint tried to use the network")
+
+socket.socket = NoNetwork
+import torch
+from transferlab.models import TransferModule
+
+report = {}
+for path in sys.argv[1:]:
+    model = TransferModule.load_from_checkpoint(path).eval()
+    saved = torch.load(path if path.endswith(".ckpt") else path + "/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, model.data_info["image_size"], model.data_info["image_size"]))
+    report[path] = {
+        "backbone": model.backbone.name,
+        "channels_last": model.channels_last,
+        "same_keys": sorted(model.state_dict()) == sorted(saved),
+        "classes": model.data_info["class_names"],
+        "output": list(out.shape),
+    }
+print(json.dumps(report))
+"""
+
+
+def test_load_from_checkpoint_alone_in_a_fresh_process(cnn_run, lite0_run, tmp_path, torch_home):
+    """A run dir (its best checkpoint) and a checkpoint file, each with no other argument."""
+    lite0_best = sorted((lite0_run / "checkpoints").glob("best-*.ckpt"))[-1]
+    empty_home = tmp_path / "empty_torch_home"  # no weights files to fall back on
+    empty_home.mkdir()
+
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD, str(cnn_run), str(lite0_best)], cwd=tmp_path,
+        env=cli_env(empty_home, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    cnn, lite0 = report[str(cnn_run)], report[str(lite0_best)]
+    assert (cnn["backbone"], cnn["channels_last"], lite0["backbone"], lite0["channels_last"]) == ("cnn_small", False, "efficientnet_lite0", True)
+    assert cnn["same_keys"] and lite0["same_keys"]
+    assert cnn["output"] == lite0["output"] == [2, 10]
+    assert cnn["classes"][0] == "airplane"
+    # Weights: the loaded state dict is the checkpoint's, tensor for tensor.
+    from transferlab.models import TransferModule
+
+    loaded = TransferModule.load_from_checkpoint(lite0_best).state_dict()
+    saved = torch.load(lite0_best, weights_only=False)["state_dict"]
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
