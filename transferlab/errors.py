@@ -33,13 +33,13 @@ def full_tracebacks_when_debugging() -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
 
 
-def exit_with(error: UserError, code: int | None = None) -> None:
+def exit_with(error: UserError) -> None:
     """Print `error` as one line on stderr and exit; TRANSFERLAB_DEBUG=1 re-raises instead."""
     if debug_enabled():
         raise error
     message = " ".join(str(error).split())
     print(f"transferlab: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(error.exit_code if code is None else code)
+    sys.exit(error.exit_code)
 
 
 #: what a constructor raises for a bad argument (torch.optim's "Invalid learning rate", a wrong

@@ -208,7 +208,6 @@ class TensorImageDataModule(L.LightningDataModule):
         counts = {
             name: int((train.labels == c).sum()) for c, name in enumerate(self.class_names)
         }
-        self.fewshot_counts = counts
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             record = {"indices": train.positions.tolist(), "per_class": counts}

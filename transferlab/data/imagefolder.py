@@ -156,7 +156,6 @@ class ImageFolderDataModule(TensorImageDataModule):
         self.store_size = int(store_size or self.image_size)
         self.in_memory = in_memory
         self.stats_cache = stats_cache
-        self._train_paths: list[Path] = []
 
     def prepare_data(self) -> None:
         if not self.root.is_dir():

@@ -47,7 +47,6 @@ class Backbone(nn.Module):
         self.name = name
         # A plain list (not registered): the same modules are already children of `body`.
         self._stages = [list(stage) for stage in stages]
-        self.image_size = image_size
         self.out_features = self._feature_size(image_size)
         self.weights_source = "random init"
         self.normalization: dict | None = None  # of the loaded weights, when known
@@ -227,7 +226,7 @@ def _keep_fresh_stem(loaded: W.LoadedWeights, conv1: nn.Conv2d, prefix: str = ""
                 stacklevel=3,
             )
             state[key] = conv1.weight.detach().clone()
-    return W.LoadedWeights(state, loaded.source, loaded.normalization, loaded.extra)
+    return W.LoadedWeights(state, loaded.source, loaded.normalization)
 
 
 def _split_after(layers: list[nn.Module], boundary: type) -> list[list[nn.Module]]:

@@ -15,7 +15,7 @@ these applies it stays None and `transferlab.normalization` says so in the log.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     source: str
     normalization: dict[str, Any] | None = None  # {"name", "mean", "std"} when known
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def is_path(spec: Any) -> bool:
@@ -135,7 +134,7 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
         normalization = {"name": d.get("normalization"), "mean": d.get("mean"), "std": d.get("std")}
     else:
         normalization = published_normalization(path.name)
-    return LoadedWeights(state, source=str(path), normalization=normalization, extra=meta or {})
+    return LoadedWeights(state, source=str(path), normalization=normalization)
 
 
 def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
