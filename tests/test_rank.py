@@ -194,6 +194,28 @@ def test_kendall_tau_b_by_hand():
         S.kendall_tau_b([1, float("nan")], [1, 2])
 
 
+def test_rank_agreement(tmp_path):
+    from transferlab.rank.table import CSV_COLUMNS, rank_agreement
+
+    # three backbones; accuracies a 0.9 > b 0.8 > c 0.7
+    # logme orders a > b > c: 3 concordant pairs, tau = 1; h_score orders c > b > a: tau = -1
+    # leep is n/a for c: over a, b (0.1 < 0.2, acc 0.9 > 0.8) one discordant pair, tau = -1
+    # nce ties a and b (0.5 = 0.5) and puts c lowest: (a,b) tied in x, (a,c) and (b,c) concordant
+    #   tau-b = 2 / sqrt((3 - 1) * 3) = 0.8165
+    rows = [("a", 3.0, 1.0, 0.1, 0.5), ("b", 2.0, 2.0, 0.2, 0.5), ("c", 1.0, 3.0, float("nan"), 0.1)]
+    lines = [",".join(CSV_COLUMNS)]
+    for name, logme, h, leep, nce in rows:
+        values = {"backbone": name, "logme": logme, "h_score": h, "leep": leep, "nce": nce}
+        lines.append(",".join(str(values.get(column, "")) for column in CSV_COLUMNS))
+    path = tmp_path / "rank.csv"
+    path.write_text("\n".join(lines) + "\n")
+    tau = rank_agreement(path, {"a": 0.9, "b": 0.8, "c": 0.7})
+    assert tau["logme"] == pytest.approx(1.0) and tau["h_score"] == pytest.approx(-1.0)
+    assert tau["leep"] == pytest.approx(-1.0) and tau["nce"] == pytest.approx(2 / math.sqrt(6))
+    with pytest.raises(ValueError, match="no backbone d"):
+        rank_agreement(path, {"a": 0.9, "d": 0.5})
+
+
 def test_ranks():
     assert S.ranks([0.1, 0.5, float("nan"), 0.5, -1.0]) == [3, 1, None, 1, 4]
 
@@ -220,38 +242,81 @@ def test_lite_source_head_gives_the_full_models_imagenet_logits(one_thread):
 
 
 # ---- the command --------------------------------------------------------------------------
-def test_backbone_names():
-    from transferlab.rank.__main__ import backbone_names
+def test_backbone_entries():
+    from transferlab.rank.__main__ import Entry, backbone_entries
 
-    assert backbone_names("cnn_small") == ["cnn_small"]
-    assert backbone_names(["cnn_small", "efficientnet_lite0"]) == ["cnn_small", "efficientnet_lite0"]
+    assert backbone_entries("cnn_small") == [Entry("cnn_small", "cnn_small", {})]
+    assert [e.label for e in backbone_entries(["cnn_small", "efficientnet_lite0"])] == ["cnn_small", "efficientnet_lite0"]
+    mapped = backbone_entries(["cnn_small", {"backbone": "cnn_small", "weights": "/runs/a.ckpt", "label": "mine"}])
+    assert mapped[1] == Entry("mine", "cnn_small", {"weights": "/runs/a.ckpt"})
     for value, message in [([], "names no backbone"), (None, "names no backbone"), (["efficientnet_lite9"], "did you mean"),
-                           (["cnn_small", "cnn_small"], "listed twice"), ([3], "not a backbone name")]:
+                           (["cnn_small", "cnn_small"], "listed twice"), ([3], "not a backbone name"),
+                           ([{"weights": "x"}], "names no backbone")]:
         with pytest.raises(UserError, match=message):
-            backbone_names(value)
+            backbone_entries(value)
+
+
+def test_entry_settings_are_checked():
+    from omegaconf import OmegaConf
+
+    from transferlab.rank.__main__ import Entry, with_settings
+
+    cnn = OmegaConf.create({"_target_": "transferlab.models.cnn_small", "channels": [16], "weights": "none"})
+    assert with_settings(Entry("a", "cnn_small", {"weights": "/x.ckpt"}), cnn).weights == "/x.ckpt"
+    with pytest.raises(UserError, match="wieghts is not a setting of backbone cnn_small; did you mean weights"):
+        with_settings(Entry("a", "cnn_small", {"wieghts": "/x.ckpt"}), cnn)
+    timm = OmegaConf.create({"_target_": "transferlab.models.timm_backbone", "name": "???", "weights": "imagenet"})
+    with pytest.raises(UserError, match="timm needs backbone.name"):
+        with_settings(Entry("timm", "timm", {}), timm)
+    assert with_settings(Entry("t", "timm", {"name": "resnet10t"}), timm).name == "resnet10t"
+
+
+def save_cnn_small_checkpoint(path) -> None:
+    """What a cnn_small training run saves, as far as loading its backbone reads it."""
+    from transferlab.models import TransferModule, cnn_small, linear_head
+
+    torch.manual_seed(1)
+    backbone = cnn_small(image_size=32)
+    model = TransferModule(backbone, linear_head(backbone.out_features, 10), num_classes=10)
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "transferlab": {"backbone": "cnn_small", "num_classes": 10}}, path)
 
 
 def test_rank_command(cifar10_root, torch_home, tmp_path):
     """cnn_small (random init: LEEP/NCE n/a) and efficientnet_lite0 (real weights, its ImageNet head)
     at a small image size; then the same run dir again is refused and left as it was."""
     run_dir = tmp_path / "rank"
-    args = ["rank.backbones=[cnn_small,efficientnet_lite0]", f"data.root={cifar10_root}", "data.download=false",
+    trained = tmp_path / "source run" / "last.ckpt"  # a network from an earlier run, given as an entry with settings
+    save_cnn_small_checkpoint(trained)
+    backbones = f"rank.backbones=[cnn_small,efficientnet_lite0,{{backbone:cnn_small,weights:'{trained}',label:earlier_run}}]"
+    args = [backbones, f"data.root={cifar10_root}", "data.download=false",
             "data.val_size=50", "data.fewshot.per_class=6", f"hydra.run.dir={run_dir}"]
     result = cli(args, tmp_path, torch_home, module="transferlab.rank", OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((run_dir / "rank.csv").open()))
     assert list(rows[0]) == ["backbone", "weights", "features", "images", "classes", "logme", "h_score", "leep", "nce",
                              "rank_logme", "rank_h_score", "rank_leep", "rank_nce", "features_time_s", "scores_time_s", "note"]
-    small, lite = rows
-    assert (small["backbone"], lite["backbone"]) == ("cnn_small", "efficientnet_lite0")
+    small, lite, earlier = rows
+    assert (small["backbone"], lite["backbone"], earlier["backbone"]) == ("cnn_small", "efficientnet_lite0", "earlier_run")
+    assert str(trained) in earlier["weights"] and earlier["leep"] == "nan" and "no source classifier" in earlier["note"]
+    assert earlier["logme"] != small["logme"]  # other weights, other features
     assert small["images"] == lite["images"] == "60" and lite["features"] == "1280"
     assert small["leep"] == small["nce"] == "nan" and small["rank_leep"] == "" and "random init" in small["note"]
     assert float(lite["leep"]) <= 0 and float(lite["nce"]) <= 0 and lite["rank_leep"] == "1"
     for row in rows:
         assert math.isfinite(float(row["logme"])) and 0 <= float(row["h_score"]) <= 9
-    assert {small["rank_logme"], lite["rank_logme"]} == {"1", "2"}
+    assert sorted(row["rank_logme"] for row in rows) == ["1", "2", "3"]
     assert "| efficientnet_lite0 |" in result.stdout and "rank by LogME" in result.stdout
     assert "| cnn_small |" in (run_dir / "rank.md").read_text()
+    # the features scored are the ones a frozen training run uses: its cache key finds the ranking's file
+    from conftest import compose_config
+    from transferlab.build import build_backbone, build_datamodule
+    from transferlab.features import feature_keys, features_folder
+
+    cfg = compose_config(["backbone=efficientnet_lite0", "mode=frozen", *args[1:5]], tmp_path / "train")
+    backbone = build_backbone(cfg)
+    key = feature_keys(backbone, build_datamodule(cfg, backbone, None))["train"]
+    assert (features_folder() / f"{key}.pt").is_file()
 
     before = (run_dir / "rank.csv").read_bytes()
     again = cli(args, tmp_path, torch_home, module="transferlab.rank")
@@ -268,6 +333,7 @@ BAD_INPUT = [
     ("empty", ["rank.backbones=[]"], "rank.backbones=[] names no backbone"),
     ("not-a-list", ["rank.backbones=cnn_small,efficientnet_lite0"], "is not a list; write the backbones in brackets"),
     ("needs-a-name", ["rank.backbones=[timm]"], "timm needs backbone.name"),
+    ("sweep", ["-m", "rank.backbones=[cnn_small]"], "runs one ranking per command (no -m)"),
     ("fails-to-build", ["rank.backbones=[efficientnet_lite0,cnn_small]", "data.image_size=16"],
      "rank.backbones: cnn_small cannot be built: data.image_size=16 is too small"),
 ]

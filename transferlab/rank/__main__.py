@@ -69,8 +69,8 @@ def check_command_line(argv: Sequence[str]) -> None:
     _check_backbones_is_a_list(argv)
     cl.check_overrides_compose(["--config-name", CONFIG_NAME, *argv])
     cfg = cl.compose(CONFIG_NAME, _overrides(argv))
-    for name in backbone_names(cfg.rank.get("backbones")):
-        check_backbone_config(name, cl.compose("train", [f"backbone={name}"]).backbone)
+    for entry in backbone_entries(cfg.rank.get("backbones")):
+        with_settings(entry, cl.compose("train", [f"backbone={entry.option}"]).backbone)
     check_settings(cfg)
     run_dir = cl.command_line_overrides(argv).get("hydra.run.dir")
     if run_dir is not None and "${" not in run_dir:
@@ -100,42 +100,73 @@ def _check_backbones_is_a_list(argv: Sequence[str]) -> None:
             raise UserError(f"{text} is not a list; write the backbones in brackets, quoted for the shell: 'rank.backbones=[a,b]'")
 
 
-def backbone_names(value: Any) -> list[str]:
-    """`rank.backbones` as a list of backbone group options (a single name is a list of one)."""
-    if isinstance(value, str):
+@dataclass(frozen=True)
+class Entry:
+    """One backbone to rank: a conf/backbone option, settings of its own, and the name its row gets."""
+
+    label: str
+    option: str
+    settings: dict
+
+
+def backbone_entries(value: Any) -> list[Entry]:
+    """`rank.backbones` as entries: a list of backbone group options (one name is a list of one), where an
+    entry may be a mapping `{backbone: OPTION, label: NAME, <backbone setting>: VALUE, ...}`, e.g. a network
+    from an earlier run: `{backbone: vgg_blocks, weights: outputs/animals, label: animals}`."""
+    if isinstance(value, (str, DictConfig, dict)):
         value = [value]
     if not isinstance(value, (list, ListConfig)) or len(value) == 0:
         raise UserError(
             f"rank.backbones={_shown(value)} names no backbone; give a list of conf/backbone options, e.g. "
             "'rank.backbones=[efficientnet_lite0,efficientnet_lite1]'"
         )
+    entries = [_entry(item) for item in value]
+    labels = [entry.label for entry in entries]
+    twice = next((label for label in labels if labels.count(label) > 1), None)
+    if twice is not None:
+        raise UserError(f"rank.backbones: {twice} is listed twice; list each backbone once (or give each its own label: ...)")
+    return entries
+
+
+def _entry(item: Any) -> Entry:
     known = available_backbones()
-    names: list[str] = []
-    for entry in value:
-        if not isinstance(entry, str):
-            raise UserError(f"rank.backbones: {_shown(entry)} is not a backbone name; give option names of conf/backbone ({', '.join(known)})")
-        if entry not in known:
-            close = difflib.get_close_matches(entry, known, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise UserError(f"rank.backbones: {entry!r} is not a backbone; {hint}choose from {', '.join(known)}")
-        if entry in names:
-            raise UserError(f"rank.backbones: {entry} is listed twice; list each backbone once")
-        names.append(entry)
-    return names
+    if isinstance(item, (DictConfig, dict)):
+        settings = OmegaConf.to_container(item) if isinstance(item, DictConfig) else dict(item)
+        option = settings.pop("backbone", None)
+        label = settings.pop("label", option)
+        if not isinstance(option, str):
+            raise UserError(f"rank.backbones: {_shown(item)} names no backbone; write {{backbone: OPTION, weights: ..., label: NAME}}")
+    elif isinstance(item, str):
+        option, label, settings = item, item, {}
+    else:
+        raise UserError(f"rank.backbones: {_shown(item)} is not a backbone name; give option names of conf/backbone ({', '.join(known)})")
+    if option not in known:
+        close = difflib.get_close_matches(option, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"rank.backbones: {option!r} is not a backbone; {hint}choose from {', '.join(known)}")
+    return Entry(str(label), option, settings)
 
 
 def available_backbones() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "backbone").glob("*.yaml"))
 
 
-def check_backbone_config(name: str, backbone_cfg: DictConfig) -> None:
-    """A backbone option that leaves a setting as ??? (timm, torchvision: their `name`) cannot be ranked by name."""
-    missing = [key for key, value in OmegaConf.to_container(backbone_cfg, resolve=False).items() if value == "???"]
+def with_settings(entry: Entry, backbone_cfg: DictConfig) -> DictConfig:
+    """The option's backbone config with the entry's own settings; an unknown setting or one left as ???
+    (timm, torchvision: their `name`) is refused."""
+    for key in entry.settings:
+        if key not in backbone_cfg.keys():  # `in` alone says no for a ??? value
+            close = difflib.get_close_matches(key, [str(k) for k in backbone_cfg], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"rank.backbones: {entry.label}: {key} is not a setting of backbone {entry.option}{hint}")
+    merged = OmegaConf.merge(backbone_cfg, entry.settings)
+    missing = [key for key, value in OmegaConf.to_container(merged, resolve=False).items() if value == "???"]
     if missing:
         raise UserError(
-            f"rank.backbones: {name} needs backbone.{missing[0]}, which a ranking does not set; rank options that are "
-            f"complete on their own (e.g. resnet18, efficientnet_lite0), or add a file conf/backbone/<yours>.yaml"
+            f"rank.backbones: {entry.label} needs backbone.{missing[0]}; give it in the entry, "
+            f"e.g. '{{backbone: {entry.option}, {missing[0]}: ...}}'"
         )
+    return merged
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -166,7 +197,6 @@ def _shown(value: Any) -> str:
     return "[]" if value == [] else repr(value)
 
 
-# ---- the job --------------------------------------------------------------------------------
 @dataclass
 class Candidate:
     """One backbone, built and checked, with its data module and source head; no features yet."""
@@ -182,10 +212,10 @@ def run(cfg: DictConfig) -> list[dict]:
 
     output_dir = Path(cfg.paths.output_dir)
     check_run_dir(output_dir)
-    names = backbone_names(cfg.rank.backbones)
+    entries = backbone_entries(cfg.rank.backbones)
     check_settings(cfg)
     check_data_root(cfg.data)
-    candidates = [prepare(name, cfg, output_dir) for name in names]
+    candidates = [prepare(entry, cfg, output_dir) for entry in entries]
     check_same_images(candidates)
     device = feature_device(str(cfg.rank.device))
     described = describe_run(cfg, candidates[0].datamodule)
@@ -201,21 +231,24 @@ def run(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def backbone_config(name: str, cfg: DictConfig) -> DictConfig:
-    """The main command's config for `backbone=NAME mode=frozen` with this command's data settings."""
-    composed = hydra.compose(config_name="train", overrides=[f"backbone={name}", "mode=frozen"])
+def backbone_config(entry: Entry, cfg: DictConfig) -> DictConfig:
+    """The main command's config for `backbone=OPTION mode=frozen` (plus the entry's backbone settings)
+    with this command's data settings."""
+    composed = hydra.compose(config_name="train", overrides=[f"backbone={entry.option}", "mode=frozen"])
     with open_dict(composed):
+        composed.backbone = with_settings(entry, composed.backbone)
         composed.seed = cfg.seed
         composed.data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     return composed
 
 
-def prepare(name: str, cfg: DictConfig, output_dir: Path) -> Candidate:
+def prepare(entry: Entry, cfg: DictConfig, output_dir: Path) -> Candidate:
     """Build the backbone (weights loaded) and its data module (read, split, normalized for its weights)."""
     from transferlab.build import build_backbone, build_datamodule
     from transferlab.rank.source import source_head
 
-    composed = backbone_config(name, cfg)
+    name = entry.label
+    composed = backbone_config(entry, cfg)
     try:
         backbone = build_backbone(composed)
         source = source_head(composed.backbone, backbone)

@@ -94,3 +94,22 @@ def _score(value: float) -> str:
 
 def _rank(value: int | None) -> str:
     return "n/a" if value is None else str(value)
+
+
+def rank_agreement(csv_path: Path | str, accuracies: dict[str, float]) -> dict[str, float]:
+    """Kendall's tau-b between each score of a rank.csv and measured accuracies (backbone -> accuracy,
+    e.g. fine-tuned test accuracy), over the backbones that have both; NaN for a score with fewer than
+    two such backbones. The question it answers: does the score order the backbones as fine-tuning does?"""
+    from transferlab.rank.scores import kendall_tau_b
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    unknown = sorted(set(accuracies) - {row["backbone"] for row in rows})
+    if unknown:
+        raise ValueError(f"{csv_path} has no backbone {', '.join(unknown)}")
+    agreement = {}
+    for name in SCORES:
+        pairs = [(float(row[name]), float(accuracies[row["backbone"]])) for row in rows
+                 if row["backbone"] in accuracies and math.isfinite(float(row[name]))]
+        agreement[name] = kendall_tau_b(*zip(*pairs)) if len(pairs) >= 2 else math.nan
+    return agreement
