@@ -6,8 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import REPO, TINY_JOB
 
 NOTEBOOK = REPO / "notebooks" / "compare_modes.ipynb"
@@ -72,10 +70,17 @@ def test_notebook_runs_a_sweep_and_shows_table_and_curves(tmp_path, cifar10_root
     assert len(images) == 1, "the curves, and no sample-efficiency plot for a single few-shot size"
 
 
-@pytest.mark.parametrize("variable", ["TRANSFERLAB_NOTEBOOK_SWEEP", "TRANSFERLAB_NOTEBOOK_DATA"])
-def test_notebook_parameters_come_from_the_first_code_cell(variable):
+def test_notebook_parameters_come_from_the_environment(tmp_path, monkeypatch):
+    """The first code cell holds the parameters: an existing sweep to show, the data, the overrides."""
     import nbformat
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    first_code = next(c for c in notebook.cells if c.cell_type == "code")
-    assert variable in first_code.source and "SWEEP_DIR" in first_code.source
+    parameters = next(c for c in notebook.cells if c.cell_type == "code")
+    monkeypatch.setenv("TRANSFERLAB_NOTEBOOK_SWEEP", str(tmp_path / "sweep"))
+    monkeypatch.setenv("TRANSFERLAB_NOTEBOOK_DATA", str(tmp_path / "cifar"))
+    monkeypatch.setenv("TRANSFERLAB_NOTEBOOK_OVERRIDES", "trainer.max_epochs=1 seed=3")
+    namespace: dict = {}
+    exec(compile(parameters.source, "parameters", "exec"), namespace)
+    assert Path(namespace["SWEEP_DIR"]) == tmp_path / "sweep"
+    assert namespace["DATA_ROOT"] == (tmp_path / "cifar").resolve()
+    assert namespace["OVERRIDES"] == ["trainer.max_epochs=1", "seed=3"]

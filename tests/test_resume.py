@@ -278,14 +278,30 @@ def test_moved_run_dir_resumes_with_its_best_checkpoint(cifar10_root, torch_home
 
 
 def test_best_checkpoint_of_a_moved_run_is_found_next_to_last(tmp_path):
-    from transferlab.results import best_checkpoint
+    from transferlab.checkpointing import recorded_best
 
     (tmp_path / "new").mkdir()
     for name in ("best-epoch001.ckpt", "last.ckpt"):
         (tmp_path / "new" / name).write_bytes(b"")
     state = {"monitor": "val/acc", "dirpath": "/gone/checkpoints", "best_model_path": "/gone/checkpoints/best-epoch001.ckpt"}
     torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}}, tmp_path / "new" / "last.ckpt")
-    assert best_checkpoint(tmp_path / "new" / "last.ckpt") == tmp_path / "new" / "best-epoch001.ckpt"
+    assert recorded_best(tmp_path / "new" / "last.ckpt") == tmp_path / "new" / "best-epoch001.ckpt"
+
+
+def test_a_checkpoint_from_before_the_learning_rate_ratios_moved_to_the_model_still_resumes(tmp_path):
+    """Checkpoints record their config; the ratios were mode.* settings (model.* interpolated them)."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from transferlab.resume import config_changes
+
+    current = compose_config(["mode=gradual"], tmp_path)
+    before_the_move = OmegaConf.to_container(current, resolve=False)
+    before_the_move["mode"].update(backbone_lr_ratio=0.1, layer_decay=None)
+    before_the_move["model"].update(backbone_lr_ratio="${mode.backbone_lr_ratio}", layer_decay="${mode.layer_decay}")
+    assert config_changes(OmegaConf.create(before_the_move), current) == []
+    before_the_move["mode"]["backbone_lr_ratio"] = 0.5
+    assert config_changes(OmegaConf.create(before_the_move), current) == ["model.backbone_lr_ratio (0.5 -> 0.1)"]
 
 
 # (id, overrides added to the finished run's own, what the one line must say)

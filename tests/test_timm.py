@@ -171,7 +171,7 @@ def test_lite0_trains_with_real_weights(mode, cifar10_root, tmp_path):
 def test_lite0_layer_decay_gives_one_group_per_stage(cifar10_root, tmp_path):
     import hydra
 
-    cfg = compose_config(["backbone=efficientnet_lite0", "mode.layer_decay=0.5", "backbone.weights=none"], tmp_path)
+    cfg = compose_config(["backbone=efficientnet_lite0", "model.layer_decay=0.5", "backbone.weights=none"], tmp_path)
     backbone = hydra.utils.instantiate(cfg.backbone, image_size=32)
     from transferlab.models import TransferModule, linear_head
 

@@ -171,7 +171,7 @@ class GradualUnfreeze(TransferMode):
 
     Its groups are in the optimizer from the start (at rate 0 while frozen); from the
     unfreeze epoch on they run at the head's scheduled rate times their `lr_scale`
-    (`mode.backbone_lr_ratio`, and `mode.layer_decay` per stage). With `warmup_epochs`, the
+    (`model.backbone_lr_ratio`, and `model.layer_decay` per stage). With `warmup_epochs`, the
     backbone's rate starts at `warmup_start` times that and grows by a constant factor per
     epoch until it reaches it.
     """
