@@ -158,12 +158,14 @@ def test_linear_probe_run_writes_the_usual_metrics_and_a_checkpoint_other_runs_l
     for key in ("test/acc", "test/loss", "val/acc", "val/acc_best", "train/acc", "train/loss", "train_time_s",
                 "features_time_s", "params_total", "params_trainable", "epochs", "l2"):
         assert key in metrics, key
-    assert metrics["params_trainable"] == 64 * 10 + 10 or metrics["params_trainable"] < metrics["params_total"]
     record = json.loads((probe_dir / "run_info.json").read_text())["linear_probe"]
     assert record["l2_grid"] == [0.001, 0.1, 10.0] and record["l2"] == metrics["l2"]
-    assert metrics["val/acc_best"] == pytest.approx(max(record["val_acc"]), abs=1e-6)
+    # the refit (from zero) may flip a near-tie: within one of the 50 validation images of the grid's best
+    assert metrics["val/acc_best"] == pytest.approx(max(record["val_acc"]), abs=1 / 50 + 1e-6)
     checkpoint = torch.load(next((probe_dir / "checkpoints").glob("best-*.ckpt")), weights_only=False)
-    assert any(k.startswith("head.") for k in checkpoint["state_dict"]) and "transferlab" in checkpoint
+    assert "transferlab" in checkpoint and any(k.startswith("backbone.") for k in checkpoint["state_dict"])
+    head_size = sum(v.numel() for k, v in checkpoint["state_dict"].items() if k.startswith("head."))
+    assert metrics["params_trainable"] == head_size > 0  # only the linear head was fitted
 
     # A later run starts from the probe's run dir, with L2-SP towards those weights: penalty logged.
     follow = tmp_path / "follow"
@@ -247,3 +249,13 @@ def test_meaningless_method_combinations_are_one_line_exit_2(overrides, message,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("transferlab: error: ") and message in lines[0], result.stderr
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_l2sp_on_a_frozen_backbone_is_the_heads_beta_term_alone():
+    # mode=frozen (cached features or not): the backbone never leaves w0, so only beta * ||head||^2 remains
+    regularizer = L2SP(alpha=1.0, beta=0.25)
+    model = _module(regularizer)
+    for p in model.backbone.parameters():
+        p.requires_grad = False
+    head_size = sum(p.detach().pow(2).sum() for p in model.head.parameters())
+    torch.testing.assert_close(regularizer(model, torch.zeros(1)), 0.25 * head_size)
