@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,9 @@ def run_exported(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         assert [i.type for i in session.get_inputs()] == ["tensor(uint8)"]
         return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-    module = torch.jit.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript, still loads it
+        module = torch.jit.load(str(path))
     with torch.no_grad():
         return module(images)
 
@@ -158,3 +161,29 @@ def test_load_from_checkpoint_alone_in_a_fresh_process(cnn_run, lite0_run, tmp_p
     loaded = TransferModule.load_from_checkpoint(lite0_best).state_dict()
     saved = torch.load(lite0_best, weights_only=False)["state_dict"]
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_rebuild_keeps_what_the_weights_decided(tmp_path):
+    """GoogLeNet with ImageNet weights remaps its input (transform_input), a flag no tensor holds:
+    the record keeps it, and the rebuild (weights none) sets it back instead of silently dropping it."""
+    from omegaconf import OmegaConf
+
+    from transferlab.inference import architecture_record, rebuild_arguments
+    from transferlab.models import TransferModule, linear_head, torchvision_backbone
+
+    cfg = OmegaConf.create({
+        "backbone": {"_target_": "transferlab.models.torchvision_backbone", "name": "googlenet", "weights": "imagenet"},
+        "head": {"_target_": "transferlab.models.linear_head", "dropout": 0.0},
+        "data": {"image_size": 64},
+    })
+    backbone = torchvision_backbone("googlenet", weights="none", image_size=64)
+    backbone.body.transform_input = True  # what loading the ImageNet weights sets
+    model = TransferModule(backbone, linear_head(backbone.out_features, 3), num_classes=3)
+    data = {"class_names": ["a", "b", "c"], "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
+    record = {"data": data, "num_classes": 3, "architecture": architecture_record(cfg, backbone, 3)}
+    torch.save({"state_dict": model.state_dict(), "transferlab": record}, tmp_path / "googlenet.ckpt")
+
+    _, rebuilt = rebuild_arguments(tmp_path / "googlenet.ckpt")
+
+    assert rebuilt["backbone"].body.transform_input is True
+    assert rebuilt["backbone"].weights_source == "random init"  # nothing was loaded: the state dict fills it

@@ -85,7 +85,7 @@ def build_model(cfg: DictConfig, backbone, datamodule: TensorImageDataModule) ->
     )
     # Set after instantiate: Hydra would build the `_target_` nodes it holds. Checkpoints record it, so
     # that `TransferModule.load_from_checkpoint(path)` rebuilds this network without the config.
-    model.architecture = architecture_record(cfg, backbone.out_features, datamodule.num_classes)
+    model.architecture = architecture_record(cfg, backbone, datamodule.num_classes)
     return model
 
 

@@ -34,9 +34,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = CommandLine(
         prog="python -m transferlab.export",
         description=(
-            "Export a trained transferlab model with its preprocessing inside: input uint8 RGB images "
-            "(N x 3 x S x S, S the run's image size), output class probabilities (N x classes). "
-            "The class names, in output order, are written beside it to FILE.classes.json."
+            "Export a trained transferlab model with its preprocessing inside: input uint8 RGB images\n"
+            "(N x 3 x S x S, S the run's image size, values 0..255), output class probabilities\n"
+            "(N x classes). The class names, in output order, and the preprocessing are written\n"
+            "beside it to FILE.classes.json. The export is checked against PyTorch before it is written."
         ),
         epilog=(
             "examples:\n"
@@ -47,7 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("model", metavar="RUN_DIR_OR_CKPT", help="a run dir (its best checkpoint) or a .ckpt file of a transferlab run")
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx (dynamic batch axis) or torchscript (traced)")
-    parser.add_argument("--out", type=Path, default=None, help="the file to write (default: model.onnx or model.pt in the current folder)")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="the file to write (default: model.onnx or model.pt in the current folder)")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     return parser.parse_args(argv)
 

@@ -28,21 +28,43 @@ DATA_KEYS = ("class_names", "image_size", "mean", "std")
 
 
 # ---- what a checkpoint records ---------------------------------------------------------------
-def architecture_record(cfg, out_features: int, num_classes: int) -> dict:
+#: backbone attributes a constructor sets from the weights it loads, which no tensor of the state
+#: dict holds: a rebuild with weights none would get them wrong (torchvision's GoogLeNet and
+#: Inception v3 remap their input for ImageNet weights only)
+WEIGHT_DEPENDENT_ATTRIBUTES = ("body.transform_input",)
+
+
+def architecture_record(cfg, backbone: nn.Module, num_classes: int) -> dict:
     """How to rebuild a run's network without its config: the `backbone` and `head` config nodes
     (`_target_` and arguments, resolved) as `transferlab.build` instantiated them.
 
     The backbone's weights are `none`: the checkpoint's state dict holds the trained ones, and
-    rebuilding must never read a weights file or reach the network.
+    rebuilding must never read a weights file or reach the network. What the weights decided
+    besides their tensors is kept in `backbone_attributes`.
     """
     from omegaconf import OmegaConf
 
-    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-    head = OmegaConf.to_container(cfg.head, resolve=True)
+    backbone_node = OmegaConf.to_container(cfg.backbone, resolve=True)
+    head_node = OmegaConf.to_container(cfg.head, resolve=True)
+    attributes = {name: _attribute(backbone, name) for name in WEIGHT_DEPENDENT_ATTRIBUTES if _attribute(backbone, name) is not None}
     return {
-        "backbone": {**backbone, "image_size": int(cfg.data.image_size), "weights": "none"},
-        "head": {**head, "in_features": int(out_features), "num_classes": int(num_classes)},
+        "backbone": {**backbone_node, "image_size": int(cfg.data.image_size), "weights": "none"},
+        "head": {**head_node, "in_features": int(backbone.out_features), "num_classes": int(num_classes)},
+        "backbone_attributes": attributes,
     }
+
+
+def _attribute(module: nn.Module, dotted: str):
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+    return module if isinstance(module, (bool, int, float, str)) else None
+
+
+def _set_attribute(module: nn.Module, dotted: str, value) -> None:
+    *parents, name = dotted.split(".")
+    for parent in parents:
+        module = getattr(module, parent)
+    setattr(module, name, value)
 
 
 def checkpoint_file(path: str | os.PathLike, setting: str) -> Path:
@@ -79,8 +101,11 @@ def rebuild_arguments(path: str | os.PathLike, setting: str = "checkpoint_path")
     missing = [key for key in DATA_KEYS if not data.get(key)]
     if missing:
         raise UserError(f"{setting}={file} does not record its images' {', '.join(missing)}; train it again with this version")
+    backbone = _instantiate(architecture["backbone"], file, "backbone")
+    for name, value in (architecture.get("backbone_attributes") or {}).items():
+        _set_attribute(backbone, name, value)
     return file, {
-        "backbone": _instantiate(architecture["backbone"], file, "backbone"),
+        "backbone": backbone,
         "head": _instantiate(architecture["head"], file, "head"),
         "num_classes": int(record["num_classes"]),
         "data_info": dict(data),

@@ -47,10 +47,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = CommandLine(
         prog="python -m transferlab.predict",
         description=(
-            "Classify images with a trained transferlab model. The run's image size, normalization and "
-            "class names come from its checkpoint; images are resized (short side) and center-cropped "
-            "to the run's size. Prints a table and writes a CSV: path, class, probability "
-            "(and the next classes with --top-k)."
+            "Classify images with a trained transferlab model. The run's image size, normalization and\n"
+            "class names come from its checkpoint; images are resized (short side) and center-cropped\n"
+            "to the run's size. Prints a table and writes a CSV: path, class, probability (and the next\n"
+            "classes with --top-k). Files that cannot be read are skipped with a warning."
         ),
         epilog=(
             "examples:\n"
@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "paths", nargs="+", metavar="PATH",
         help="image files, folders (searched recursively for .jpg, .png, ... files) or quoted glob patterns ('**' recurses)",
     )
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write (default: predictions.csv); an existing file is kept unless --force")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), metavar="FILE", help="the CSV to write (default: predictions.csv); an existing file is kept unless --force")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     parser.add_argument("--top-k", type=positive_int, default=1, metavar="K", help="also list the K most probable classes (default: 1)")
     parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per forward pass (default: 64)")
