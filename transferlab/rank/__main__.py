@@ -68,14 +68,24 @@ def check_command_line(argv: Sequence[str]) -> None:
         )
     _check_backbones_is_a_list(argv)
     cl.check_overrides_compose(["--config-name", CONFIG_NAME, *argv])
-    cfg = cl.compose(CONFIG_NAME, _overrides(argv))
+    from hydra.errors import MissingConfigException
+
+    try:
+        cfg = cl.compose(CONFIG_NAME, _overrides(argv))
+    except MissingConfigException:
+        return  # data=foo: Hydra's own message lists the choices
     for entry in backbone_entries(cfg.rank.get("backbones")):
         with_settings(entry, cl.compose("train", [f"backbone={entry.option}"]).backbone)
     check_settings(cfg)
     run_dir = cl.command_line_overrides(argv).get("hydra.run.dir")
-    if run_dir is not None and "${" not in run_dir:
+    if run_dir is None:
+        cl._check_default_outputs_writable()
+    elif "${" not in run_dir:  # an interpolation is only known once Hydra resolves it
         check_run_dir(Path(run_dir))
         cl._check_creatable(Path(run_dir), "hydra.run.dir")
+    from transferlab.data.datamodule import check_data_root  # last: it imports Lightning (seconds)
+
+    check_data_root(cfg.data)  # a data.root that holds something else: refused before Hydra makes a run dir
 
 
 def _overrides(argv: Sequence[str]) -> list[str]:
