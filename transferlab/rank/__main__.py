@@ -56,6 +56,8 @@ def hydra_main(cfg: DictConfig) -> None:
 # ---- before Hydra ---------------------------------------------------------------------------
 def check_command_line(argv: Sequence[str]) -> None:
     """The overrides compose, name known backbones, and the run dir can take a new ranking."""
+    from hydra.errors import MissingConfigException
+
     from transferlab import command_line as cl
 
     cl.check_flags_before_overrides(argv)
@@ -67,9 +69,7 @@ def check_command_line(argv: Sequence[str]) -> None:
             "with 'rank.backbones=[a,b,c]', and other settings take one command each"
         )
     _check_backbones_is_a_list(argv)
-    cl.check_overrides_compose(["--config-name", CONFIG_NAME, *argv])
-    from hydra.errors import MissingConfigException
-
+    cl.check_overrides_compose(["--config-name", CONFIG_NAME, *argv])  # composes the rank config, not train
     try:
         cfg = cl.compose(CONFIG_NAME, _overrides(argv))
     except MissingConfigException:
