@@ -219,13 +219,13 @@ def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar1
 
 
 MEANINGLESS = [
-    (["mode=linear_probe", "head=mlp"], "mode=linear_probe solves for a linear head"),
+    (["mode=linear_probe", "head=mlp"], "mode=linear_probe solves for a linear head (logistic regression), but head=mlp;"),
     (["mode=lp_ft", "head=mlp"], "mode=lp_ft solves for a linear head"),
     (["mode=linear_probe", "data.augment=true"], "mode=linear_probe fits on the backbone's features computed once"),
     (["mode=linear_probe", "ckpt_path=last"], "mode=linear_probe solves in one go"),
     (["mode=linear_probe", "regularizer=l2sp"], "regularizer=l2sp with mode=linear_probe"),
-    (["mode=scratch", "regularizer=l2sp"], "regularizer=l2sp pulls the backbone towards its pretrained weights"),
-    (["mode=finetune", "backbone.weights=none", "regularizer=l2sp"], "starts from random init"),
+    (["mode=scratch", "regularizer=l2sp"], "regularizer=l2sp pulls the backbone towards its pretrained weights, but mode=scratch"),
+    (["mode=finetune", "backbone.weights=none", "regularizer=l2sp"], "backbone.weights=none is random init"),
     (["mode=frozen", "regularizer=bss"], "regularizer=bss with mode=frozen"),
     (["mode=finetune", "regularizer=bss", "regularizer.k=0"], "regularizer.k=0 must be an integer >= 1"),
     (["mode=linear_probe", "mode.l2_grid=[]"], "mode.l2_grid=[] must be a non-empty list"),

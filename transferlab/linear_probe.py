@@ -159,7 +159,8 @@ def check_probe_config(cfg: DictConfig) -> None:
         return
     head = str(cfg.head.get("_target_", ""))
     if not head.endswith("linear_head"):
-        raise UserError(f"mode={mode} solves for a linear head (logistic regression), but head={head.rsplit('.', 1)[-1]}; use head=linear")
+        name = head.rsplit(".", 1)[-1].removesuffix("_head")
+        raise UserError(f"mode={mode} solves for a linear head (logistic regression), but head={name}; use head=linear")
     probe_from_config(cfg)  # its own argument checks
     weights = str(cfg.backbone.get("weights", "imagenet")).lower()
     if weights in ("none", "null", "random", ""):

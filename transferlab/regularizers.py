@@ -139,12 +139,17 @@ def check_regularizer_config(cfg: DictConfig) -> None:
             f"(mode.l2_grid); use regularizer=none"
         )
     if name == "l2sp":
-        weights = str(cfg.backbone.get("weights", "imagenet")).lower()
-        if not cfg.mode.get("pretrained", True) or weights in RANDOM_INIT:
+        if not cfg.mode.get("pretrained", True):
             raise UserError(
-                f"regularizer=l2sp pulls the backbone towards its pretrained weights, but mode={mode} / "
-                f"backbone.weights={cfg.backbone.get('weights')} starts from random init; use a pretrained backbone "
-                f"(mode=finetune) or regularizer=none"
+                f"regularizer=l2sp pulls the backbone towards its pretrained weights, but mode={mode} starts from "
+                f"random init (w0 would be random); use a mode that starts from backbone.weights (finetune, lp_ft, ...) "
+                f"or regularizer=none"
+            )
+        if str(cfg.backbone.get("weights", "imagenet")).lower() in RANDOM_INIT:
+            raise UserError(
+                f"regularizer=l2sp pulls the backbone towards its pretrained weights, but backbone.weights="
+                f"{cfg.backbone.get('weights')} is random init (w0 would be random); give pretrained weights "
+                f"(imagenet, a file or a run dir) or use regularizer=none"
             )
         if mode == "frozen":
             # Allowed: the backbone never moves, so alpha's term is exactly 0 and what remains is the
