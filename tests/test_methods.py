@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from functools import partial
 from pathlib import Path
@@ -237,7 +238,7 @@ def test_meaningless_method_combinations_are_refused_before_anything_is_built(ov
     from conftest import compose_config
     from transferlab.build import check_method_combination
 
-    with pytest.raises(UserError, match=message.replace("[", "\\[").replace("]", "\\]")):
+    with pytest.raises(UserError, match=re.escape(message)):
         check_method_combination(compose_config(["backbone=cnn_small", *overrides], tmp_path))
 
 
