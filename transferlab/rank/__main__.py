@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -30,6 +30,9 @@ from transferlab.errors import UserError, bad_argument, full_tracebacks_when_deb
 from transferlab.rank import scores
 from transferlab.rank.table import SCORES, print_table, write_tables
 from transferlab.runinfo import config_dir
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("transferlab.rank")
 
