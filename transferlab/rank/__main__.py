@@ -137,7 +137,7 @@ def backbone_entries(value: Any) -> list[Entry]:
     labels = [entry.label for entry in entries]
     twice = next((label for label in labels if labels.count(label) > 1), None)
     if twice is not None:
-        raise UserError(f"rank.backbones: {twice} is listed twice; list each backbone once (or give each its own label: ...)")
+        raise UserError(f"rank.backbones: {twice} is listed twice; list each backbone once (two entries of one option need their own labels: {{backbone: {twice}, label: NAME, ...}})")
     return entries
 
 
