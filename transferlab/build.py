@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import hydra
 import lightning as L
@@ -50,11 +51,14 @@ def build(cfg: DictConfig, output_dir: Path | None = None, with_trainer: bool = 
 
 
 def build_backbone(cfg: DictConfig):
-    """The configured backbone; `mode.pretrained=false` (scratch) means random init, whatever the weights say."""
-    weights = cfg.backbone.get("weights")
-    if not cfg.mode.get("pretrained", True):
-        weights = "none"
-    return hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size, weights=weights)
+    """The configured backbone, with the weights `backbone_weights` says it starts from."""
+    return hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size, weights=backbone_weights(cfg.backbone, cfg.mode))
+
+
+def backbone_weights(backbone: Mapping, mode: Mapping):
+    """The weights a run starts from: `mode.pretrained=false` (scratch) means random init, whatever
+    `backbone.weights` says (the one home of that rule: building, and the HParams the run reports)."""
+    return backbone.get("weights") if mode.get("pretrained", True) else "none"
 
 
 def build_datamodule(cfg: DictConfig, backbone, output_dir: Path | None) -> TensorImageDataModule:

@@ -9,6 +9,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.build import backbone_weights
+
 
 def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:
     """The run's settings, for TensorBoard's HParams tab (and the other loggers).
@@ -43,9 +45,10 @@ def component_names(settings: dict) -> dict[str, str]:
         # a group's own `name` (torchvision/timm backbones: the model) says more than its builder
         name = node.get("name") or target.rsplit(".", 1)[-1].removesuffix("_head") or "none"
         names[f"{group}.name"] = str(name)
-    if not (settings.get("mode") or {}).get("pretrained", True):
-        # mode=scratch trains from random init whatever backbone.weights says (transferlab.build.build_backbone)
-        names["backbone.weights"] = "none"
+    backbone = settings.get("backbone") or {}
+    used = backbone_weights(backbone, settings.get("mode") or {})
+    if used != backbone.get("weights"):  # mode=scratch: random init, whatever the config says
+        names["backbone.weights"] = str(used)
     return names
 
 

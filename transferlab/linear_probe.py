@@ -279,7 +279,7 @@ def probe_head_before_fine_tuning(cfg: DictConfig, built, resuming: bool) -> Non
     set_linear_head(model.head, result.weight, result.bias)
     callback.record = result.record()
     for clock in (c for c in trainer.callbacks if isinstance(c, TrainingClock)):
-        clock.before += result.solve_time_s
+        clock.add(result.solve_time_s)
 
 
 def probe_record(trainer) -> dict | None:

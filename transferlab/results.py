@@ -14,7 +14,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from transferlab.callbacks.guards import TrainingClock, relocated
+from transferlab.callbacks.guards import TrainingClock
+from transferlab.checkpointing import recorded_best
 from transferlab.models import TransferModule
 from transferlab.runinfo import run_info
 from transferlab.resume import ResumePlan, read_json
@@ -60,7 +61,7 @@ def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule,
     """Test the best checkpoint of a run with no epoch left to train; its training metrics stay."""
     metrics = {k: v for k, v in plan.previous_metrics().items() if not k.startswith("test/")}
     if plan.test:
-        best = best_checkpoint(plan.checkpoint) or plan.checkpoint
+        best = recorded_best(plan.checkpoint) or plan.checkpoint
         results = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics.update({k: as_number(v) for k, v in (results[0] if results else {}).items()})
         # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json)
@@ -68,18 +69,6 @@ def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule,
     metrics.setdefault("epochs", plan.epochs_done)
     metrics.setdefault("train_time_s", round(_checkpoint_train_time(plan.checkpoint), 3))
     return metrics
-
-
-def best_checkpoint(last: Path) -> Path | None:
-    """The best checkpoint by val/acc that `last` records (ModelCheckpoint's state), if it is still there."""
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    for state in (checkpoint.get("callbacks") or {}).values():
-        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
-            # A moved run dir: the best file is next to `last`, not at the path recorded before the move.
-            path = Path(relocated(state["best_model_path"], state.get("dirpath") or "", last.parent))
-            if path.is_file():
-                return path
-    return None
 
 
 def _checkpoint_train_time(path: Path) -> float:

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from transferlab.checkpointing import read_checkpoint, relocated, transferlab_record
 from transferlab.errors import TrainingDiverged, UserError
 
 
@@ -135,7 +136,7 @@ class CheckpointFitsModel(Callback):
         path = checkpoint_path(self.ckpt_path, self.output_dir)
         if path is None:
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = read_checkpoint(path, "ckpt_path")
         problem = class_difference(_recorded_classes(checkpoint), getattr(pl_module, "data_info", {}).get("class_names"))
         problem = problem or state_dict_difference(checkpoint.get("state_dict", {}), pl_module.state_dict())
         if problem:
@@ -147,7 +148,7 @@ class CheckpointFitsModel(Callback):
 
 def _provenance(checkpoint: dict) -> str:
     """" (trained with backbone X on D)" from transferlab's record in the checkpoint, if it has one."""
-    meta = checkpoint.get("transferlab") if isinstance(checkpoint.get("transferlab"), dict) else {}
+    meta = transferlab_record(checkpoint)
     backbone, dataset = meta.get("backbone"), (meta.get("data") or {}).get("dataset")
     if not backbone:
         return ""
@@ -155,8 +156,7 @@ def _provenance(checkpoint: dict) -> str:
 
 
 def _recorded_classes(checkpoint: dict) -> list[str] | None:
-    meta = checkpoint.get("transferlab") if isinstance(checkpoint.get("transferlab"), dict) else {}
-    return (meta.get("data") or {}).get("class_names")
+    return (transferlab_record(checkpoint).get("data") or {}).get("class_names")
 
 
 def class_difference(saved: list[str] | None, own: list[str] | None) -> str | None:
@@ -207,15 +207,6 @@ def relocate_checkpoint_state(state: dict, old_dir: str, new_dir: str) -> dict:
     return state
 
 
-def relocated(path: str, old_dir: str | Path, new_dir: str | Path) -> str:
-    """`path` (a file under `old_dir`) under `new_dir` instead, if the file is there; else `path` unchanged."""
-    try:
-        moved = Path(new_dir) / Path(path).relative_to(old_dir)
-    except ValueError:
-        return str(path)
-    return str(moved) if moved.is_file() else str(path)
-
-
 class ScheduleFollowsBudget(Callback):
     """A resume with a raised trainer.max_epochs stretches a cosine schedule to the new budget.
 
@@ -263,11 +254,19 @@ class TrainingClock(Callback):
 
     def __init__(self) -> None:
         self.before = 0.0  # seconds trained before this process, read from the checkpoint
+        self._restored = 0.0  # the last checkpoint's time, whatever stage restored it
+        self.added = 0.0  # training done outside fit in this process (LP-FT's probe solve)
         self._started: float | None = None
         self._stopped: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started, self._stopped = time.perf_counter(), None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Only a fit resumes the clock: `trainer.test(ckpt_path=best)` restores callbacks too,
+        # and taking the best epoch's time as "before" would count those epochs twice.
+        # (on_train_start: after the checkpoint is restored, whichever the strategy's order.)
+        self.before = self._restored
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stopped = time.perf_counter()
@@ -278,14 +277,18 @@ class TrainingClock(Callback):
             return 0.0
         return (self._stopped or time.perf_counter()) - self._started
 
+    def add(self, seconds: float) -> None:
+        """Count training done outside `fit` (e.g. a solver run before it) in the run's time."""
+        self.added += seconds
+
     def total(self) -> float:
-        return self.before + self.elapsed()
+        return self.before + self.added + self.elapsed()
 
     def state_dict(self) -> dict[str, float]:
         return {"train_time_s": self.total()}
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        self.before = float(state_dict.get("train_time_s", 0.0))
+        self._restored = float(state_dict.get("train_time_s", 0.0))
 
 
 def state_dict_difference(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
