@@ -348,3 +348,18 @@ def test_raised_budget_stretches_the_cosine_schedule(cifar10_root, torch_home, t
     assert all(a > b for a, b in zip(resumed, resumed[1:])), rates
     # epoch 2 of a 5-epoch cosine from 0.01, continued to its end
     assert resumed[-1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 4 / 5)) / 2, rel=1e-4)
+
+
+def test_a_checkpoint_from_before_the_regularizer_group_still_resumes(tmp_path):
+    """Runs trained before `regularizer` existed trained without a penalty: regularizer=none."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from transferlab.resume import config_changes
+
+    current = compose_config(["backbone=cnn_small"], tmp_path)
+    before_the_group = OmegaConf.to_container(current, resolve=False)
+    del before_the_group["regularizer"]
+    assert config_changes(OmegaConf.create(before_the_group), current) == []
+    with_penalty = compose_config(["backbone=cnn_small", "regularizer=l2sp"], tmp_path)
+    assert "regularizer.name (none -> l2sp)" in config_changes(OmegaConf.create(before_the_group), with_penalty)

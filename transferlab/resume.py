@@ -39,6 +39,11 @@ RENAMED_SETTINGS = {
     "mode.backbone_lr_ratio": "model.backbone_lr_ratio",
     "mode.layer_decay": "model.layer_decay",
 }
+#: settings added since: key -> the value that does what runs did before the key existed. A
+#: checkpoint recorded without the key is compared as if it had this value.
+ADDED_SETTINGS = {
+    "regularizer.name": "none",  # the regularizer group (issue 15): no penalty
+}
 
 
 # ---- which checkpoint ------------------------------------------------------------------------
@@ -198,9 +203,12 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
 
     Compared unresolved, as written: `scheduler.T_max: ${trainer.max_epochs}` is the same
     setting in both, and its source key is compared on its own. A saved config from before a
-    setting moved is read under the new names (RENAMED_SETTINGS), and so is the current one.
+    setting moved is read under the new names (RENAMED_SETTINGS), and so is the current one;
+    one from before a setting existed has that setting's old behaviour (ADDED_SETTINGS).
     """
     before = _under_current_names(dotted_settings(OmegaConf.to_container(saved, resolve=False)))
+    for key, value in ADDED_SETTINGS.items():
+        before.setdefault(key, value)
     after = _under_current_names(dotted_settings(OmegaConf.to_container(current, resolve=False)))
     keys = sorted(set(before) | set(after))
     return [
