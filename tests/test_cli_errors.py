@@ -134,6 +134,9 @@ DEGENERATE_IN_PROCESS = [
      "mode.unfreeze_at_epoch=5 with trainer.max_epochs=2: the backbone never unfreezes"),
     ("image-too-large", ["data.image_size=100000"], "data.image_size=100000 is too large for cnn_small"),
     ("fewshot-not-a-mapping", ["++data.fewshot=5"], "data.fewshot=5 must be a group of settings"),
+    ("backbone-lr-ratio-negative", ["model.backbone_lr_ratio=-1"], "model.backbone_lr_ratio=-1 must be >= 0"),
+    ("layer-decay-above-one", ["model.layer_decay=1.5"], "model.layer_decay=1.5 must be in (0, 1] (or null for none)"),
+    ("layer-decay-not-a-number", ["model.layer_decay=fast"], "model.layer_decay='fast' is not a number"),
     ("limit-fraction-above-one", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is a fraction above 1; set a fraction in (0, 1] or a whole number"),
 ]
 # Mistakes in the command line itself, refused before Hydra by check_command_line (one line each)

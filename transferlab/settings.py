@@ -42,6 +42,8 @@ NUMERIC_SETTINGS = {
     "optimizer.momentum": (float, False),
     "head.hidden": (int, False),
     "head.dropout": (float, False),
+    "model.backbone_lr_ratio": (float, False),
+    "model.layer_decay": (float, True),
     "trainer.max_epochs": (int, False),
     "trainer.max_steps": (int, False),
     "trainer.limit_train_batches": (float, True),
@@ -60,6 +62,7 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     """Every check on the composed config; for a resume, what is left to do (see `transferlab.resume`)."""
     from transferlab.callbacks.freeze import check_mode
     from transferlab.data.datamodule import check_data_root
+    from transferlab.models.module import check_learning_rate_ratios
 
     check_output_dir(output_dir, resuming=resumes(cfg.get("ckpt_path")))
     check_required(cfg)
@@ -70,6 +73,7 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     check_optimized_metric(cfg)
     check_mode(cfg)
     check_components(cfg)
+    check_learning_rate_ratios(cfg.model.backbone_lr_ratio, cfg.model.layer_decay)
     check_data_root(cfg.data)
     return check_resume(cfg, output_dir)
 

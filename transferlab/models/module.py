@@ -32,7 +32,6 @@ class TransferModule(L.LightningModule):
         num_classes: int,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
-        scheduler_interval: str = "epoch",
         backbone_lr_ratio: float = 1.0,
         layer_decay: float | None = None,
         data_info: dict | None = None,
@@ -52,11 +51,7 @@ class TransferModule(L.LightningModule):
         self.num_classes = num_classes
         self.optimizer_factory = optimizer or partial(torch.optim.SGD, lr=0.01, momentum=0.9)
         self.scheduler_factory = scheduler
-        self.scheduler_interval = scheduler_interval
-        if backbone_lr_ratio < 0:
-            raise UserError(f"mode.backbone_lr_ratio={backbone_lr_ratio} must be >= 0")
-        if layer_decay is not None and not 0 < layer_decay <= 1:
-            raise UserError(f"mode.layer_decay={layer_decay} must be in (0, 1] (or null for none)")
+        check_learning_rate_ratios(backbone_lr_ratio, layer_decay)
         self.backbone_lr_ratio = backbone_lr_ratio
         self.layer_decay = layer_decay
         self.data_info = dict(data_info or {})
@@ -216,7 +211,7 @@ class TransferModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}  # schedules are in epochs (T_max: ${trainer.max_epochs})
 
     # ---- checkpoints ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -252,6 +247,14 @@ class TransferModule(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
 
 
+def check_learning_rate_ratios(backbone_lr_ratio: float, layer_decay: float | None) -> None:
+    """The model's rate ratios (conf/model/transfer.yaml); also checked before any data is read."""
+    if backbone_lr_ratio < 0:
+        raise UserError(f"model.backbone_lr_ratio={backbone_lr_ratio} must be >= 0")
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise UserError(f"model.layer_decay={layer_decay} must be in (0, 1] (or null for none)")
+
+
 def _lr_group(name: str, params: list[nn.Parameter], head_lr: float, scale: float) -> dict:
     return {"params": params, "name": name, "lr": head_lr * scale, "lr_scale": scale}
 
@@ -260,7 +263,7 @@ def _split_by_stage(params: list[nn.Parameter], backbone: nn.Module) -> list[lis
     stages = getattr(backbone, "stages", None)
     if not stages:
         raise UserError(
-            f"mode.layer_decay needs a backbone with stages; {type(backbone).__name__} has none (set mode.layer_decay=null)"
+            f"model.layer_decay needs a backbone with stages; {type(backbone).__name__} has none (set model.layer_decay=null)"
         )
     stage_of = {}
     for i, stage in enumerate(stages):
