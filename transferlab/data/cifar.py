@@ -85,7 +85,7 @@ class CIFARDataModule(TensorImageDataModule):
         archive and an extracted tree. A missing or empty folder is fine (the download goes
         there, or the error says how to get the files), and so is a folder that already holds
         another dataset we know (a shared `./data` with CIFAR-10 in it gets CIFAR-100 next to it).
-        Also called by `transferlab.validate` before anything is built.
+        Also called by `transferlab.data.datamodule.check_data_root` before anything is built.
         """
         if root.exists() and not root.is_dir():
             raise UserError(f"data.root={root} is a file; point data.root at the folder that contains {cls.folder}/")

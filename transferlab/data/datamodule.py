@@ -299,8 +299,7 @@ class TensorImageDataModule(L.LightningDataModule):
         if train and self.augment:
             images = T.batch_crop(images, self.crop_padding)
             images = T.batch_flip_lr(images)
-        images = T.normalize(images, self.mean, self.std)
-        return T.resize(images, self.image_size)
+        return T.eval_transform(images, self.mean, self.std, self.image_size)
 
 
 def _relabel(split: Split, keep: list[int], num_classes: int) -> Split:

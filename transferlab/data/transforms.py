@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from transferlab.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (their one home)
-
 
 def batch_flip_lr(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror a random half of the images left-right (each image with probability 0.5)."""
