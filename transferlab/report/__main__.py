@@ -26,7 +26,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"failed or did not finish (listed above)"
             )
         set_apart(unfinished, runs)
-        written = write_report(runs, args.out or default_out_dir(args.paths), sources=args.paths, unfinished=unfinished)
+        out_dir = args.out or default_out_dir(args.paths)
+        written = write_report(runs, out_dir, sources=args.paths, unfinished=unfinished)
+        if args.rank:
+            from transferlab.report.agreement import write_agreement
+
+            written["rank_agreement"], agreement_text = write_agreement(args.rank, runs, out_dir)
+            print(agreement_text, flush=True)
     except UserError as error:
         exit_with(error)
     for path in written.values():
@@ -42,6 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="SWEEP_DIR_OR_RUN_DIR")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: the sweep dir, else the current dir)")
+    parser.add_argument(
+        "--rank", type=Path, default=None, metavar="RANK_CSV",
+        help="a rank.csv of python -m transferlab.rank: adds rank_agreement.md, each score against the runs' "
+        "mean test accuracy per backbone, with Kendall's tau-b",
+    )
     return parser.parse_args(argv)
 
 
