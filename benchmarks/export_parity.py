@@ -7,12 +7,20 @@ class, and the ONNX model's accuracy (compare with the run's test/acc: the expor
 takes uint8 images at the run's size, so 32 px images are upsampled as uint8 here, where
 training upsampled them after normalization).
 """
-import pickle, sys, numpy as np, torch, onnxruntime as ort
+import pickle
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import torch
 import torch.nn.functional as F
+
 from transferlab.inference import load_trained
-run, onnx_file, batches = sys.argv[1], sys.argv[2], sys.argv[3]
+
+run, onnx_file, batches = sys.argv[1:4]
 d = pickle.load(open(f"{batches}/test_batch", "rb"), encoding="bytes")
-x = torch.from_numpy(np.asarray(d[b"data"]).reshape(-1, 3, 32, 32)); y = np.asarray(d[b"labels"])
+x = torch.from_numpy(np.asarray(d[b"data"]).reshape(-1, 3, 32, 32))
+y = np.asarray(d[b"labels"])
 trained = load_trained(run)
 size = trained.image_size
 # the exported model takes uint8 images at the run's size: upsample the 32 px images as uint8
