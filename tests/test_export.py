@@ -108,6 +108,31 @@ def test_existing_export_is_not_overwritten(cnn_run, tmp_path, torch_home):
     assert not (tmp_path / "model.onnx").exists()
 
 
+def _export_over_the_checkpoint(tmp_path: Path, run: Path) -> tuple[list[str], str]:
+    checkpoint = tmp_path / "copy.ckpt"
+    checkpoint.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    return [str(checkpoint), "--format", "torchscript", "--out", str(checkpoint), "--force"], f"would overwrite {checkpoint}, which this command reads"
+
+
+def _export_under_a_file(tmp_path: Path, run: Path) -> tuple[list[str], str]:
+    (tmp_path / "notes.txt").write_text("mine\n")
+    out = tmp_path / "notes.txt" / "model.onnx"
+    return [str(run), "--format", "onnx", "--out", str(out)], f"cannot write --out {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
+
+
+@pytest.mark.parametrize("make_args", [_export_over_the_checkpoint, _export_under_a_file], ids=["over-the-checkpoint", "under-a-file"])
+def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_exporting(cnn_run, tmp_path, torch_home, make_args):
+    args, message = make_args(tmp_path, cnn_run)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    result = cli(args, tmp_path, torch_home, module="transferlab.export")
+
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [result.stderr.strip()], result.stderr
+    assert message in result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 #: a fresh interpreter with the network unusable: loading must need neither it nor the run's config
 FRESH_LOAD = """
 import json, socket, sys

@@ -230,6 +230,8 @@ MEANINGLESS = [
     (["mode=frozen", "regularizer=bss"], "regularizer=bss with mode=frozen"),
     (["mode=finetune", "regularizer=bss", "regularizer.k=0"], "regularizer.k=0 must be an integer >= 1"),
     (["mode=linear_probe", "mode.l2_grid=[]"], "mode.l2_grid=[] must be a non-empty list"),
+    (["mode=linear_probe", "mode.l2_grid=0.1"], "mode.l2_grid=0.1 must be a non-empty list"),  # one number, not a list
+    (["mode=lp_ft", "mode.l2_grid=0.1"], "mode.l2_grid=0.1 must be a non-empty list"),
 ]
 
 
@@ -242,7 +244,7 @@ def test_meaningless_method_combinations_are_refused_before_anything_is_built(ov
         check_method_combination(compose_config(["backbone=cnn_small", *overrides], tmp_path))
 
 
-@pytest.mark.parametrize("overrides, message", [MEANINGLESS[0], MEANINGLESS[5]])
+@pytest.mark.parametrize("overrides, message", [MEANINGLESS[0], MEANINGLESS[5], MEANINGLESS[10]])
 def test_meaningless_method_combinations_are_one_line_exit_2(overrides, message, cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     result = cli([*TINY_RUN, *_data(cifar10_root), *overrides, f"hydra.run.dir={run_dir}"], tmp_path, torch_home)

@@ -134,7 +134,15 @@ BAD_INPUTS = [
     ("not-transferlab", lambda d, run: _foreign_lightning_checkpoint(d.parent, run), [], "is not a transferlab checkpoint"),
     ("no-architecture-record", lambda d, run: _checkpoint_without_architecture(d.parent, run), [], "did not record its architecture"),
     ("top-k-above-classes", lambda d, run: run, ["--top-k", "11"], "--top-k 11 is more than the model's 10 classes"),
+    ("run-dir-with-a-broken-last-ckpt", lambda d, run: _run_dir_with_empty_last(d), [], "checkpoints/last.ckpt is not a readable checkpoint"),
 ]
+
+
+def _run_dir_with_empty_last(run_dir: Path) -> Path:
+    """A run killed while its first last.ckpt was written by something that does not write atomically."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    return run_dir
 
 
 @pytest.mark.parametrize("make_model, extra, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
@@ -177,3 +185,74 @@ def test_help_and_usage_errors(capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "transferlab: error: argument --batch-size: 0 must be at least 1 (see python -m transferlab.predict --help)"
     ]
+
+
+# ---- an --out that cannot be written, or is something the command reads -------------------
+def _out_under_a_file(tmp_path: Path, photo: Path, run: Path) -> tuple[list[str], str]:
+    return ["--out", str(photo / "preds.csv")], f"cannot write --out {photo / 'preds.csv'}: {photo} is a file, not a folder"
+
+
+def _out_is_an_input_image(tmp_path: Path, photo: Path, run: Path) -> tuple[list[str], str]:
+    return ["--out", str(photo), "--force"], f"--out {photo} would overwrite {photo}, which this command reads"
+
+
+def _out_is_the_checkpoint(tmp_path: Path, photo: Path, run: Path) -> tuple[list[str], str]:
+    checkpoint = tmp_path / "copy.ckpt"
+    checkpoint.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    return ["--out", str(checkpoint), "--force"], f"would overwrite {checkpoint}, which this command reads"
+
+
+BAD_OUT = [("under-a-file", _out_under_a_file), ("an-input-image", _out_is_an_input_image), ("the-checkpoint", _out_is_the_checkpoint)]
+
+
+@pytest.mark.parametrize("make_out", [c[1] for c in BAD_OUT], ids=[c[0] for c in BAD_OUT])
+def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_anything_is_classified(cnn_run, tmp_path, torch_home, make_out):
+    (photo,) = write_photos(tmp_path / "photos", [(32, 32)])
+    extra, message = make_out(tmp_path, photo, cnn_run)
+    model = extra[1] if extra[1].endswith(".ckpt") else str(cnn_run)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    result = cli([model, str(photo), *extra], tmp_path, torch_home, module="transferlab.predict")
+
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [result.stderr.strip()], result.stderr
+    assert message in result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing of the user's touched
+
+
+def test_a_read_only_out_folder_is_one_line_before_anything_is_classified(cnn_run, tmp_path, torch_home):
+    """A real read-only bind mount (root can write into a chmod-ed folder; needs root to mount)."""
+    import subprocess
+
+    (photo,) = write_photos(tmp_path / "photos", [(32, 32)])
+    mount_point = tmp_path / "read_only"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "photos"), str(mount_point)], capture_output=True).returncode:
+        pytest.skip("cannot make a read-only bind mount here (not root)")
+    try:
+        result = cli([str(cnn_run), str(photo), "--out", str(mount_point / "sub" / "preds.csv")], tmp_path, torch_home, module="transferlab.predict")
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        f"transferlab: error: cannot write --out {mount_point / 'sub' / 'preds.csv'} (Read-only file system at {mount_point}); choose another --out"
+    ], result.stderr
+
+
+def test_an_animated_gif_is_classified_by_its_first_frame(cnn_run, tmp_path, torch_home):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    frames = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    # What the first frame looks like once stored as a GIF (palette quantized): PIL's own reading of it
+    with Image.open(tmp_path / "moving.gif") as gif:
+        gif.convert("RGB").save(tmp_path / "first_frame.png")
+    out = tmp_path / "preds.csv"
+
+    result = cli([str(cnn_run), str(tmp_path / "moving.gif"), str(tmp_path / "first_frame.png"), "--top-k", "10", "--out", str(out)],
+                 tmp_path, torch_home, module="transferlab.predict")
+
+    assert result.returncode == 0, result.stderr
+    gif_row, frame_row = list(csv.reader(out.open()))[1:]
+    assert gif_row[1:] == frame_row[1:]

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from transferlab.errors import UserError, exit_with
-from transferlab.predict import CommandLine
+from transferlab.predict import CommandLine, check_folder_writable, check_not_an_input
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: what the exported model may differ from the PyTorch one by, in probability
@@ -70,9 +70,12 @@ def export(model: str, fmt: str, out: Path, force: bool) -> None:
     check_writable(targets, force)  # before anything is loaded
     if fmt == "onnx":
         check_onnx_installed()
-    from transferlab.inference import load_trained
+    from transferlab.inference import checkpoint_file, load_trained
 
-    trained = load_trained(model, setting="RUN_DIR_OR_CKPT")
+    model_file = checkpoint_file(model, setting="RUN_DIR_OR_CKPT")
+    for target in targets:
+        check_not_an_input(target, "--out", [model_file])
+    trained = load_trained(model_file, setting="RUN_DIR_OR_CKPT")
     classifier = trained.classifier()
     example = torch.randint(0, 256, (2, 3, trained.image_size, trained.image_size), dtype=torch.uint8)
     exported = (to_onnx if fmt == "onnx" else to_torchscript)(classifier, example)
@@ -95,6 +98,7 @@ def check_writable(targets: Sequence[Path], force: bool) -> None:
             raise UserError(f"--out: {target} is a folder; give a file name")
         if target.exists() and not force:
             raise UserError(f"{target} already exists; choose another --out, or add --force to overwrite it")
+    check_folder_writable(targets[0], "--out")  # before the export, not after it
 
 
 def check_onnx_installed() -> None:

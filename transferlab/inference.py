@@ -71,7 +71,15 @@ def checkpoint_file(path: str | os.PathLike, setting: str) -> Path:
     """The checkpoint `path` stands for: the file itself, or a run dir's best checkpoint."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return run_checkpoint(path, setting)
+        try:
+            return run_checkpoint(path, setting)
+        except UserError:
+            raise
+        except Exception as error:  # its last.ckpt, read for the best checkpoint's name, is broken
+            raise UserError(
+                f"{setting}={path}: {path / 'checkpoints' / 'last.ckpt'} is not a readable checkpoint ({type(error).__name__}); "
+                f"give one of the run's .ckpt files instead"
+            ) from None
     if not path.is_file():
         raise UserError(f"{setting}={path} does not exist; give the run dir of a transferlab run or one of its .ckpt files")
     return path

@@ -147,8 +147,11 @@ def _is_number(value) -> bool:
 
 
 def probe_from_config(cfg: DictConfig) -> LinearProbe:
+    from omegaconf import ListConfig
+
     grid = cfg.mode.get("l2_grid")
-    return LinearProbe(list(grid) if grid is not None else None, cfg.mode.get("max_iter", 500))
+    # Anything but a list (mode.l2_grid=0.1) goes to LinearProbe as it is, to be refused there.
+    return LinearProbe(list(grid) if isinstance(grid, ListConfig) else grid, cfg.mode.get("max_iter", 500))
 
 
 # ---- checks before anything is built ------------------------------------------------------

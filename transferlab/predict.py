@@ -82,12 +82,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     check_writable(args.out, args.force)  # before anything is loaded or read
-    from transferlab.inference import load_trained
+    from transferlab.inference import checkpoint_file, load_trained
 
-    trained = load_trained(args.model, setting="RUN_DIR_OR_CKPT")
+    found = find_images(args.paths)
+    model_file = checkpoint_file(args.model, setting="RUN_DIR_OR_CKPT")
+    check_not_an_input(args.out, "--out", [model_file, *found.files])
+    trained = load_trained(model_file, setting="RUN_DIR_OR_CKPT")
     if args.top_k > len(trained.class_names):
         raise UserError(f"--top-k {args.top_k} is more than the model's {len(trained.class_names)} classes; use --top-k {len(trained.class_names)} or less")
-    found = find_images(args.paths)
     rows, unreadable = classify(trained, found.files, args.batch_size, args.top_k, pick_device(args.device))
     skipped = found.skipped + unreadable
     if not rows:
@@ -111,6 +113,33 @@ def check_writable(out: Path, force: bool) -> None:
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'predictions.csv'}")
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists; choose another --out, or add --force to overwrite it")
+    check_folder_writable(out, "--out")
+
+
+def check_folder_writable(out: Path, flag: str) -> None:
+    """The folder `out` goes into can take a file (missing folders are created at the end, as
+    `write_atomically` does): probed now, so that a read-only, full or mistyped place is one
+    line before the model is loaded and every image classified, not after."""
+    import tempfile
+
+    existing = next(p for p in [out.absolute().parent, *out.absolute().parent.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write {flag} {out}: {existing} is a file, not a folder; choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(b"probe")
+            probe.flush()
+    except OSError as error:
+        raise UserError(f"cannot write {flag} {out} ({error.strerror or type(error).__name__} at {existing}); choose another {flag}") from None
+
+
+def check_not_an_input(out: Path, flag: str, inputs: Sequence[Path]) -> None:
+    """--force overwrites an old output, never what the command reads (the checkpoint, an image)."""
+    if not out.exists():
+        return
+    for path in inputs:
+        if path.exists() and out.samefile(path):
+            raise UserError(f"{flag} {out} would overwrite {path}, which this command reads; choose another {flag}")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -226,10 +255,16 @@ def read_images(files: list[Path], size: int) -> tuple[torch.Tensor, list[Path]]
     images, readable = [], []
     for file in files:
         try:
-            images.append(decode_image(file, size))
+            image = decode_image(file, size)
         except UserError as error:
             warn(f"{error} (skipped)")
             continue
+        if image.ndim == 4:  # an animated GIF decodes to its frames: the first, as PIL and the eye read it
+            image = image[0]
+        if tuple(image.shape) != (3, size, size):
+            warn(f"cannot read image {file} (decoded to shape {tuple(image.shape)}, not an RGB picture); remove or replace the file (skipped)")
+            continue
+        images.append(image)
         readable.append(file)
     return (torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)), readable
 
