@@ -251,6 +251,42 @@ def test_the_curves_figure_has_one_line_per_setting(sweep_dir, monkeypatch):
     assert sorted(drawn[:per_panel]) == sorted(f"mode={m} per_class={k} (2 seeds)" for m in ("frozen", "finetune") for k in (2, 4))
 
 
+@pytest.fixture(scope="module")
+def probe_sweep_dir(tmp_path_factory, cifar10_root, torch_home) -> Path:
+    """A sweep mixing a mode that trains no epoch (linear_probe: one L-BFGS solve) with one that does."""
+    work = tmp_path_factory.mktemp("probe_report")
+    sweep = work / "sweep"
+    command = [sys.executable, "-m", "transferlab", "-m", "mode=linear_probe,finetune", "backbone=cnn_small", *TINY_JOB,
+               "callbacks.progress_bar=null", f"data.root={cifar10_root}", f"hydra.sweep.dir={sweep}"]
+    env = cli_env(torch_home, TRANSFERLAB_CACHE=str(work / "cache"))
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return sweep
+
+
+def test_a_run_without_epochs_is_a_labelled_level_not_a_point_at_epoch_one(probe_sweep_dir, monkeypatch):
+    plt = figures._pyplot()
+    drawn, levels, legends = [], [], []
+    for name, record in (("plot", drawn), ("axhline", levels)):
+        original = getattr(plt.Axes, name)
+
+        def recording(ax, *args, _original=original, _record=record, **kwargs):
+            _record.append(kwargs.get("label"))
+            return _original(ax, *args, **kwargs)
+
+        monkeypatch.setattr(plt.Axes, name, recording)
+    original_legend = plt.Figure.legend
+    monkeypatch.setattr(plt.Figure, "legend", lambda fig, handles, labels, **kw: (legends.append(list(labels)), original_legend(fig, handles, labels, **kw))[1])
+    runs = report.load_runs([probe_sweep_dir])
+
+    figures.plot_curves(runs, compare.differing_overrides(runs), probe_sweep_dir / "curves.png")
+
+    assert set(drawn) == {"mode=finetune"}  # the probe is never drawn as an epoch curve
+    assert set(levels) == {"mode=linear_probe (no epochs: one solve)"}  # its validation loss and accuracy
+    assert len(levels) == 2
+    assert legends == [["mode=finetune", "mode=linear_probe (no epochs: one solve)"]]  # every mark drawn is named
+
+
 # ---- curves and hyperparameters in the event files -----------------------------------------
 def test_curves_come_from_the_event_files_one_point_per_epoch(sweep_dir):
     run_dir = _job_dirs(sweep_dir)[0]

@@ -55,9 +55,15 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
             band = seed_band([curves[run.name][tag] for run in group])
             if not band:
                 continue
+            colour = colours[i % len(colours)]
+            if solved_without_epochs(group):
+                # mode=linear_probe: one solve, validated once; its value belongs to no epoch, so it is a
+                # level to compare the curves with, not a point at "epoch 1"
+                ax.axhline(statistics.fmean(m for _, m, _, _ in band), linestyle="--", color=colour,
+                           label=f"{labels[values]} (no epochs: one solve)")
+                continue
             epochs, means, lows, highs = zip(*band)
             epochs_drawn.update(epochs)
-            colour = colours[i % len(colours)]
             ax.plot(epochs, means, marker="o", markersize=3, color=colour, label=labels[values])
             if len(group) > 1:
                 ax.fill_between(epochs, lows, highs, color=colour, alpha=0.2, linewidth=0)
@@ -65,11 +71,16 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
     _epoch_axis(axes.flat[0], sorted(epochs_drawn))  # shared by all four panels
     for ax in axes[1]:
         ax.set_xlabel("epoch")
-    _legend_below(fig, axes.flat[0], LEGEND_CHARS_WIDE)
+    _legend_below(fig, axes.flat, LEGEND_CHARS_WIDE)  # all panels: a setting may have no train curve (a probe)
     fig.suptitle(f"Training curves: {describe(runs, keys)}\n{_seed_note(settings.values())}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def solved_without_epochs(group: list[Run]) -> bool:
+    """Runs that trained no epoch (mode=linear_probe's L-BFGS solve: `epochs` 0 in metrics.json)."""
+    return all(run.metrics.get("epochs") == 0 for run in group)
 
 
 def seed_band(series: list[list[tuple[int, float]]]) -> list[tuple[int, float, float, float]]:
@@ -141,7 +152,7 @@ def plot_sample_efficiency(runs: list[Run], keys: list[str], path: Path) -> Path
     ax.set_ylabel("test accuracy")
     ax.set_title(f"Sample efficiency: {describe(runs, keys)}\ntest accuracy (mean over seeds, error bars: std over seeds)")
     ax.grid(alpha=0.3)
-    _legend_below(fig, ax, LEGEND_CHARS_NARROW)
+    _legend_below(fig, [ax], LEGEND_CHARS_NARROW)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -172,9 +183,13 @@ def legend_layout(labels: list[str], line_chars: int) -> tuple[list[str], int, i
     return wrapped, columns, lines
 
 
-def _legend_below(fig, ax, line_chars: int) -> None:
-    """Under the axes, so many runs never hide a curve."""
-    handles, labels = ax.get_legend_handles_labels()
+def _legend_below(fig, axes, line_chars: int) -> None:
+    """Under the axes, so many runs never hide a curve; every label drawn on any of `axes`, once."""
+    by_label = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    handles, labels = list(by_label.values()), list(by_label)
     if handles:
         wrapped, columns, _ = legend_layout(labels, line_chars)
         fig.legend(handles, wrapped, loc="outside lower center", ncols=columns, fontsize="small", frameon=False)
