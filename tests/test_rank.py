@@ -327,6 +327,19 @@ def test_rank_command(cifar10_root, torch_home, tmp_path):
     assert (run_dir / "rank.csv").read_bytes() == before
 
 
+def test_a_random_init_backbone_is_the_same_network_wherever_it_stands(cifar10_root, torch_home, tmp_path):
+    """Random init comes from the seed, as in a training run: listed twice (with a label) it scores the
+    same, where before each build drew new random numbers and the ranking changed with the order."""
+    run_dir = tmp_path / "rank"
+    args = ["rank.backbones=[{backbone:vgg_blocks,label:first},cnn_small,{backbone:cnn_small,label:again}]",
+            f"data.root={cifar10_root}", "data.download=false", "data.val_size=50", "data.fewshot.per_class=6", f"hydra.run.dir={run_dir}"]
+    result = cli(args, tmp_path, torch_home, module="transferlab.rank", OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    first, small, again = list(csv.DictReader((run_dir / "rank.csv").open()))
+    assert (small["logme"], small["h_score"]) == (again["logme"], again["h_score"])
+    assert first["logme"] != small["logme"]
+
+
 # (id, arguments, the message's text); each a real process: one line, exit 2, nothing written
 BAD_INPUT = [
     ("unknown", ["rank.backbones=[cnn_small,efficientnet_lite9]"], "'efficientnet_lite9' is not a backbone; did you mean efficientnet_lite"),

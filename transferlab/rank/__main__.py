@@ -228,7 +228,7 @@ def run(cfg: DictConfig) -> list[dict]:
     entries = backbone_entries(cfg.rank.backbones)
     check_settings(cfg)
     check_data_root(cfg.data)
-    candidates = [prepare(entry, cfg, output_dir) for entry in entries]
+    candidates = [prepare_seeded(entry, cfg, output_dir) for entry in entries]
     check_same_images(candidates)
     device = feature_device(str(cfg.rank.device))
     described = describe_run(cfg, candidates[0].datamodule)
@@ -253,6 +253,16 @@ def backbone_config(entry: Entry, cfg: DictConfig) -> DictConfig:
         composed.seed = cfg.seed
         composed.data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     return composed
+
+
+def prepare_seeded(entry: Entry, cfg: DictConfig, output_dir: Path) -> Candidate:
+    """`prepare` from the seed, as a training run builds from it: a backbone with random init (no
+    weights, or layers its weights do not cover) is the same network in every ranking with this
+    seed, wherever it stands in rank.backbones, instead of new random numbers each command."""
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return prepare(entry, cfg, output_dir)
 
 
 def prepare(entry: Entry, cfg: DictConfig, output_dir: Path) -> Candidate:
