@@ -287,6 +287,31 @@ def test_a_run_without_epochs_is_a_labelled_level_not_a_point_at_epoch_one(probe
     assert legends == [["mode=finetune", "mode=linear_probe (no epochs: one solve)"]]  # every mark drawn is named
 
 
+def _finished_run(folder: Path, max_epochs: int, epochs: int, resumed_to: list[int]) -> Path:
+    """A run dir as a command with trainer.max_epochs=`max_epochs` leaves it, then resumed with each of `resumed_to`."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(f"- trainer.max_epochs={max_epochs}\n- seed={len(resumed_to)}\n")
+    (folder / ".hydra" / "config.yaml").write_text(f"seed: {len(resumed_to)}\ntrainer:\n  max_epochs: {max_epochs}\n")
+    (folder / "metrics.json").write_text(json.dumps({"val/acc_best": 0.5, "test/acc": 0.5, "epochs": epochs, "train_time_s": 1.0}))
+    resumes = [{"ckpt_path": "last", "max_epochs": budget, "longer_budget": True} for budget in resumed_to]
+    (folder / "run_info.json").write_text(json.dumps({"seed": 0, "resumes": resumes}))
+    return folder
+
+
+@pytest.mark.parametrize("resumed_to", [[3], [3, 5]], ids=["resumed-once", "resumed-twice"])
+def test_a_resumed_run_shows_the_budget_it_trained_with(tmp_path, resumed_to, monkeypatch):
+    """A resume that raised trainer.max_epochs: Hydra's files keep the first command's value."""
+    resumed = _finished_run(tmp_path / "resumed", max_epochs=2, epochs=resumed_to[-1], resumed_to=resumed_to)
+    plain = _finished_run(tmp_path / "plain", max_epochs=2, epochs=2, resumed_to=[])
+    monkeypatch.chdir(tmp_path)
+
+    report.main([str(resumed), str(plain), "--out", str(tmp_path / "report")])
+
+    rows = {row["run"]: row for row in _csv_rows(tmp_path / "report")}
+    assert rows["resumed"]["trainer.max_epochs"] == str(resumed_to[-1])
+    assert rows["plain"]["trainer.max_epochs"] == "2"
+
+
 # ---- curves and hyperparameters in the event files -----------------------------------------
 def test_curves_come_from_the_event_files_one_point_per_epoch(sweep_dir):
     run_dir = _job_dirs(sweep_dir)[0]

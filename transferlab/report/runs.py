@@ -122,14 +122,45 @@ TIME, TIME_PARTS = "time_s", ("train_time_s", "features_time_s")
 def load_run(path: Path) -> Run:
     """One finished run; BrokenRun when its metrics.json is unreadable or holds junk."""
     path = Path(path)
+    overrides = read_overrides(path / ".hydra" / "overrides.yaml")
+    config = _read_config(path / ".hydra" / "config.yaml")
+    with_resumed_budget(overrides, config, _resumed_max_epochs(path / "run_info.json"))
     return Run(
         path=path,
-        overrides=read_overrides(path / ".hydra" / "overrides.yaml"),
-        config=_read_config(path / ".hydra" / "config.yaml"),
+        overrides=overrides,
+        config=config,
         metrics=with_run_time(read_metrics(path / "metrics.json")),
         fewshot_counts=_read_fewshot_counts(path / "fewshot_indices.json"),
         choices=_read_choices(path / ".hydra" / "hydra.yaml"),
     )
+
+
+def _resumed_max_epochs(run_info_file: Path) -> int | None:
+    """The trainer.max_epochs of the run's last resume (run_info.json `resumes`), None if never resumed.
+
+    A resume may raise trainer.max_epochs, and Hydra's files in the run dir keep the first
+    command's value: without this a run that trained 3 epochs would read max_epochs=2."""
+    try:
+        resumes = json.loads(run_info_file.read_text()).get("resumes") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    budgets = [r.get("max_epochs") for r in resumes if isinstance(r, dict) and isinstance(r.get("max_epochs"), int)]
+    return budgets[-1] if budgets else None
+
+
+def with_resumed_budget(overrides: dict[str, str], config, max_epochs: int | None) -> None:
+    if max_epochs is None:
+        return
+    if "trainer.max_epochs" in overrides:
+        overrides["trainer.max_epochs"] = str(max_epochs)
+    if config is not None and _selected(config, "trainer.max_epochs") is not None:
+        config.trainer.max_epochs = max_epochs
+
+
+def _selected(config, key: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
 
 
 def with_run_time(metrics: dict[str, Any]) -> dict[str, Any]:
