@@ -257,3 +257,17 @@ def test_imagefolder_explicit_splits_and_errors(tmp_path):
     (tmp_path / "broken" / "a" / "zzz.png").write_bytes(b"not an image")
     with pytest.raises(UserError, match="zzz.png"):
         imagefolder(tmp_path / "broken", val_size=0)
+
+
+def test_an_animated_gif_in_an_image_folder_is_read_as_its_first_frame(tmp_path):
+    """Training and prediction read images with one function; a GIF's frames must not become a batch."""
+    import numpy as np
+    from PIL import Image
+
+    from transferlab.data.imagefolder import decode_image
+
+    frames = [Image.fromarray(np.full((20, 20, 3), value, dtype=np.uint8)) for value in (30, 220)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    image = decode_image(tmp_path / "moving.gif", 16)
+    assert tuple(image.shape) == (3, 16, 16)
+    assert abs(int(image.float().mean()) - 30) <= 3  # the dark first frame, not the bright second

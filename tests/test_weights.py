@@ -175,3 +175,13 @@ def test_a_run_dir_stands_for_the_best_checkpoint_its_last_checkpoint_records(tm
     state = {"monitor": "val/acc", "best_model_path": "/elsewhere/checkpoints/best-epoch002.ckpt", "dirpath": "/elsewhere/checkpoints"}
     torch.save({"state_dict": {}, "callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}}, folder / "last.ckpt")
     assert run_checkpoint(tmp_path / "run", "backbone.weights").name == "best-epoch002.ckpt"
+
+
+def test_a_broken_last_checkpoint_leaves_the_best_files_to_decide(tmp_path):
+    from transferlab.checkpointing import run_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {}}, folder / "best-epoch004.ckpt")
+    (folder / "last.ckpt").write_bytes(b"")  # killed mid-write by something other than transferlab
+    assert run_checkpoint(tmp_path / "run", "backbone.weights").name == "best-epoch004.ckpt"

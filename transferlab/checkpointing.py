@@ -174,7 +174,10 @@ def transferlab_record(checkpoint: dict) -> dict:
 
 def recorded_best(last: Path) -> Path | None:
     """The best checkpoint by val/acc that `last` records (ModelCheckpoint's state), if it is still there."""
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # a broken last.ckpt (empty, truncated): the best-*.ckpt files still tell
+        return None
     for state in (checkpoint.get("callbacks") or {}).values():
         if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
             # A moved run dir: the best file is next to `last`, not at the path recorded before the move.

@@ -259,8 +259,6 @@ def read_images(files: list[Path], size: int) -> tuple[torch.Tensor, list[Path]]
         except UserError as error:
             warn(f"{error} (skipped)")
             continue
-        if image.ndim == 4:  # an animated GIF decodes to its frames: the first, as PIL and the eye read it
-            image = image[0]
         if tuple(image.shape) != (3, size, size):
             warn(f"cannot read image {file} (decoded to shape {tuple(image.shape)}, not an RGB picture); remove or replace the file (skipped)")
             continue

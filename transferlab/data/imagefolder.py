@@ -66,6 +66,8 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
         image = tv_decode(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
         image = _decode_with_pil(path)
+    if image.ndim == 4:  # an animated GIF decodes to its frames: the first, as PIL and the eye read it
+        image = image[0]
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: scale 0..65535 to 0..255
         image = F.to_dtype(image, torch.uint8, scale=True)
     if image.shape[-2:] != (size, size):
