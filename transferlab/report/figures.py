@@ -72,7 +72,7 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     _legend_below(fig, axes.flat, LEGEND_CHARS_WIDE)  # all panels: a setting may have no train curve (a probe)
-    fig.suptitle(f"Training curves: {describe(runs, keys)}\n{_seed_note(settings.values())}")
+    fig.suptitle(f"{_wrapped('Training curves: ' + describe(runs, keys), 110)}\n{_seed_note(settings.values())}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -150,7 +150,7 @@ def plot_sample_efficiency(runs: list[Run], keys: list[str], path: Path) -> Path
         ax.errorbar([x * shift for x in xs], means, yerr=stds, marker="o", capsize=4, label=label)
     _size_axis(ax, sorted({x for points in lines.values() for x, *_ in points}))
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"Sample efficiency: {describe(runs, keys)}\ntest accuracy (mean over seeds, error bars: std over seeds)")
+    ax.set_title(f"{_wrapped('Sample efficiency: ' + describe(runs, keys), 70)}\ntest accuracy (mean over seeds, error bars: std over seeds)")
     ax.grid(alpha=0.3)
     _legend_below(fig, [ax], LEGEND_CHARS_NARROW)
     fig.savefig(path, dpi=110)
@@ -194,3 +194,9 @@ def _legend_below(fig, axes, line_chars: int) -> None:
         wrapped, columns, _ = legend_layout(labels, line_chars)
         fig.legend(handles, wrapped, loc="outside lower center", ncols=columns, fontsize="small", frameon=False)
 
+
+def _wrapped(title: str, width: int) -> str:
+    """A long title on several lines: one line of many varying settings runs off the figure's edges."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
