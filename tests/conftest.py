@@ -146,3 +146,23 @@ def run_training(overrides: list[str], output_dir: Path) -> dict:
 
     run(compose_config(overrides, output_dir))
     return json.loads((Path(output_dir) / "metrics.json").read_text())
+
+
+# ---- one trained run shared by the tests that use a trained model (predict, export) ----------
+CNN_RUN = TINY_RUN + ["trainer.limit_train_batches=3", "data.download=false"]
+
+
+def train_once(tmp_path_factory, name: str, overrides: list[str], torch_home: Path, cache: Path) -> Path:
+    """The run dir of a run trained once per test session (prediction and export tests share it)."""
+    run_dir = tmp_path_factory.getbasetemp() / "trained" / name
+    if not (run_dir / "metrics.json").is_file():
+        with pytest.MonkeyPatch.context() as env:  # session scope: the autouse offline fixture is not active yet
+            env.setenv("TORCH_HOME", str(torch_home))
+            env.setenv("TRANSFERLAB_CACHE", str(cache))
+            run_training(overrides, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def cnn_run(tmp_path_factory, cifar10_root, torch_home, transferlab_cache) -> Path:
+    return train_once(tmp_path_factory, "cnn_small", CNN_RUN + [f"data.root={cifar10_root}"], torch_home, transferlab_cache)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, cli, cli_env
-from test_predict import CNN_RUN, cnn_run, error_lines, train_once  # noqa: F401  (cnn_run: the shared fixture)
+from conftest import TINY_RUN, cli, cli_env, train_once
+from test_predict import error_lines
 
 #: EfficientNet-Lite0, real weights (the `weights` extra), frozen, one training and one validation batch
 LITE0_RUN = [o for o in TINY_RUN if not o.startswith("backbone=")] + [

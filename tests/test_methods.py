@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_RUN, cli, run_training
+from conftest import TINY_RUN, cli
 from transferlab.errors import UserError
 from transferlab.linear_probe import LinearProbe
 from transferlab.models import TransferModule, linear_head

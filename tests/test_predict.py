@@ -1,6 +1,6 @@
 """`python -m transferlab.predict`: a trained run classifies new images, through the real command line.
 
-One tiny cnn_small run is trained once per session (`train_once`, shared with test_export.py).
+One tiny cnn_small run is trained once per session (conftest's `cnn_run`, shared with test_export.py).
 Expected predictions are not written down: they are the model's own forward pass on the same
 images, prepared by hand from what the checkpoint records.
 """
@@ -14,28 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RUN, cli, run_training
+from conftest import cli
 
 #: a cnn_small run on the tiny CIFAR-10: a few batches are enough, the weights only need to be trained ones
-CNN_RUN = TINY_RUN + ["trainer.limit_train_batches=3", "data.download=false"]
-
-
-def train_once(tmp_path_factory, name: str, overrides: list[str], torch_home: Path, cache: Path) -> Path:
-    """The run dir of a run trained once per test session (prediction and export tests share it)."""
-    run_dir = tmp_path_factory.getbasetemp() / "trained" / name
-    if not (run_dir / "metrics.json").is_file():
-        with pytest.MonkeyPatch.context() as env:  # session scope: the autouse offline fixture is not active yet
-            env.setenv("TORCH_HOME", str(torch_home))
-            env.setenv("TRANSFERLAB_CACHE", str(cache))
-            run_training(overrides, run_dir)
-    return run_dir
-
-
-@pytest.fixture(scope="session")
-def cnn_run(tmp_path_factory, cifar10_root, torch_home, transferlab_cache) -> Path:
-    return train_once(tmp_path_factory, "cnn_small", CNN_RUN + [f"data.root={cifar10_root}"], torch_home, transferlab_cache)
-
-
 def write_photos(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
     """RGB PNGs of the given (height, width): not square, not at the run's size, so they are resized and cropped."""
     from PIL import Image

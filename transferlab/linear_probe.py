@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.results import as_number
 
 log = logging.getLogger("transferlab")
 
@@ -197,11 +198,11 @@ def run_linear_probe(cfg: DictConfig, built, output_dir: Path) -> dict:
     train_loss, train_acc = _loss_and_accuracy(model.head, datamodule.train)
     metrics = {"train/loss": train_loss, "train/acc": train_acc}
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)
-    metrics.update({k: _number(v) for k, v in (validated[0] if validated else {}).items()})
+    metrics.update({k: as_number(v) for k, v in (validated[0] if validated else {}).items()})
     trainer.save_checkpoint(str(output_dir / "checkpoints" / CHECKPOINT_NAME))
     if cfg.get("test", True):
         tested = trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics.update({k: _number(v) for k, v in (tested[0] if tested else {}).items()})
+        metrics.update({k: as_number(v) for k, v in (tested[0] if tested else {}).items()})
     metrics.update(
         epochs=0,  # no epochs: one L-BFGS solve per grid value (run_info.json: linear_probe)
         train_time_s=round(result.solve_time_s, 3),
@@ -236,10 +237,6 @@ def _loss_and_accuracy(head: nn.Module, split) -> tuple[float, float]:
     logits = head(split.images.float())
     head.train(was_training)
     return F.cross_entropy(logits, split.labels).item(), (logits.argmax(1) == split.labels).float().mean().item()
-
-
-def _number(value) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 # ---- mode=lp_ft ---------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def report_markdown(
         "",
         f"- Differ between runs: {', '.join(f'`{k}`' for k in keys) or 'nothing (no override differs)'}",
         f"- Same in every run: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'no common overrides'}",
-        f"- Time: training plus computing cached backbone features (`features_time_s`, frozen mode), in seconds",
+        "- Time: training plus computing cached backbone features (`features_time_s`, frozen mode), in seconds",
         "",
         summary_markdown(runs),
     ]
