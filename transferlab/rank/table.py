@@ -100,16 +100,22 @@ def rank_agreement(csv_path: Path | str, accuracies: dict[str, float]) -> dict[s
     """Kendall's tau-b between each score of a rank.csv and measured accuracies (backbone -> accuracy,
     e.g. fine-tuned test accuracy), over the backbones that have both; NaN for a score with fewer than
     two such backbones. The question it answers: does the score order the backbones as fine-tuning does?"""
-    from transferlab.rank.scores import kendall_tau_b
-
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     unknown = sorted(set(accuracies) - {row["backbone"] for row in rows})
     if unknown:
         raise ValueError(f"{csv_path} has no backbone {', '.join(unknown)}")
+    return score_agreement({row["backbone"]: {name: float(row[name]) for name in SCORES} for row in rows}, accuracies)
+
+
+def score_agreement(scores: dict[str, dict[str, float]], accuracies: dict[str, float]) -> dict[str, float]:
+    """Kendall's tau-b of each score (backbone -> {score: value}) with the accuracies (backbone ->
+    accuracy), over the backbones that have an accuracy and a finite score; NaN below two."""
+    from transferlab.rank.scores import kendall_tau_b
+
     agreement = {}
     for name in SCORES:
-        pairs = [(float(row[name]), float(accuracies[row["backbone"]])) for row in rows
-                 if row["backbone"] in accuracies and math.isfinite(float(row[name]))]
+        pairs = [(values[name], float(accuracies[backbone])) for backbone, values in scores.items()
+                 if backbone in accuracies and math.isfinite(values[name])]
         agreement[name] = kendall_tau_b(*zip(*pairs)) if len(pairs) >= 2 else math.nan
     return agreement

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from transferlab.errors import UserError
 from transferlab.report.runs import Run, _config_value
-from transferlab.rank.scores import kendall_tau_b
-from transferlab.rank.table import SCORES, TITLES
+from transferlab.rank.table import SCORES, TITLES, score_agreement
 
 AGREEMENT_FILE = "rank_agreement.md"
 
@@ -67,11 +66,8 @@ def _number(text: str) -> float:
 
 def agreement(ranked: list[RankedBackbone]) -> dict[str, float]:
     """Kendall's tau-b of each score with the mean accuracies, over the backbones with both; NaN below two."""
-    result = {}
-    for name in SCORES:
-        pairs = [(b.scores[name], statistics.mean(b.accuracies)) for b in ranked if b.accuracies and math.isfinite(b.scores[name])]
-        result[name] = kendall_tau_b(*zip(*pairs)) if len(pairs) >= 2 else math.nan
-    return result
+    accuracies = {b.label: statistics.mean(b.accuracies) for b in ranked if b.accuracies}
+    return score_agreement({b.label: b.scores for b in ranked}, accuracies)
 
 
 def agreement_markdown(ranked: list[RankedBackbone], rank_csv: Path) -> str:
