@@ -22,11 +22,10 @@ record travels in the checkpoint (`ProbeRecord`) and ends in `run_info.json`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -61,7 +60,8 @@ class ProbeResult:
     bias: torch.Tensor = field(default=None, repr=False)
 
     def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("weight", "bias")}
+        # not asdict: it would deep-copy the weight and bias only to drop them
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("weight", "bias")}
 
 
 class LinearProbe:
@@ -123,7 +123,7 @@ class LinearProbe:
         accs: dict[float, float] = {}
         losses: dict[float, float] = {}
         previous = None
-        for l2 in sorted(self.l2_grid, reverse=True):
+        for l2 in reversed(self.l2_grid):  # sorted ascending in __init__
             previous = self.fit(tx, train_y, num_classes, l2, init=previous)
             with torch.no_grad():
                 logits = vx @ previous[0].T + previous[1]
@@ -166,8 +166,11 @@ def check_probe_config(cfg: DictConfig) -> None:
         name = head.rsplit(".", 1)[-1].removesuffix("_head")
         raise UserError(f"mode={mode} solves for a linear head (logistic regression), but head={name}; use head=linear")
     probe_from_config(cfg)  # its own argument checks
-    weights = str(cfg.backbone.get("weights", "imagenet")).lower()
-    if weights in ("none", "null", "random", ""):
+    from transferlab.build import backbone_weights
+    from transferlab.models.weights import wants_weights
+
+    weights = backbone_weights(cfg.backbone, cfg.mode)
+    if not wants_weights(weights):
         log.warning("mode=%s with random weights: the probe fits a fixed random feature extractor (backbone.weights=%s)", mode, weights)
     if mode != "linear_probe":
         return
@@ -213,7 +216,9 @@ def run_linear_probe(cfg: DictConfig, built, output_dir: Path) -> dict:
 
 
 def solve_for_head(cfg: DictConfig, model: nn.Module, train, val, num_classes: int) -> ProbeResult:
-    device = "cuda" if torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") else "cpu"
+    from transferlab.build import feature_device
+
+    device = feature_device(cfg)
 
     def tensors(split):
         return split.images.float().to(device), split.labels.to(device)
@@ -286,14 +291,3 @@ def probe_record(trainer) -> dict | None:
     """What the probe stage chose (the linear probe's, or LP-FT's, restored from its checkpoint on a resume)."""
     callback = next((c for c in (trainer.callbacks if trainer else []) if isinstance(c, ProbeRecord)), None)
     return callback.record if callback and callback.record else None
-
-
-def add_probe_to_run_info(output_dir: Path, trainer) -> None:
-    """run_info.json gets a `linear_probe` entry: the grid, val accuracy per value, the choice."""
-    record = probe_record(trainer)
-    path = output_dir / "run_info.json"
-    if record is None or not path.is_file():
-        return
-    info = json.loads(path.read_text())
-    info["linear_probe"] = record
-    path.write_text(json.dumps(info, indent=2) + "\n")

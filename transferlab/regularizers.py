@@ -24,12 +24,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from transferlab.errors import UserError
+from transferlab.models.weights import wants_weights
 
 log = logging.getLogger(__name__)
-
-#: `backbone.weights` values that mean random init
-RANDOM_INIT = ("none", "null", "random", "")
-
 
 class Regularizer:
     """A penalty on the model (and the batch's backbone features) added to the training loss."""
@@ -145,7 +142,7 @@ def check_regularizer_config(cfg: DictConfig) -> None:
                 f"random init (w0 would be random); use a mode that starts from backbone.weights (finetune, lp_ft, ...) "
                 f"or regularizer=none"
             )
-        if str(cfg.backbone.get("weights", "imagenet")).lower() in RANDOM_INIT:
+        if not wants_weights(cfg.backbone.get("weights", "imagenet")):
             raise UserError(
                 f"regularizer=l2sp pulls the backbone towards its pretrained weights, but backbone.weights="
                 f"{cfg.backbone.get('weights')} is random init (w0 would be random); give pretrained weights "

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from transferlab.callbacks.guards import TrainingClock
-from transferlab.checkpointing import recorded_best
+from transferlab.checkpointing import read_checkpoint, recorded_best
 from transferlab.models import TransferModule
 from transferlab.runinfo import run_info
 from transferlab.resume import ResumePlan, read_json
@@ -30,19 +30,23 @@ def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str
     return {k: as_number(v) for k, v in (results[0] if results else {}).items()}
 
 
-def write_results(cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None) -> None:
+def write_results(cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None, probe: dict | None = None) -> None:
+    """`probe`: what a linear probe (mode=linear_probe, lp_ft) chose, recorded in run_info.json."""
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    (output_dir / "run_info.json").write_text(json.dumps(run_record(cfg, output_dir, plan), indent=2) + "\n")
+    (output_dir / "run_info.json").write_text(json.dumps(run_record(cfg, output_dir, plan, probe), indent=2) + "\n")
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     log.info("outputs in %s", output_dir)
 
 
-def run_record(cfg: DictConfig, output_dir: Path, plan: ResumePlan | None) -> dict:
-    """run_info.json: how the run began, and one entry per resume (a longer budget is recorded there)."""
+def run_record(cfg: DictConfig, output_dir: Path, plan: ResumePlan | None, probe: dict | None = None) -> dict:
+    """run_info.json: how the run began, and one entry per resume (a longer budget is recorded there);
+    `linear_probe`: the probe's grid and choice (an LP-FT resume restores it from its checkpoint)."""
     info = run_info(cfg)
+    record = info if plan is None else (read_json(output_dir / "run_info.json") or info)
+    if probe is not None:
+        record["linear_probe"] = probe
     if plan is None:
-        return info
-    record = read_json(output_dir / "run_info.json") or info
+        return record
     record.setdefault("resumes", []).append({
         "ckpt_path": str(plan.checkpoint),
         "from_epoch": plan.epochs_done,
@@ -72,9 +76,8 @@ def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule,
 
 
 def _checkpoint_train_time(path: Path) -> float:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = read_checkpoint(path, "ckpt_path")
     return float(((checkpoint.get("callbacks") or {}).get("TrainingClock") or {}).get("train_time_s", 0.0))
-
 
 
 def whole_train_time(trainer: L.Trainer, plan: ResumePlan | None) -> float:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from transferlab.build import build
 from transferlab.confusion import per_class_results
 from transferlab.errors import full_tracebacks_when_debugging, user_errors_as_one_line
-from transferlab.linear_probe import add_probe_to_run_info, probe_head_before_fine_tuning, run_linear_probe
+from transferlab.linear_probe import probe_head_before_fine_tuning, probe_record, run_linear_probe
 from transferlab.hparams import log_hyperparameters
 from transferlab.results import as_number, test_best, test_without_training, whole_train_time, write_results
 from transferlab.quietlogs import quiet_third_party
@@ -110,8 +110,8 @@ def run(cfg: DictConfig) -> float | None:
         params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if trainer.is_global_zero:
-        write_results(cfg, output_dir, metrics, plan)
-        add_probe_to_run_info(output_dir, trainer)  # linear_probe / lp_ft: the L2 grid and the choice
+        # linear_probe / lp_ft: the L2 grid and the choice go into run_info.json
+        write_results(cfg, output_dir, metrics, plan, probe=probe_record(trainer))
     return metrics.get(optimized_metric(cfg))
 
 

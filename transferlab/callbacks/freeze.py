@@ -239,6 +239,8 @@ def check_mode(cfg: Any) -> None:
             f"mode.unfreeze_at_epoch={unfreeze_at} with trainer.max_epochs={max_epochs}: the backbone never unfreezes "
             f"(epochs count from 0); set mode.unfreeze_at_epoch<{max_epochs} or trainer.max_epochs>{unfreeze_at}"
         )
-    weights = (cfg.get("backbone") or {}).get("weights", "imagenet")
-    if mode.get("name") == "frozen" and (not mode.get("pretrained", True) or not wants_weights(weights)):
+    from transferlab.build import backbone_weights
+
+    weights = backbone_weights(cfg.get("backbone") or {}, mode)
+    if mode.get("name") == "frozen" and not wants_weights(weights):
         log.warning("mode=frozen with random weights: the backbone is a fixed random feature extractor (backbone.weights=%s)", weights)
