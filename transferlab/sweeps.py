@@ -132,8 +132,10 @@ def job_dir(num, _root_: DictConfig) -> str:
 def job_dirname(settings: dict[str, str], limit: int = NAME_LIMIT) -> str:
     """`per_class=10,seed=1` from `{"data.fewshot.per_class": "10", "seed": "1"}`: keys shortened
     where that stays unambiguous, long floats to 4 digits, cut at a whole setting past `limit`."""
+    from transferlab.report.compare import readable  # the report's rounding (imported here: not on every run's start-up)
+
     names = _short_keys(list(settings))
-    parts = [UNSAFE.sub("_", f"{names[k]}={_short_value(v)}") for k, v in settings.items()]
+    parts = [UNSAFE.sub("_", f"{names[k]}={readable(v)}") for k, v in settings.items()]
     text = ",".join(parts)
     if len(text) <= limit:
         return text
@@ -149,15 +151,6 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
 
     shorts = [short(k) for k in keys]
     return {k: s if shorts.count(s) == 1 else k for k, s in zip(keys, shorts)}
-
-
-def _short_value(value: str) -> str:
-    """A sampled `0.0012345678901` reads `0.001235`; the exact value is in .hydra/overrides.yaml."""
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return f"{number:.4g}" if len(value) > 8 and not value.lstrip("-").isdigit() else value
 
 
 def _job_values(task) -> dict[str, str]:

@@ -184,7 +184,7 @@ def h_score(features, labels, shrinkage: float | str = "ledoit_wolf") -> float:
     for c in np.unique(y):
         class_means[y == c] = centered[y == c].mean(axis=0)
     between = class_means.T @ class_means / len(f)
-    d = ledoit_wolf_shrinkage(centered) if shrinkage == "ledoit_wolf" else float(shrinkage)
+    d = ledoit_wolf_shrinkage(centered, cov) if shrinkage == "ledoit_wolf" else float(shrinkage)
     if not 0.0 <= d <= 1.0:
         raise ValueError(f"shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}")
     mu = np.trace(cov) / cov.shape[0]
@@ -192,7 +192,7 @@ def h_score(features, labels, shrinkage: float | str = "ledoit_wolf") -> float:
     return float(np.trace(np.linalg.pinv(shrunk, hermitian=True) @ ((1 - d) * between)))
 
 
-def ledoit_wolf_shrinkage(centered: np.ndarray) -> float:
+def ledoit_wolf_shrinkage(centered: np.ndarray, s: np.ndarray | None = None) -> float:
     """Ledoit & Wolf's (2004) optimal weight d of the scaled identity mu I in (1 - d) S + d mu I,
     S = X^T X / n of centered X (the same formula as scikit-learn's `ledoit_wolf_shrinkage`):
 
@@ -200,7 +200,7 @@ def ledoit_wolf_shrinkage(centered: np.ndarray) -> float:
     """
     x = np.asarray(centered, dtype=np.float64)
     n, dim = x.shape
-    s = x.T @ x / n
+    s = x.T @ x / n if s is None else s  # the caller's S when it has it (h_score): the costly product once
     mu = np.trace(s) / dim
     d2 = ((s - mu * np.eye(dim)) ** 2).sum() / dim
     # sum_k ||x_k x_k^T - S||^2 = sum_k ||x_k||^4 - n ||S||^2

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
 
-from transferlab.report.runs import TIME, Run, UnfinishedJob
+from transferlab.report.runs import TIME, Run, UnfinishedJob, is_number
 
 SEED_KEY = "seed"
 #: metrics averaged over seeds in the grouped table
@@ -98,11 +97,6 @@ def _number_or_text(text: str) -> tuple:
 
 
 # ---- mean ± std --------------------------------------------------------------------------
-def is_number(value) -> bool:
-    """A metric value that can be shown and averaged: not missing, not a bool, not NaN or inf."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def grouped_table(runs: list[Run], keys: list[str]) -> list[dict[str, Any]]:
     """Mean, sample std and n over the seeds of each setting (std is None for a single run)."""
     rows = []

@@ -197,6 +197,4 @@ def _legend_below(fig, axes, line_chars: int) -> None:
 
 def _wrapped(title: str, width: int) -> str:
     """A long title on several lines: one line of many varying settings runs off the figure's edges."""
-    import textwrap
-
     return "\n".join(textwrap.wrap(title, width)) or title

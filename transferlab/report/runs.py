@@ -153,19 +153,13 @@ def with_resumed_budget(overrides: dict[str, str], config, max_epochs: int | Non
         return
     if "trainer.max_epochs" in overrides:
         overrides["trainer.max_epochs"] = str(max_epochs)
-    if config is not None and _selected(config, "trainer.max_epochs") is not None:
+    if _config_value(config, "trainer.max_epochs") not in (MISSING, "null"):
         config.trainer.max_epochs = max_epochs
-
-
-def _selected(config, key: str):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
 
 
 def with_run_time(metrics: dict[str, Any]) -> dict[str, Any]:
     """`time_s` = train_time_s + features_time_s (absent in runs that predate it: 0)."""
-    if _finite_number(metrics.get("train_time_s")):
+    if is_number(metrics.get("train_time_s")):
         metrics[TIME] = sum(metrics.get(part) or 0.0 for part in TIME_PARTS)
     return metrics
 
@@ -181,13 +175,14 @@ def read_metrics(metrics_file: Path) -> dict[str, Any]:
         raise BrokenRun(f"metrics.json cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}): {fix}") from None
     if not isinstance(metrics, dict):
         raise BrokenRun(f"metrics.json holds a {type(metrics).__name__}, not a table of metrics: {fix}")
-    junk = [f"{key}={metrics[key]!r}" for key in SHOWN_METRICS if key in metrics and not _finite_number(metrics[key])]
+    junk = [f"{key}={metrics[key]!r}" for key in SHOWN_METRICS if key in metrics and not is_number(metrics[key])]
     if junk:
         raise BrokenRun(f"metrics.json has {', '.join(junk)}, not finite numbers: {fix}")
     return metrics
 
 
-def _finite_number(value) -> bool:
+def is_number(value) -> bool:
+    """A metric value that can be shown and averaged: not missing, not a bool, not NaN or inf."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
