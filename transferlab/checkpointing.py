@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from transferlab.errors import UserError
+from transferlab.errors import UserError, causes
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,7 @@ def storage_error_behind(error: BaseException) -> OSError | None:
     torch.save reports a failed write as RuntimeError("... unexpected pos ..."), the OSError
     kept as its context; the chain is walked for it.
     """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno in STORAGE_ERRNOS:
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in causes(error) if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS), None)
 
 
 def _checkpoint_storage_message(path: Path, error: OSError) -> str:

@@ -56,7 +56,7 @@ def user_error_behind(error: BaseException) -> UserError | None:
     A bad argument that a constructor refused with its own ValueError/TypeError becomes
     `<config key>: <first line of the reason>`, the key taken from Hydra's `full_key`.
     """
-    chain = _causes(error)
+    chain = causes(error)
     for current in chain:
         if isinstance(current, UserError):
             return current
@@ -90,7 +90,8 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _causes(error: BaseException) -> list[BaseException]:
+def causes(error: BaseException) -> list[BaseException]:
+    """`error`, then what caused it (`raise ... from`) or was being handled when it was raised, in order."""
     seen: set[int] = set()
     chain = []
     current: BaseException | None = error

@@ -259,9 +259,6 @@ def read_images(files: list[Path], size: int) -> tuple[torch.Tensor, list[Path]]
         except UserError as error:
             warn(f"{error} (skipped)")
             continue
-        if tuple(image.shape) != (3, size, size):
-            warn(f"cannot read image {file} (decoded to shape {tuple(image.shape)}, not an RGB picture); remove or replace the file (skipped)")
-            continue
         images.append(image)
         readable.append(file)
     return (torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)), readable
