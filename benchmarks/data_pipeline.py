@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferlab import CIFAR10DataModule
-from transferlab.normalization import IMAGENET_MEAN, IMAGENET_STD
+from transferlab.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 BATCH = 256
 

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from transferlab.inference import load_trained
+from transferlab.models.trained import load_trained
 
 run, onnx_file, batches = sys.argv[1:4]
 d = pickle.load(open(f"{batches}/test_batch", "rb"), encoding="bytes")

@@ -4,7 +4,7 @@
 
 For each image size, over the same uint8 CIFAR-10 test images, same threads, same batch:
 - transferlab: the backbone and data module the training command builds (config
-  `experiment=lite0_frozen`), through `transferlab.features.extract_features` (the cached-
+  `experiment=lite0_frozen`), through `transferlab.data.features.extract_features` (the cached-
   features path of mode=frozen: eval mode, inference_mode, channels_last);
 - plain timm: `timm.create_model("tf_efficientnet_lite0", num_classes=0)` with the same weights,
   a `torch.no_grad()` loop doing /255, normalize, bilinear resize, forward, in the default layout.
@@ -86,8 +86,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
 
-    from transferlab.data.datamodule import Split
-    from transferlab.features import extract_features
+    from transferlab.data.subsets import Split
+    from transferlab.data.features import extract_features
 
     gemm = matmul_gflops()
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.images} images, fp32 matmul {gemm:.0f} GFLOP/s\n")

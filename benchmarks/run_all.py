@@ -79,7 +79,7 @@ def build(root: str, backbone: str, batch_size: int):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from transferlab.runinfo import config_dir
+    from transferlab.config import config_dir
 
     overrides = [f"backbone={backbone}", "backbone.weights=none", "mode=finetune", f"data.root={root}",
                  "data.download=false", f"data.batch_size={batch_size}", "data.augment=true"]

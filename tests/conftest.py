@@ -14,41 +14,36 @@ from fakedata import write_cifar10, write_cifar100, write_torchvision_weights  #
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: the smallest real run on the tiny data (cnn_small, one epoch): the base of CLI cases
-TINY_RUN = [
-    "backbone=cnn_small",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "data.val_size=50",
-    "data.batch_size=32",
-    "callbacks.progress_bar=null",
-]
+#: the smallest real run on the tiny data (cnn_small, one epoch, small batches): the one base of
+#: every test's runs, through `tiny_run`
+TINY = {
+    "backbone": "cnn_small",
+    "trainer.max_epochs": 1,
+    "trainer.accelerator": "cpu",
+    "data.val_size": 50,
+    "data.batch_size": 32,
+    "data.eval_batch_size": 64,
+    "callbacks.progress_bar": "null",
+}
+#: what makes a run a sweep job of a few seconds (sweep tests: report, notebook)
+JOB = {
+    "trainer.max_epochs": 2,
+    "trainer.limit_train_batches": 2,
+    "trainer.limit_val_batches": 1,
+    "trainer.limit_test_batches": 1,
+    "trainer.num_sanity_val_steps": 0,
+    "data.val_size": 20,
+    "data.batch_size": 16,
+    "data.eval_batch_size": 32,
+    "callbacks.model_checkpoint": "null",
+}
 
-#: overrides that make any preset run in seconds on the tiny data
-FAST = [
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "data.val_size=50",
-    "data.batch_size=32",
-    "data.eval_batch_size=64",
-    "callbacks.progress_bar=null",
-]
 
-
-#: one sweep job in a few seconds (sweep tests: report, notebook); cnn_small builds fast
-TINY_JOB = [
-    "backbone=cnn_small",
-    "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "data.val_size=20",
-    "data.batch_size=16",
-    "data.eval_batch_size=32",
-    "callbacks.model_checkpoint=null",
-]
+def tiny_run(changes: dict | None = None) -> list[str]:
+    """The overrides of the tiny run, with `changes` (a key set to None is left to the config:
+    `tiny_run({"backbone": None})` runs a preset's own backbone in seconds)."""
+    settings = {**TINY, **(changes or {})}
+    return [f"{key}={value}" for key, value in settings.items() if value is not None]
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +124,7 @@ def compose_config(overrides: list[str], output_dir: Path):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from transferlab.runinfo import config_dir
+    from transferlab.config import config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         cfg = compose("train", overrides=overrides)
@@ -149,7 +144,7 @@ def run_training(overrides: list[str], output_dir: Path) -> dict:
 
 
 # ---- one trained run shared by the tests that use a trained model (predict, export) ----------
-CNN_RUN = TINY_RUN + ["trainer.limit_train_batches=3", "data.download=false"]
+CNN_RUN = tiny_run() + ["trainer.limit_train_batches=3", "data.download=false"]
 
 
 def train_once(tmp_path_factory, name: str, overrides: list[str], torch_home: Path, cache: Path) -> Path:

@@ -1,69 +1,106 @@
-"""One assembler: a composed config -> data module, model and trainer.
+"""One assembler: a composed config -> checked, then data module, model and trainer.
 
-`python -m transferlab`, the tests and the benchmarks all build through `build(cfg)`, so
-rules such as "scratch means random init" or "a frozen backbone without augmentation trains
-on cached features" hold everywhere, not only in the training script. The order follows
-what depends on what: the trainer first (a bad trainer setting fails before any data is
-read), the backbone (its weights decide the default normalization), the data (its classes
-decide the head), the model, and last the cached features (the one expensive step).
+`python -m transferlab`, the tests, the benchmarks and the ranking all go through `check_config`
+and `build(cfg)`, so rules such as "scratch means random init" or "a frozen backbone without
+augmentation trains on cached features" hold everywhere, not only in the training script.
+
+`check_config` is the one check list: the config's own checks first, then each owner once,
+given its slice of the config, cheapest first. `build` then asks each owner to construct its
+part, in the order of what depends on what: the trainer with the mode's callback (a bad
+trainer setting fails before any data is read), the backbone (its weights decide the default
+normalization), the data (its classes decide the head), the model, and last the cached
+features (the one expensive step).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
-from transferlab.data.datamodule import TensorImageDataModule
-from transferlab.features import should_cache
-from transferlab.inference import architecture_record
-from transferlab.linear_probe import check_probe_config
-from transferlab.regularizers import build_regularizer, check_regularizer_config
+from transferlab.callbacks.guards import AtomicCheckpointIO, TrainingClock
+from transferlab.config import check_config_itself
+from transferlab.data.datamodule import TensorImageDataModule, check_data_root
+from transferlab.data.features import feature_device, feature_splits
+from transferlab.data.normalization import describe_weights
+from transferlab.methods.modes import Mode, check_mode, mode_facts
+from transferlab.methods.probe import check_probe
+from transferlab.methods.regularizers import build_regularizer, check_regularizer
 from transferlab.models import TransferModule
-from transferlab.normalization import describe_weights
+from transferlab.models.architecture import architecture_record
+from transferlab.models.module import check_components, check_learning_rate_ratios
+from transferlab.models.weights import backbone_weights
+from transferlab.run.budget import check_training_budget
+from transferlab.run.results import check_optimized_metric
+from transferlab.run.resume import ResumePlan, check_resume
+from transferlab.store.rundir import RunDir, resumes
 
 
+# ---- the one check list --------------------------------------------------------------------
+def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
+    """Every check on the composed config, before anything is built; for a resume, what is left to do."""
+    RunDir(output_dir).check_writable(resuming=resumes(cfg.get("ckpt_path")))
+    check_config_itself(cfg)
+    check_training_budget(cfg.trainer, test=bool(cfg.get("test", True)))
+    check_optimized_metric(cfg.get("optimized_metric"), test=bool(cfg.get("test", True)))
+    mode = check_mode(cfg.mode, cfg.trainer.get("max_epochs"), starting_weights(cfg))
+    check_probe(mode, cfg.mode, cfg.head.get("_target_", ""), cfg.get("ckpt_path"), caches_features(cfg, mode))
+    check_regularizer(cfg.get("regularizer"), mode, starting_weights(cfg))
+    check_components(cfg.optimizer, cfg.get("scheduler"), cfg.head)
+    check_learning_rate_ratios(cfg.model.backbone_lr_ratio, cfg.model.layer_decay)
+    check_data_root(cfg.data)
+    return check_resume(cfg, output_dir)
+
+
+def starting_weights(cfg: DictConfig):
+    """What the backbone starts from: `backbone.weights`, or random init for a mode that is not pretrained."""
+    return backbone_weights(cfg.backbone, mode_facts(cfg.mode).pretrained)
+
+
+def caches_features(cfg: DictConfig, mode: Mode) -> bool:
+    return mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))
+
+
+# ---- building --------------------------------------------------------------------------------
 @dataclass
 class Assembly:
     datamodule: TensorImageDataModule
     model: TransferModule
     trainer: L.Trainer | None
+    mode: Mode  # what the mode is (methods.modes: its facts)
+    feature_device: str  # where backbone features are computed (resolved once, from trainer.accelerator)
     features_time_s: float = 0.0  # computing or loading cached backbone features, before fit
 
 
 def build(cfg: DictConfig, output_dir: Path | None = None, with_trainer: bool = True) -> Assembly:
-    """Everything a run needs, checked and ready; `with_trainer=False` for benchmarks and tools."""
-    check_method_combination(cfg)
+    """Everything a run needs, ready; `with_trainer=False` for benchmarks and tools."""
+    mode = mode_facts(cfg.mode)
+    device = feature_device(cfg.trainer.get("accelerator"))
     trainer = build_trainer(cfg, output_dir) if with_trainer else None
     backbone = build_backbone(cfg)
     datamodule = build_datamodule(cfg, backbone, output_dir)
     model = build_model(cfg, backbone, datamodule)
-    features_time = 0.0
-    if uses_cached_features(cfg):
-        features_time = datamodule.use_features(model.backbone, device=feature_device(cfg))
+    built = Assembly(datamodule, model, trainer, mode, device)
+    if caches_features(cfg, mode):
+        started = time.perf_counter()
+        datamodule.serve_features(feature_splits(model.backbone, datamodule, device))
+        built.features_time_s = time.perf_counter() - started
         model.inputs_are_features = True
-    return Assembly(datamodule, model, trainer, features_time)
+    return built
 
 
 def build_backbone(cfg: DictConfig):
-    """The configured backbone, with the weights `backbone_weights` says it starts from."""
-    return hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size, weights=backbone_weights(cfg.backbone, cfg.mode))
-
-
-def backbone_weights(backbone: Mapping, mode: Mapping):
-    """The weights a run starts from: `mode.pretrained=false` (scratch) means random init, whatever
-    `backbone.weights` says (the one home of that rule: building, and the HParams the run reports)."""
-    return backbone.get("weights") if mode.get("pretrained", True) else "none"
+    """The configured backbone, with the weights it starts from (`starting_weights`)."""
+    return hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size, weights=starting_weights(cfg))
 
 
 def build_datamodule(cfg: DictConfig, backbone, output_dir: Path | None) -> TensorImageDataModule:
     # The weights' own preprocessing: the data module's normalization follows it unless the
-    # config says otherwise (transferlab.normalization, the one rule).
+    # config says otherwise (data.normalization, the one rule).
     datamodule = hydra.utils.instantiate(
         cfg.data, output_dir=str(output_dir) if output_dir else None, weights=describe_weights(backbone)
     )
@@ -85,24 +122,15 @@ def build_model(cfg: DictConfig, backbone, datamodule: TensorImageDataModule) ->
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         data_info=datamodule.describe(),
         # After the backbone's weights are loaded: L2-SP snapshots them as its w0 (TransferModule binds it).
-        regularizer=build_regularizer(cfg),
+        regularizer=build_regularizer(cfg.get("regularizer")),
     )
     # Set after instantiate: Hydra would build the `_target_` nodes it holds. Checkpoints record it, so
     # that `TransferModule.load_from_checkpoint(path)` rebuilds this network without the config.
-    model.architecture = architecture_record(cfg, backbone, datamodule.num_classes)
+    model.architecture = architecture_record(cfg.backbone, cfg.head, cfg.data.image_size, backbone, datamodule.num_classes)
     return model
 
 
-def check_method_combination(cfg: DictConfig) -> None:
-    """Mode x head x regularizer combinations that would mean nothing, refused before any weights or data."""
-    check_probe_config(cfg)
-    check_regularizer_config(cfg)
-
-
 def build_trainer(cfg: DictConfig, output_dir: Path | None) -> L.Trainer:
-    from transferlab.callbacks.guards import TrainingClock
-    from transferlab.checkpointing import AtomicCheckpointIO
-
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c]
     if cfg.mode.get("callback"):
         # First: what trains in an epoch (and the rates of frozen groups) is settled before
@@ -111,13 +139,3 @@ def build_trainer(cfg: DictConfig, output_dir: Path | None) -> L.Trainer:
     callbacks.append(TrainingClock())  # train_time_s of the whole run, across resumes
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c] if cfg.get("logger") else False
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
-
-
-def uses_cached_features(cfg: DictConfig) -> bool:
-    return should_cache(cfg.data.get("cache_features", "auto"), cfg.mode.name, cfg.data.augment, bool(cfg.mode.get("train_bn", False)))
-
-
-def feature_device(cfg: DictConfig) -> str:
-    """Extract cached features where training will run: the GPU when there is one."""
-    wants_gpu = str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
-    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"

@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from transferlab.errors import UserError, exit_with
-from transferlab.predict import CommandLine, check_folder_writable, check_not_an_input
+from transferlab.utils.errors import UserError, exit_with
+from transferlab.cli.args import CommandLine, check_folder_writable, check_not_an_input
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: what the exported model may differ from the PyTorch one by, in probability
@@ -70,7 +70,8 @@ def export(model: str, fmt: str, out: Path, force: bool) -> None:
     check_writable(targets, force)  # before anything is loaded
     if fmt == "onnx":
         check_onnx_installed()
-    from transferlab.inference import checkpoint_file, load_trained
+    from transferlab.store.rundir import checkpoint_file
+    from transferlab.models.trained import load_trained
 
     model_file = checkpoint_file(model, setting="RUN_DIR_OR_CKPT")
     for target in targets:
@@ -180,7 +181,7 @@ def run_torchscript(exported: bytes, images: torch.Tensor) -> torch.Tensor:
 
 
 def write_file(path: Path, write: Callable) -> None:
-    from transferlab.checkpointing import write_atomically
+    from transferlab.store.files import write_atomically
 
     try:
         write_atomically(path, write)

@@ -20,27 +20,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from transferlab.errors import UserError, exit_with
+from transferlab.cli.args import CommandLine, check_folder_writable, check_not_an_input, positive_int
+from transferlab.utils.errors import UserError, exit_with
 
 #: rows of the printed table; the CSV holds them all
 TABLE_ROWS = 50
-
-
-class CommandLine(argparse.ArgumentParser):
-    """argparse whose usage errors are one `transferlab: error: ...` line, like every other bad input."""
-
-    def error(self, message: str):  # noqa: D102 (argparse's hook)
-        exit_with(UserError(f"{message} (see {self.prog} --help)"))
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -82,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     check_writable(args.out, args.force)  # before anything is loaded or read
-    from transferlab.inference import checkpoint_file, load_trained
+    from transferlab.store.rundir import checkpoint_file
+    from transferlab.models.trained import load_trained
 
     found = find_images(args.paths)
     model_file = checkpoint_file(args.model, setting="RUN_DIR_OR_CKPT")
@@ -114,32 +99,6 @@ def check_writable(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists; choose another --out, or add --force to overwrite it")
     check_folder_writable(out, "--out")
-
-
-def check_folder_writable(out: Path, flag: str) -> None:
-    """The folder `out` goes into can take a file (missing folders are created at the end, as
-    `write_atomically` does): probed now, so that a read-only, full or mistyped place is one
-    line before the model is loaded and every image classified, not after."""
-    import tempfile
-
-    existing = next(p for p in [out.absolute().parent, *out.absolute().parent.parents] if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"cannot write {flag} {out}: {existing} is a file, not a folder; choose another {flag}")
-    try:
-        with tempfile.TemporaryFile(dir=existing) as probe:
-            probe.write(b"probe")
-            probe.flush()
-    except OSError as error:
-        raise UserError(f"cannot write {flag} {out} ({error.strerror or type(error).__name__} at {existing}); choose another {flag}") from None
-
-
-def check_not_an_input(out: Path, flag: str, inputs: Sequence[Path]) -> None:
-    """--force overwrites an old output, never what the command reads (the checkpoint, an image)."""
-    if not out.exists():
-        return
-    for path in inputs:
-        if path.exists() and out.samefile(path):
-            raise UserError(f"{flag} {out} would overwrite {path}, which this command reads; choose another {flag}")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -280,7 +239,7 @@ def csv_header(top_k: int) -> list[str]:
 
 
 def write_csv(out: Path, rows: list[Prediction], top_k: int) -> None:
-    from transferlab.checkpointing import write_atomically
+    from transferlab.store.files import write_atomically
 
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")

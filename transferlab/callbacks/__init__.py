@@ -1,21 +1,6 @@
-"""Lightning callbacks: freeze/unfreeze modes and run bookkeeping."""
+"""Lightning callbacks that keep a run trustworthy and record it: guards (`callbacks.guards`: a
+diverged loss, a resume of another model, the training clock, atomic checkpoint writes) and the
+per-epoch log line (`callbacks.epoch_log`). What trains in an epoch is a mode's: `transferlab.methods.modes`.
 
-from transferlab.callbacks.freeze import (
-    FreezeBackbone,
-    FreezeStages,
-    GradualUnfreeze,
-    TrainAll,
-    TransferMode,
-    freeze,
-    hold_frozen_in_eval,
-)
-
-__all__ = [
-    "FreezeBackbone",
-    "FreezeStages",
-    "GradualUnfreeze",
-    "TrainAll",
-    "TransferMode",
-    "freeze",
-    "hold_frozen_in_eval",
-]
+Imported by `build`, `methods` and `run`, and named by conf/callbacks/*.yaml.
+"""

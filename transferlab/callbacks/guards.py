@@ -1,23 +1,29 @@
 """Callbacks that keep a run trustworthy: it stops when the loss diverges, it refuses to
 resume from a checkpoint of a different model, and a resumed run continues exactly like the
 uninterrupted one would have. All three are in `conf/callbacks/default.yaml`. A fourth,
-`TrainingClock`, carries the training time across resumes; `transferlab.build.build_trainer` adds it
-to every run (it is bookkeeping, not a setting).
+`TrainingClock`, carries the training time across resumes, and `AtomicCheckpointIO` (a
+checkpoint plugin) makes every save all-or-nothing; `transferlab.build.build_trainer` adds both
+to every run (they are bookkeeping, not settings).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
-from transferlab.checkpointing import read_checkpoint, relocated, transferlab_record
-from transferlab.errors import TrainingDiverged, UserError
+from transferlab.store.files import STORAGE_ERRNOS, storage_error_behind, write_atomically
+from transferlab.store.rundir import checkpoint_path, read_checkpoint, relocated, transferlab_record
+from transferlab.utils.errors import TrainingDiverged, UserError
 
 
 class StopOnNonFiniteLoss(Callback):
@@ -129,8 +135,6 @@ class CheckpointFitsModel(Callback):
         self.output_dir = Path(output_dir or ".")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from transferlab.resume import checkpoint_path
-
         if stage != "fit":
             return
         path = checkpoint_path(self.ckpt_path, self.output_dir)
@@ -215,7 +219,7 @@ class ScheduleFollowsBudget(Callback):
     would reach 0 at the old last epoch and climb back up. After the restore, a scheduler
     whose T_max differs from the one the config built gets the config's, and every group
     that trains gets the new schedule's rate at the current epoch (from its base rate, which
-    already holds its lr_scale); a frozen group stays at 0 (transferlab/callbacks/freeze.py).
+    already holds its lr_scale); a frozen group stays at 0 (transferlab/methods/modes.py).
     """
 
     def __init__(self) -> None:
@@ -233,15 +237,16 @@ class ScheduleFollowsBudget(Callback):
 
 
 def stretch_cosine(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, t_max: int) -> None:
-    """Continue `scheduler` at its current step as if it had been built with `T_max=t_max`."""
-    import math
+    """Continue `scheduler` at its current step as if it had been built with `T_max=t_max`.
 
+    Sets the optimizer's rates, which training and LearningRateMonitor read; the scheduler's own
+    record of them (`get_last_lr()`) follows at its next step, which starts from these rates.
+    """
     scheduler.T_max = t_max
     factor = (1 + math.cos(math.pi * scheduler.last_epoch / t_max)) / 2
     for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
         if any(p.requires_grad for p in group["params"]):
             group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * factor
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class TrainingClock(Callback):
@@ -303,3 +308,26 @@ def state_dict_difference(saved: dict[str, torch.Tensor], own: dict[str, torch.T
         if tuple(saved[key].shape) != tuple(tensor.shape):
             return f"{key} is {tuple(saved[key].shape)} in the checkpoint but {tuple(tensor.shape)} here"
     return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints through `write_atomically`: a run killed during a save keeps its
+    previous `last.ckpt` intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        try:
+            write_atomically(path, lambda f: torch.save(checkpoint, f))
+        except Exception as error:  # write_atomically has removed its temporary file
+            full = storage_error_behind(error)
+            if full is None:
+                raise
+            raise UserError(_checkpoint_storage_message(path, full)) from error
+
+
+def _checkpoint_storage_message(path: Path, error: OSError) -> str:
+    reason = error.strerror or os.strerror(error.errno)
+    return (
+        f"{STORAGE_ERRNOS[error.errno]} {path.parent} while writing checkpoint {path} ({reason}); "
+        f"free space (or choose another hydra.run.dir) and resume with ckpt_path=last"
+    )

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from transferlab.data.datamodule import TensorImageDataModule
-from transferlab.errors import UserError
-from transferlab.network import fail_fast_when_offline
+from transferlab.utils.errors import UserError
+from transferlab.utils.network import fail_fast_when_offline
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import numbers
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,27 +19,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.data import transforms as T
-from transferlab.data.subsets import class_list, fewshot_indices, select_classes, split_train_val
-from transferlab.errors import UserError
-from transferlab.normalization import check_choice as check_normalization_choice
-from transferlab.normalization import resolve_normalization
+from transferlab.data.normalization import check_choice as check_normalization_choice
+from transferlab.data.normalization import resolve_normalization
+from transferlab.data.subsets import Split, class_list, fewshot_indices, select_classes, split_train_val
+from transferlab.store.rundir import RunDir
+from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Split:
-    """A split held in memory. `positions` are indices into the official training/test order."""
-
-    images: torch.Tensor  # uint8 (N, 3, H, W), or images decoded on demand (imagefolder.LazyImages)
-    labels: torch.Tensor  # int64 (N,)
-    positions: torch.Tensor  # int64 (N,)
-
-    def take(self, idx: torch.Tensor) -> "Split":
-        return Split(self.images[idx], self.labels[idx], self.positions[idx])
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 class TensorDataset(Dataset):
@@ -102,7 +89,7 @@ class TensorImageDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.download = download
         self.image_size = int(image_size)
-        self.normalization = normalization  # requested; None follows the weights (transferlab.normalization)
+        self.normalization = normalization  # requested; None follows the weights (transferlab.data.normalization)
         self.weights = weights  # what the backbone's weights say of their preprocessing; None = random init
         self.val_size = int(val_size)
         self.split_seed = split_seed
@@ -116,7 +103,7 @@ class TensorImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.output_dir = Path(output_dir) if output_dir else None
         self.cache_features = cache_features  # read by transferlab.build (frozen backbones)
-        self.serves_features = False  # True after use_features: batches hold backbone features, not images
+        self.serves_features = False  # True after serve_features: batches hold backbone features, not images
         self._check_arguments()
         self.train: Split | None = None
         self.val: Split | None = None
@@ -211,7 +198,7 @@ class TensorImageDataModule(L.LightningDataModule):
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             record = {"indices": train.positions.tolist(), "per_class": counts}
-            (self.output_dir / "fewshot_indices.json").write_text(json.dumps(record))
+            RunDir(self.output_dir).fewshot_indices.write_text(json.dumps(record))
         log.info("few-shot training set: %s", counts)
         return train, counts
 
@@ -277,22 +264,14 @@ class TensorImageDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         return self.preprocess(images, train=training), labels
 
-    def use_features(self, backbone, device: str = "cpu") -> float:
-        """Serve `backbone`'s features of every split instead of its images; returns the seconds it took.
+    def serve_features(self, splits: dict[str, Split]) -> None:
+        """Serve these backbone features of every split instead of its images (`data.features`).
 
         For a frozen backbone without augmentation: its features are the same every epoch, so
-        they are computed once (or loaded from the feature cache, `transferlab.features`) and
-        the head trains on them.
+        they are computed once (or loaded from the feature cache) and the head trains on them.
         """
-        import time
-
-        from transferlab.features import feature_splits
-
-        started = time.perf_counter()
-        splits = feature_splits(backbone, self, device)
         self.train, self.val, self.test = splits["train"], splits["val"], splits["test"]
         self.serves_features = True
-        return time.perf_counter() - started
 
     def preprocess(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
         """uint8 images on any device -> normalized float batch at `image_size`."""

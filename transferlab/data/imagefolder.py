@@ -19,12 +19,13 @@ from typing import Sequence
 
 import torch
 
-from transferlab.cache import cache_root
-from transferlab.checkpointing import write_atomically
+from transferlab.store.files import cache_root
+from transferlab.store.files import write_atomically
 from transferlab.data import transforms as T
-from transferlab.data.datamodule import Split, TensorImageDataModule
+from transferlab.data.subsets import Split
+from transferlab.data.datamodule import TensorImageDataModule
 from transferlab.data.subsets import check_two_classes, select_classes, stratified_counts, stratified_holdout
-from transferlab.errors import UserError
+from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

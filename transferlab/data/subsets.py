@@ -1,4 +1,4 @@
-"""Which images a run sees: class subsets, the validation split, few-shot subsampling.
+"""Which images a run sees: the `Split` that holds them, class subsets, the validation split, few-shot subsampling.
 
 All choices are made with explicitly seeded `torch.Generator`s on the CPU, so the same
 seed picks the same images in every process and on every machine.
@@ -7,16 +7,28 @@ seed picks the same images in every process and on every machine.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from transferlab.errors import UserError
+from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from transferlab.data.datamodule import Split
+@dataclass
+class Split:
+    """A split held in memory. `positions` are indices into the official training/test order."""
+
+    images: torch.Tensor  # uint8 (N, 3, H, W), or images decoded on demand (imagefolder.LazyImages)
+    labels: torch.Tensor  # int64 (N,)
+    positions: torch.Tensor  # int64 (N,)
+
+    def take(self, idx: torch.Tensor) -> "Split":
+        return Split(self.images[idx], self.labels[idx], self.positions[idx])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
 
 
 def select_classes(

@@ -62,7 +62,7 @@ def eval_transform(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
     """What an image goes through at evaluation (no augmentation): normalize, then resize to `size`.
 
     The one definition for validation/test batches and for a trained model's new images
-    (`transferlab.inference.Preprocess`: prediction and exported models).
+    (`transferlab.models.trained.Preprocess`: prediction and exported models).
     """
     return resize(normalize(images, mean, std), size)
 

@@ -1,4 +1,10 @@
-"""Models: backbones cut at their features, heads, and the LightningModule around them."""
+"""Models: backbones cut at their features (and the weights they start from), heads, the
+LightningModule around them, the architecture record a checkpoint keeps, and a trained model
+loaded back (`models.trained.load_trained`).
+
+Imported by `methods`, `run`, `build` and the commands, and named by conf/backbone, conf/head and
+conf/model (`transferlab.models.<builder>`): the names below are the public face.
+"""
 
 from transferlab.models.backbones import Backbone, cnn_small, torchvision_backbone, truncated_resnet, vgg_blocks
 from transferlab.models.heads import linear_head, mlp_head

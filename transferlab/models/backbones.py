@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from transferlab.errors import UserError
+from transferlab.utils.errors import UserError
 from transferlab.models import weights as W
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ def mlp_head(
 
 
 # ValueError, not UserError: the head does not know its config key; the caller that built it
-# from `head.*` reports it as `head: <message>` (transferlab.errors.bad_argument).
+# from `head.*` reports it as `head: <message>` (transferlab.utils.errors.bad_argument).
 def _check_sizes(**sizes: int) -> None:
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:

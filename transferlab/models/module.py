@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -13,13 +14,17 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from transferlab.errors import UserError
+from hydra.utils import instantiate
+
+from transferlab.models.architecture import rebuild_arguments
+from transferlab.store.rundir import current_run_config
+from transferlab.utils.errors import UserError, bad_argument
 
 
 class TransferModule(L.LightningModule):
     """Holds `backbone` and `head` as submodules (state dict keys `backbone.*`, `head.*`).
 
-    Which parameters train is decided by the mode callback (`transferlab.callbacks`),
+    Which parameters train is decided by the mode callback (`transferlab.methods.modes`),
     not here: the optimizer receives every parameter from the start, in fixed named
     groups, head at `lr` and backbone at `lr * backbone_lr_ratio` (per stage, times
     `layer_decay` per stage from the top, when that is set); the mode flips requires_grad.
@@ -43,7 +48,7 @@ class TransferModule(L.LightningModule):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        # A penalty added to the training loss (transferlab.regularizers), logged as train/penalty.
+        # A penalty added to the training loss (transferlab.methods.regularizers), logged as train/penalty.
         # Bound now, while the backbone holds the weights it was loaded with (L2-SP's w0).
         self.regularizer = regularizer
         if regularizer is not None and hasattr(regularizer, "bind"):
@@ -55,7 +60,7 @@ class TransferModule(L.LightningModule):
         self.backbone_lr_ratio = backbone_lr_ratio
         self.layer_decay = layer_decay
         self.data_info = dict(data_info or {})
-        # How to rebuild backbone and head from a checkpoint alone (`transferlab.inference`): their
+        # How to rebuild backbone and head from a checkpoint alone (`models.architecture`): their
         # config nodes, set by `transferlab.build`; None for a module assembled by hand.
         self.architecture = architecture
         self.channels_last = channels_last
@@ -82,7 +87,7 @@ class TransferModule(L.LightningModule):
         if self.top5:
             self.val_acc5, self.test_acc5 = accuracy(5), accuracy(5)
         # Counts (rows: true class, columns: predicted) of the last test; per-class results come from it
-        # (transferlab/confusion.py). Not in the state dict: torchmetrics states are not persistent.
+        # (transferlab/run/confusion.py). Not in the state dict: torchmetrics states are not persistent.
         self.test_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
         self.test_confusion_matrix: torch.Tensor | None = None
 
@@ -191,7 +196,7 @@ class TransferModule(L.LightningModule):
         stage k from the top gets `head_lr * backbone_lr_ratio * layer_decay**k`, and
         parameters outside every stage go with the bottom stage. Each group records its
         `lr_scale` relative to the head, so a group that unfreezes can rejoin the head's
-        schedule (`transferlab.callbacks.TransferMode.set_learning_rates`).
+        schedule (`transferlab.methods.modes.TransferMode.set_learning_rates`).
         """
         trainable = list(self.backbone.parameters())
         if not trainable:
@@ -228,8 +233,6 @@ class TransferModule(L.LightningModule):
         }
 
     def _run_config(self) -> dict | None:
-        from transferlab.resume import current_run_config
-
         if not hasattr(self, "_recorded_config"):
             self._recorded_config = current_run_config()
         return self._recorded_config
@@ -237,11 +240,9 @@ class TransferModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None, **kwargs):
         """Lightning's `load_from_checkpoint`, standing alone: without `backbone`/`head`, the
-        checkpoint's own record rebuilds them (no config, no network; `transferlab.inference`),
+        checkpoint's own record rebuilds them (no config, no network; `models.architecture`),
         and `checkpoint_path` may be a run dir (its best checkpoint)."""
         if "backbone" not in kwargs and "head" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
-            from transferlab.inference import rebuild_arguments
-
             checkpoint_path, rebuilt = rebuild_arguments(checkpoint_path)
             kwargs = {**rebuilt, **kwargs}
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
@@ -274,3 +275,41 @@ def _split_by_stage(params: list[nn.Parameter], backbone: nn.Module) -> list[lis
     for p in params:
         per_stage[stage_of.get(id(p), 0)].append(p)
     return per_stage
+
+
+#: scheduler steps tried on a stand-in optimizer before any data is read
+SCHEDULER_TRIAL_STEPS = 3
+
+
+def check_components(optimizer_cfg: Any, scheduler_cfg: Any, head_cfg: Any) -> None:
+    """Build the optimizer, scheduler and head once with stand-in inputs, before any data is read.
+
+    Their constructors check their own arguments (torch.optim's "Invalid learning rate", a
+    head's hidden size), but the real ones are built late: the optimizer only inside
+    `trainer.fit`. A refusal here reads `<group>: <reason>`.
+    """
+    momentum = optimizer_cfg.get("momentum")
+    if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
+        raise UserError(f"optimizer.momentum={momentum} must be in [0, 1) (0.9 is usual); at 1 or above the updates grow without bound")
+    with _building("optimizer"):
+        optimizer = instantiate(optimizer_cfg)([torch.zeros(1, requires_grad=True)])
+    if scheduler_cfg:
+        with _building("scheduler"):
+            scheduler = instantiate(scheduler_cfg)(optimizer)
+            # A few steps too: StepLR(step_size=0) only fails (ZeroDivisionError) once it steps.
+            for _ in range(SCHEDULER_TRIAL_STEPS):
+                optimizer.step()
+                scheduler.step()
+    with _building("head"):
+        instantiate(head_cfg, in_features=8, num_classes=2)
+
+
+@contextmanager
+def _building(component: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        refusal = bad_argument(component, error)
+        if refusal is None:
+            raise
+        raise refusal from error

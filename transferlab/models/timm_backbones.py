@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from torch import nn
 
-from transferlab.errors import UserError
+from transferlab.utils.errors import UserError
 from transferlab.models import weights as W
 from transferlab.models.backbones import Backbone
 

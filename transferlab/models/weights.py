@@ -9,7 +9,7 @@ taken) or a plain state dict (`.pth`, `.pt`, `.safetensors`).
 Every loader also says what input the weights expect (`LoadedWeights.normalization`):
 the weights enum's or the pretrained config's mean/std, a checkpoint's recorded ones, or,
 for a plain file, those of the published weights file it is named after. Where none of
-these applies it stays None and `transferlab.normalization` says so in the log.
+these applies it stays None and `transferlab.data.normalization` says so in the log.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from transferlab.checkpointing import run_checkpoint, transferlab_record
-from transferlab.errors import UserError
-from transferlab.network import fail_fast_when_offline, reachable
-from transferlab.normalization import IMAGENET_MEAN, IMAGENET_STD
+from transferlab.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from transferlab.store.rundir import RunDir, transferlab_record
+from transferlab.utils.errors import UserError
+from transferlab.utils.network import fail_fast_when_offline, reachable
 
 NO_WEIGHTS = ("none", "null", "random", "")
 
@@ -105,7 +105,7 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        path = run_checkpoint(path, "backbone.weights")
+        path = RunDir(path).best_checkpoint("backbone.weights")
     if not path.is_file():
         raise UserError(f"backbone.weights={path}: no such file; give an existing .ckpt/.pth/.pt/.safetensors file, imagenet or none")
     try:
@@ -360,3 +360,9 @@ def translate_lite_keys(package_state: dict[str, torch.Tensor], target_keys: lis
             f"missing {missing[:3]}, unexpected {extra[:3]}"
         )
     return renamed
+
+
+def backbone_weights(backbone: Mapping, pretrained: bool):
+    """The weights a run starts from: a mode that is not `pretrained` (scratch) means random init,
+    whatever `backbone.weights` says (the one home of that rule: building, and the HParams the run reports)."""
+    return backbone.get("weights") if pretrained else "none"

@@ -4,7 +4,7 @@
 
 For each backbone (an option of the `backbone` config group, built as `backbone=NAME` builds it,
 with the normalization its weights expect), the features of the target's training set (from
-the feature cache, `transferlab.features`) are scored with LogME and H-score, and the source
+the feature cache, `transferlab.data.features`) are scored with LogME and H-score, and the source
 model's predictions with LEEP and NCE where its classifier is known (`transferlab.rank.source`).
 Writes `rank.csv` and `rank.md` into the run dir and prints the table.
 
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from transferlab.errors import UserError, bad_argument, full_tracebacks_when_debugging, user_errors_as_one_line
+from transferlab.utils.errors import UserError, bad_argument, full_tracebacks_when_debugging, user_errors_as_one_line
 from transferlab.rank import scores
 from transferlab.rank.table import SCORES, print_table, write_tables
-from transferlab.runinfo import config_dir
+from transferlab.config import config_dir
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,7 @@ def check_command_line(argv: Sequence[str]) -> None:
     """The overrides compose, name known backbones, and the run dir can take a new ranking."""
     from hydra.errors import MissingConfigException
 
-    from transferlab import command_line as cl
+    from transferlab.cli import overrides as cl
 
     cl.check_flags_before_overrides(argv)
     if cl.NO_JOB_FLAGS.intersection(argv):
@@ -184,7 +184,7 @@ def with_settings(entry: Entry, backbone_cfg: DictConfig) -> DictConfig:
 
 def check_settings(cfg: DictConfig) -> None:
     """The rank.* settings and the numbers the data module reads, before anything is built."""
-    from transferlab.settings import check_mappings, check_numbers, check_seed
+    from transferlab.config import check_mappings, check_numbers, check_seed
 
     if str(cfg.rank.get("device")) not in DEVICES:
         raise UserError(f"rank.device={cfg.rank.get('device')!r} is not one of {', '.join(DEVICES)}")
@@ -308,7 +308,7 @@ def feature_device(setting: str) -> str:
 
 def score(candidate: Candidate, device: str, shrinkage) -> dict:
     """Features of the training split (cached), then each score, timed."""
-    from transferlab.features import feature_splits
+    from transferlab.data.features import feature_splits
 
     started = time.perf_counter()
     train = feature_splits(candidate.backbone, candidate.datamodule, device, names=("train",))["train"]

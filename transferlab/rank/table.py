@@ -7,7 +7,7 @@ import io
 import math
 from pathlib import Path
 
-from transferlab.errors import UserError
+from transferlab.utils.errors import UserError
 
 #: row keys of the scores, in table order, and how the tables name them
 SCORES = ("logme", "h_score", "leep", "nce")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from transferlab.errors import UserError, exit_with
+from transferlab.utils.errors import UserError, exit_with
 from transferlab.report.compare import set_apart
 from transferlab.report.output import write_report
 from transferlab.report.runs import UnfinishedJob, find_jobs, is_run, load_finished, load_unfinished, overrides_text

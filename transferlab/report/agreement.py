@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferlab.errors import UserError
+from transferlab.utils.errors import UserError
 from transferlab.report.runs import Run, _config_value
 from transferlab.rank.table import SCORES, TITLES, score_agreement
 

@@ -6,6 +6,7 @@ import statistics
 from typing import Any
 
 from transferlab.report.runs import TIME, Run, UnfinishedJob, is_number
+from transferlab.utils.numbers import readable
 
 SEED_KEY = "seed"
 #: metrics averaged over seeds in the grouped table
@@ -49,13 +50,6 @@ def run_label(run: Run, keys: list[str]) -> str:
     return " ".join(f"{names[k]}={readable(run.setting(k))}" for k in keys) or run.name
 
 
-def readable(value: str) -> str:
-    """A setting as a reader wants it: a sampled `0.0012345678901234` as `0.001235` (the CSV keeps it whole)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return value
-    return f"{number:.4g}" if len(value) > 8 and not value.lstrip("-").isdigit() else value
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:

@@ -6,7 +6,7 @@ import errno
 import tempfile
 from pathlib import Path
 
-from transferlab.errors import UserError
+from transferlab.utils.errors import UserError
 from transferlab.report.compare import differing_overrides, fewshot_keys
 from transferlab.report.figures import plot_curves, plot_sample_efficiency
 from transferlab.report.runs import Run, UnfinishedJob

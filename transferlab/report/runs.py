@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from transferlab.errors import UserError
+from transferlab.utils.errors import UserError
 
 #: how deep below a sweep dir run folders are looked for (job folders, or sweep/group/job)
 SEARCH_DEPTH = 2
-#: what a failed sweep job leaves in its folder (transferlab.sweeps writes failed.json)
+#: what a failed sweep job leaves in its folder (transferlab.cli.sweeps writes failed.json)
 FAILED_RECORD, ERROR_TEXT = "failed.json", "error.txt"
 #: the value shown for a setting a run does not have
 MISSING = "-"

@@ -6,17 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from transferlab.report.compare import (
-    GROUPED_METRICS,
-    common_overrides,
-    differing_overrides,
-    group_keys,
-    grouped_table,
-    is_number,
-    ordered_runs,
-    readable,
-    seeds_repeat,
-)
+from transferlab.report.compare import GROUPED_METRICS, common_overrides, differing_overrides, group_keys, grouped_table, is_number, ordered_runs, seeds_repeat
+from transferlab.utils.numbers import readable
 from transferlab.report.runs import MISSING, TIME, TIME_PARTS, Run, UnfinishedJob, overrides_text
 
 #: metrics.json keys the tables show, with their column titles

@@ -1,0 +1,123 @@
+"""End to end through the real configs: every mode and every preset on tiny data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, compose_config, run_training, tiny_run
+
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune", "scratch"])
+def test_each_mode_runs_to_metrics(mode, cifar10_root, tmp_path):
+    metrics = run_training(
+        ["experiment=vgg_finetune", f"mode={mode}", f"data.root={cifar10_root}", *tiny_run({"backbone": None})], tmp_path
+    )
+    for key in ("test/acc", "test/loss", "val/acc_best", "epochs", "train_time_s", "params_total", "params_trainable"):
+        assert key in metrics, key
+    assert metrics["epochs"] == 1
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    if mode == "frozen":
+        assert metrics["params_trainable"] < metrics["params_total"]
+    else:
+        assert metrics["params_trainable"] == metrics["params_total"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _checkpoint(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _pretrained(torch_home: Path, filename: str) -> dict[str, torch.Tensor]:
+    return torch.load(torch_home / "hub" / "checkpoints" / filename, map_location="cpu")
+
+
+VGG_FILE = "vgg11_bn-6002323d.pth"
+
+
+def test_frozen_keeps_backbone_bit_identical_and_trains_head(cifar10_root, torch_home, tmp_path):
+    run_training(["experiment=vgg_frozen", f"data.root={cifar10_root}", *tiny_run({"backbone": None}), "trainer.max_epochs=2"], tmp_path)
+    trained = _checkpoint(tmp_path)
+    pretrained = _pretrained(torch_home, VGG_FILE)
+    backbone_keys = [k for k in trained if k.startswith("backbone.")]
+    assert backbone_keys
+    for key in backbone_keys:  # weights and BatchNorm running statistics alike
+        source = "features." + key[len("backbone.body."):]
+        assert torch.equal(trained[key], pretrained[source]), key
+    # The head moved away from its initialization: compare with a fresh run's first checkpoint.
+    first = tmp_path.parent / "epoch0"
+    run_training(["experiment=vgg_frozen", f"data.root={cifar10_root}", *tiny_run({"backbone": None}), "trainer.limit_train_batches=1"], first)
+    head_keys = [k for k in trained if k.startswith("head.") and k.endswith("weight")]
+    assert any(not torch.equal(trained[k], _checkpoint(first)[k]) for k in head_keys)
+
+
+def test_finetune_changes_backbone(cifar10_root, torch_home, tmp_path):
+    run_training(["experiment=vgg_finetune", f"data.root={cifar10_root}", *tiny_run({"backbone": None})], tmp_path)
+    trained, pretrained = _checkpoint(tmp_path), _pretrained(torch_home, VGG_FILE)
+    assert not torch.equal(trained["backbone.body.0.weight"], pretrained["features.0.weight"])
+
+
+def test_scratch_starts_from_random_weights(cifar10_root, torch_home, tmp_path):
+    run_training(["experiment=vgg_scratch", f"data.root={cifar10_root}", *tiny_run({"backbone": None}), "trainer.limit_train_batches=1"], tmp_path)
+    trained, pretrained = _checkpoint(tmp_path), _pretrained(torch_home, VGG_FILE)
+    # One step of SGD from the pretrained weights would stay close; random init is far away.
+    diff = (trained["backbone.body.0.weight"] - pretrained["features.0.weight"]).abs().mean()
+    assert diff > 1e-2
+
+
+#: what a preset needs beyond the tiny run to run on the tiny data (30 training images per class)
+TINY = {
+    "fewshot_50shot": ["data.fewshot.per_class=2"],
+    "fewshot_aug": ["data.fewshot.per_class=2"],
+}
+LIMITS = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+
+
+def preset_overrides(preset: str, cifar10_root: Path, cifar100_root: Path) -> list[str]:
+    if "override /data: cifar100" in (REPO / "conf" / "experiment" / f"{preset}.yaml").read_text():
+        # 6 training images per class: a larger val split, smaller batches
+        fast = [o for o in tiny_run({"backbone": None}) if not o.startswith(("data.val_size", "data.batch_size"))]
+        return [f"experiment={preset}", f"data.root={cifar100_root}", *fast, "data.val_size=100", "data.batch_size=16", *LIMITS]
+    return [f"experiment={preset}", f"data.root={cifar10_root}", *tiny_run({"backbone": None}), *LIMITS, *PRESET_DATA.get(preset, [])]
+
+
+def source_overrides(preset: str, torch_home: Path, cifar10_root: Path, tmp_path: Path) -> list[str]:
+    """Two-stage presets start from an earlier run: make that run (or file) first."""
+    if preset == "truncated_resnet_c10_to_c100":  # any full ResNet50 state dict will do
+        return [f"source={torch_home / 'hub' / 'checkpoints' / 'resnet50-11ad3fa6.pth'}"]
+    if preset == "transfer_animals_to_vehicles":
+        source = tmp_path / "source"
+        run_training(preset_overrides("transfer_animals_source", cifar10_root, cifar10_root), source)
+        return [f"source={source}", "data.fewshot.per_class=2"]
+    return []
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs(preset, cifar10_root, cifar100_root, torch_home, tmp_path):
+    overrides = preset_overrides(preset, cifar10_root, cifar100_root)
+    overrides += source_overrides(preset, torch_home, cifar10_root, tmp_path)
+    metrics = run_training(overrides, tmp_path / "run")
+    solved = "override /mode: linear_probe" in (REPO / "conf" / "experiment" / f"{preset}.yaml").read_text()
+    assert "test/acc" in metrics and metrics["epochs"] == (0 if solved else 1)  # a probe is one solve, no epoch
+
+
+def test_losses_are_means_over_images_whatever_the_batch_size(cifar10_root, tmp_path):
+    """A short last batch must not weigh as much as a full one: val/test loss per image."""
+    import lightning as L
+
+    from transferlab.build import build
+
+    losses = []
+    for batch in (7, 50, 512):
+        cfg = compose_config(["backbone=cnn_small", f"data.root={cifar10_root}", "data.val_size=50",
+                              f"data.eval_batch_size={batch}", "trainer.accelerator=cpu"], tmp_path / str(batch))
+        torch.manual_seed(0)
+        built = build(cfg, with_trainer=False)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        losses.append(trainer.validate(built.model, datamodule=built.datamodule, verbose=False)[0]["val/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-5)

@@ -1,0 +1,53 @@
+"""What the argparse commands (predict, export) share: the parser that refuses in one line, and
+the checks of what they write."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from transferlab.utils.errors import UserError, exit_with
+
+
+class CommandLine(argparse.ArgumentParser):
+    """argparse whose usage errors are one `transferlab: error: ...` line, like every other bad input."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook)
+        exit_with(UserError(f"{message} (see {self.prog} --help)"))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def check_folder_writable(out: Path, flag: str) -> None:
+    """The folder `out` goes into can take a file (missing folders are created at the end, as
+    `write_atomically` does): probed now, so that a read-only, full or mistyped place is one
+    line before the model is loaded and every image classified, not after."""
+    import tempfile
+
+    existing = next(p for p in [out.absolute().parent, *out.absolute().parent.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write {flag} {out}: {existing} is a file, not a folder; choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(b"probe")
+            probe.flush()
+    except OSError as error:
+        raise UserError(f"cannot write {flag} {out} ({error.strerror or type(error).__name__} at {existing}); choose another {flag}") from None
+
+
+def check_not_an_input(out: Path, flag: str, inputs: Sequence[Path]) -> None:
+    """--force overwrites an old output, never what the command reads (the checkpoint, an image)."""
+    if not out.exists():
+        return
+    for path in inputs:
+        if path.exists() and out.samefile(path):
+            raise UserError(f"{flag} {out} would overwrite {path}, which this command reads; choose another {flag}")

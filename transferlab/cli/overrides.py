@@ -1,0 +1,290 @@
+"""The command line, checked before Hydra starts, each refusal a one-line `UserError`.
+
+Before Hydra, because Hydra writes `.hydra/config.yaml` into the run dir before our code
+runs: a repeated `hydra.run.dir=SAME` would overwrite the first run's saved config before
+`run()` could refuse. The overrides are read by Hydra's own parser (`+k=v`, `~k`, quotes,
+sweeps) and composed once, as Hydra will, so a mistake gets one line instead of Hydra's
+traceback. Checks of the composed config belong to the components (`transferlab.config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from pathlib import Path
+from datetime import datetime
+from typing import Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from transferlab.config import compose, dotted_settings
+from transferlab.run.resume import ResumePlan, check_resume
+from transferlab.store.rundir import RunDir, ensure_writable, resumes
+from transferlab.utils.errors import UserError, first_line
+
+#: Hydra flags that print something and exit without running a job
+NO_JOB_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--resolve", "-p", "--package"}
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Refuse overrides that do not compose, and a run dir that cannot be written or already
+    holds a run (unless resuming)."""
+    check_flags_before_overrides(argv)
+    if NO_JOB_FLAGS.intersection(argv):
+        return
+    check_overrides_compose(argv)
+    overrides = command_line_overrides(argv)
+    resuming = resumes(overrides.get("ckpt_path"))
+    if is_sweep(argv):
+        _check_sweep_dir(overrides.get("hydra.sweep.dir"), resuming)
+        return
+    run_dir = overrides.get("hydra.run.dir")
+    if run_dir is None and overrides.get("ckpt_path") == "last":
+        # The default run dir is new for every command: `last` would look in an empty folder.
+        raise UserError("ckpt_path=last resumes the run in hydra.run.dir; add hydra.run.dir=<the run's folder>")
+    if run_dir is None:
+        _check_default_outputs_writable()
+    elif "${" not in run_dir:  # an interpolation is only known once Hydra resolves it
+        _check_creatable(Path(run_dir), "hydra.run.dir")
+        if Path(run_dir).is_dir():
+            RunDir(run_dir).check_writable(resuming)
+
+
+def is_sweep(argv: Sequence[str]) -> bool:
+    return "-m" in argv or "--multirun" in argv
+
+
+def check_flags_before_overrides(argv: Sequence[str]) -> None:
+    """Hydra's argument parser reads the overrides as one list: overrides on both sides of a flag
+    (`backbone=cnn_small -m seed=1,2`) make it print its whole usage."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        _, unread = get_args_parser().parse_known_args(list(argv))
+    except SystemExit:
+        return  # a flag's own mistake (--cfg foo): argparse's message names it
+    if not unread:
+        return
+    first_override = next((i for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
+    late = [arg for arg in argv[first_override:] if arg.startswith("-") and "=" not in arg]
+    if late:
+        raise UserError(f"put {late[0]} before the overrides: python -m transferlab {late[0]} ... key=value ...")
+    raise UserError(f"unrecognized arguments: {' '.join(unread)} (see python -m transferlab --help)")
+
+
+def check_overrides_compose(argv: Sequence[str]) -> None:
+    """Parse the overrides and compose the config once, as Hydra will, and refuse in one line
+    what Hydra would report over many: a grammar error, a mistyped key, `~key` of a setting the
+    run reads, an interpolation `${...}` that names no setting.
+
+    Unknown config group choices (backbone=foo) are left to Hydra: its message lists the
+    choices. A sweep (-m) is only parsed: its values are lists until the sweeper picks one.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import OverrideParseException
+
+    args = get_args_parser().parse_args(list(argv))
+    for text in args.overrides:
+        try:
+            _parse(text)
+        except OverrideParseException as error:
+            raise UserError(
+                f"{text} cannot be parsed ({first_line(error)}); quote a value with special characters "
+                "(key='value'), see https://hydra.cc/docs/advanced/override_grammar/basic"
+            ) from None
+    if args.multirun or args.config_path or args.config_dir:
+        return
+    cfg = _compose_or_refuse(args.config_name or "train", args.overrides)
+    if cfg is not None:
+        _check_deletions(args.overrides, args.config_name or "train")
+        _check_interpolations(cfg, args.overrides)
+
+
+def command_line_overrides(argv: Sequence[str]) -> dict[str, str | None]:
+    """The `key=value` overrides in `argv` as Hydra reads them (`+`/`++`/`~` and quotes dropped),
+    values as text (a sweep's as typed, `null` as None); what Hydra cannot parse is left out
+    (Hydra reports it)."""
+    from hydra.errors import OverrideParseException
+
+    overrides = {}
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # a flag, or a flag's value (--config-name train)
+        try:
+            override = _parse(arg)
+        except OverrideParseException:
+            continue
+        overrides[override.key_or_group] = _value_text(override)
+    return overrides
+
+
+def _parse(text: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([text])[0]
+
+
+def _value_text(override) -> str | None:
+    if override.is_sweep_override():
+        return override.input_line.split("=", 1)[1]
+    value = override.value()
+    return None if value is None else str(value)
+
+
+def _override_key(text: str) -> str:
+    """The setting an override names (`~data.root`, `+x=1`, `key=value`: data.root, x, key)."""
+    from hydra.errors import OverrideParseException
+
+    try:
+        return _parse(text).key_or_group
+    except OverrideParseException:
+        return text.split("=", 1)[0].lstrip("~+")
+
+
+def _compose_or_refuse(config_name: str, overrides: Sequence[str]) -> DictConfig | None:
+    """The composed config; None when Hydra should report the failure itself (an unknown choice)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    try:
+        return compose(config_name, overrides)
+    except MissingConfigException:
+        return None  # backbone=foo: Hydra's message lists the available choices
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
+            raise _unknown_key(str(cause.full_key), config_name, overrides) from None
+        raise UserError(f"{' '.join(first_line(error).split())} (in the overrides {' '.join(overrides)})") from None
+    except Exception as error:  # a value of the wrong type for a typed node, ...
+        raise UserError(f"the overrides do not compose: {first_line(error)}") from None
+
+
+def _unknown_key(key: str, config_name: str, overrides: Sequence[str]) -> UserError:
+    others = [o for o in overrides if _override_key(o) != key]
+    try:
+        known = list(dotted_settings(OmegaConf.to_container(compose(config_name, others), resolve=False)))
+    except Exception:
+        known = []
+    known += sorted({k.rsplit(".", 1)[0] for k in known if "." in k})
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return UserError(f"{key} is not a setting{hint} (+{key}=value adds a new one)")
+
+
+def _check_deletions(overrides: Sequence[str], config_name: str) -> None:
+    """`~key` of a single setting leaves the code reading a key that is gone; removing a whole
+    group or node (~logger, ~callbacks.early_stopping) is how a config drops a component."""
+    deleted = [o for o in overrides if o.startswith("~")]
+    if not deleted:
+        return
+    defaults = compose(config_name, [o for o in overrides if not o.startswith("~")])
+    for override in deleted:
+        key = _override_key(override)
+        value = OmegaConf.select(defaults, key, default=None, throw_on_missing=False)
+        if not isinstance(value, (DictConfig, ListConfig)) and value is not None:
+            raise UserError(f"{override} removes a setting the run needs; set it instead ({key}=...)")
+
+
+def _check_interpolations(cfg: DictConfig, overrides: Sequence[str], prefix: str = "") -> None:
+    """Resolve every `${...}` except Hydra's own (`${hydra:...}` is only known inside the job)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else list(cfg.keys())
+    for key in keys:
+        full_key = f"{prefix}{key}"
+        try:
+            value = cfg[key]
+        except InterpolationResolutionError as error:
+            if "HydraConfig was not set" in str(error):
+                continue
+            source = next((o for o in overrides if _override_key(o) == full_key), full_key)
+            raise UserError(
+                f"{source}: {first_line(error)}; an interpolation ${{...}} must name an existing setting "
+                "(quote a literal: key='\\${...}')"
+            ) from None
+        except Exception:
+            continue  # ??? (missing) values are check_required's
+        if isinstance(value, (DictConfig, ListConfig)):
+            _check_interpolations(value, overrides, f"{full_key}.")
+
+
+def _check_sweep_dir(sweep_dir: str | None, resuming: bool) -> None:
+    if sweep_dir is None or "${" in sweep_dir:
+        return  # the default sweep dir is new for every command (it ends in microseconds)
+    folder = Path(sweep_dir)
+    _check_creatable(folder, "hydra.sweep.dir")
+    if folder.is_dir() and not resuming and any(RunDir(job).holds_run() for job in folder.iterdir() if job.is_dir()):
+        raise UserError(f"hydra.sweep.dir={folder} already holds runs; pick a new hydra.sweep.dir")
+
+
+def _check_creatable(folder: Path, setting: str) -> None:
+    """`folder` exists and is writable, or could be created; nothing is left behind.
+
+    A folder created here would outlive a command that Hydra then rejects (an unknown
+    config choice), so a missing folder is proven creatable with a temporary sibling.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == folder:
+        ensure_writable(folder, setting)
+        return
+    try:
+        with tempfile.TemporaryDirectory(dir=existing, prefix=".transferlab-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"output dir {folder} cannot be created ({e.strerror or type(e).__name__} at {existing}); set {setting} to a writable folder"
+        ) from None
+
+
+def _check_default_outputs_writable() -> None:
+    """The default run dir is `outputs/...` under the current folder (see conf/hydra/default.yaml)."""
+    existing = Path.cwd() / "outputs"
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{existing} is not writable, so the run cannot save its outputs there; run from a writable folder or set hydra.run.dir")
+
+
+# ---- a resume in place, before Hydra ---------------------------------------------------------
+def resume_plan_before_hydra(argv: Sequence[str]) -> ResumePlan | None:
+    """The same checks as `check_resume`'s, for a resume in place, before Hydra writes anything.
+
+    Hydra appends to the run's log and saves the command's config before `run()` starts; a
+    refused resume, or a finished run resumed with nothing to do, must leave the run dir as
+    it was. None when this is no resume in place (or the config does not compose: Hydra
+    then reports that itself).
+    """
+    from hydra._internal.utils import get_args_parser
+
+    if NO_JOB_FLAGS.intersection(argv) or is_sweep(argv):
+        return None
+    overrides = command_line_overrides(argv)
+    run_dir = overrides.get("hydra.run.dir")
+    if not resumes(overrides.get("ckpt_path")) or run_dir is None or RunDir(run_dir).saved_config() is None:
+        return None  # (a ckpt_path set in a config file is still checked in `run`)
+    args = get_args_parser().parse_args(list(argv))
+    try:
+        cfg = compose(args.config_name or "train", args.overrides)
+    except Exception:
+        return None
+    return check_resume(cfg, Path(run_dir))
+
+
+def resume_overrides(argv: Sequence[str]) -> list[str]:
+    """Extra Hydra overrides that keep a resumed run dir's first `.hydra/config.yaml`.
+
+    Hydra saves the composed config into the run dir before the job starts; resuming in the
+    same dir would replace the record of how the run began (and a refused resume with the
+    wrong settings would leave the wrong record behind). Each resume saves its own config
+    in `.hydra/resume-<time>/` instead.
+    """
+    overrides = command_line_overrides(argv)
+    run_dir = overrides.get("hydra.run.dir")
+    if is_sweep(argv) or not resumes(overrides.get("ckpt_path")) or run_dir is None or "hydra.output_subdir" in overrides:
+        return []
+    if not RunDir(run_dir).config.is_file():
+        return []
+    return [f"hydra.output_subdir=.hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"]

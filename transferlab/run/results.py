@@ -1,0 +1,118 @@
+"""What a run leaves behind: its test metrics, `metrics.json` and `run_info.json`.
+
+Also the two things a resumed run needs to report numbers of the whole run: the test of a
+finished run's best checkpoint, and the training time its checkpoints recorded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from transferlab.callbacks.guards import TrainingClock
+from transferlab.models import TransferModule
+from transferlab.models import module as model_module
+from transferlab.run.provenance import run_info
+from transferlab.run.resume import ResumePlan
+from transferlab.store.rundir import RunDir, read_checkpoint, recorded_best
+from transferlab.utils.errors import UserError
+from transferlab.utils.numbers import as_number
+
+log = logging.getLogger("transferlab")
+
+
+def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str, float]:
+    """Test metrics from the best checkpoint by val/acc (the current weights if there is none)."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    return {k: as_number(v) for k, v in (results[0] if results else {}).items()}
+
+
+def write_results(cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None, probe: dict | None = None) -> None:
+    """`probe`: what a linear probe (mode=linear_probe, lp_ft) chose, recorded in run_info.json."""
+    run_dir = RunDir(output_dir)
+    run_dir.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    run_dir.run_info.write_text(json.dumps(run_record(cfg, output_dir, plan, probe), indent=2) + "\n")
+    log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
+    log.info("outputs in %s", output_dir)
+
+
+def run_record(cfg: DictConfig, output_dir: Path, plan: ResumePlan | None, probe: dict | None = None) -> dict:
+    """run_info.json: how the run began, and one entry per resume (a longer budget is recorded there);
+    `linear_probe`: the probe's grid and choice (an LP-FT resume restores it from its checkpoint)."""
+    info = run_info(cfg)
+    record = info if plan is None else (RunDir(output_dir).read_run_info() or info)
+    if probe is not None:
+        record["linear_probe"] = probe
+    if plan is None:
+        return record
+    record.setdefault("resumes", []).append({
+        "ckpt_path": str(plan.checkpoint),
+        "from_epoch": plan.epochs_done,
+        "max_epochs": plan.max_epochs,
+        # the run now trains longer than it was started with: its numbers are the longer run's
+        "longer_budget": plan.budget_raised,
+        "tested_only": not plan.trains,
+        "git_commit": info["git_commit"],
+        "git_dirty": info["git_dirty"],
+        "versions": info["versions"],
+    })
+    return record
+
+
+def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule, plan: ResumePlan) -> dict:
+    """Test the best checkpoint of a run with no epoch left to train; its training metrics stay."""
+    metrics = {k: v for k, v in plan.previous_metrics().items() if not k.startswith("test/")}
+    if plan.test:
+        best = recorded_best(plan.checkpoint) or plan.checkpoint
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+        metrics.update({k: as_number(v) for k, v in (results[0] if results else {}).items()})
+        # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json)
+        metrics.setdefault("val/acc_best", as_number(model.val_acc_best.compute()))
+    metrics.setdefault("epochs", plan.epochs_done)
+    metrics.setdefault("train_time_s", round(_checkpoint_train_time(plan.checkpoint), 3))
+    return metrics
+
+
+def _checkpoint_train_time(path: Path) -> float:
+    checkpoint = read_checkpoint(path, "ckpt_path")
+    return float(((checkpoint.get("callbacks") or {}).get("TrainingClock") or {}).get("train_time_s", 0.0))
+
+
+def whole_train_time(trainer: L.Trainer, plan: ResumePlan | None) -> float:
+    """Training time of the whole run: a finished run resumed for a longer budget adds this part to
+    its metrics.json time (its checkpoint's clock stopped at the last save, before the run ended)."""
+    clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
+    previous = plan.previous_metrics().get("train_time_s") if plan is not None else None
+    return clock.elapsed() + previous if previous is not None else clock.total()
+
+
+
+
+def optimized_metric(cfg: DictConfig) -> str:
+    """The metric a run returns to a sweeper (`optimized_metric`)."""
+    return cfg.get("optimized_metric") or "val/acc_best"
+
+
+def check_optimized_metric(metric: str | None, test: bool) -> None:
+    """The value a sweeper optimizes must be one the run measures."""
+    if metric and str(metric).startswith("test/") and not test:
+        raise UserError(f"optimized_metric={metric} is only measured with test=true; optimize a val/ metric (val/acc_best)")
+    logged = logged_metrics()
+    if metric and str(metric) not in logged:
+        close = difflib.get_close_matches(str(metric), logged, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"optimized_metric={metric} is not a metric of the run; {hint}the run logs {', '.join(logged)}")
+
+
+def logged_metrics() -> list[str]:
+    """The names TransferModule logs (its `self.log("...")` calls), read from its source so the
+    list cannot drift from the model."""
+    source = Path(model_module.__file__).read_text()
+    return sorted(set(re.findall(r"""self\.log\(\s*["']([^"']+)["']""", source)))

@@ -1,0 +1,221 @@
+"""Resuming a run: which checkpoint, whether it belongs to this experiment, and what is left to do.
+
+A resume must repeat the run's settings: the config the checkpoint was trained with is the
+reference, and only settings that change no trained number (RESUME_MAY_CHANGE) may differ;
+`trainer.max_epochs` may only be raised. The checks run twice with the same code: before
+Hydra for a resume in place (`cli.overrides.resume_plan_before_hydra`: a refused resume must
+leave the run dir as it was) and in `build.check_config` on the composed config (`check_resume`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.config import dotted_settings
+from transferlab.methods.modes import facts_before_they_were_stated
+from transferlab.models.architecture import current_target
+from transferlab.store.rundir import RunDir, checkpoint_epochs, checkpoint_path, checkpoint_record
+from transferlab.utils.errors import UserError
+
+#: settings a resume may change: where the run reads its data and executes, what it prints,
+#: and what happens after training; none of them changes a trained number. Everything else
+#: (data, subset, backbone, head, mode, optimizer, scheduler, seed, model, the trainer's
+#: precision, devices, ...) defines the experiment. `trainer.max_epochs` may only be raised.
+RESUME_MAY_CHANGE = (
+    "ckpt_path", "test", "optimized_metric", "task_name", "paths.output_dir",
+    "data.root", "data.download", "data.num_workers", "data.eval_batch_size", "data.in_memory",
+    "trainer.accelerator", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "callbacks.progress_bar", "callbacks.epoch_log", "model.compile", "model.channels_last",
+    # bookkeeping that changes no trained number (runs from before these existed stay resumable)
+    "callbacks.model_checkpoint._target_", "callbacks.last_checkpoint._target_", "callbacks.schedule_follows_budget",
+)
+#: settings that moved: old key -> new key. A checkpoint written before the move recorded the
+#: old key (and the new one as an interpolation of it); it is compared under the new name.
+RENAMED_SETTINGS = {
+    "mode.backbone_lr_ratio": "model.backbone_lr_ratio",
+    "mode.layer_decay": "model.layer_decay",
+}
+#: settings added since: key -> the value that does what runs did before the key existed (or a
+#: function of the recorded settings that gives it). A checkpoint recorded without the key is
+#: compared as if it had this value.
+ADDED_SETTINGS = {
+    "regularizer.name": "none",  # the regularizer group (issue 15): no penalty
+    # a mode's facts, stated in conf/mode/*.yaml since the layout of issue 23: what its name meant then
+    "mode.backbone_fixed": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))["backbone_fixed"],
+    "mode.head_solve": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))["head_solve"],
+}
+
+
+def check_checkpoint_matches(path: Path, cfg: DictConfig) -> None:
+    """The checkpoint to resume must be a Lightning checkpoint of a run on the same dataset.
+
+    Whether its tensors fit this run's model is checked once the model exists
+    (`transferlab.callbacks.guards.CheckpointFitsModel`): only the model knows its shapes.
+    """
+    trained_on = (checkpoint_record(path).get("data") or {}).get("dataset")
+    dataset = _dataset_name(cfg.data)
+    if trained_on is not None and dataset is not None and trained_on != dataset:
+        raise UserError(
+            f"ckpt_path={path} was trained on {trained_on}, but this run uses {dataset}; resume with the settings "
+            f"of the interrupted run (its .hydra/overrides.yaml), or use backbone.weights={path} to start a new "
+            f"run from its backbone"
+        )
+
+
+def _dataset_name(data: DictConfig) -> str | None:
+    from hydra.utils import get_class
+
+    return getattr(get_class(data._target_), "name", None)
+
+
+# ---- what is left to do ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResumePlan:
+    """A resume of the run in `run_dir` from `checkpoint`."""
+
+    run_dir: Path
+    checkpoint: Path
+    epochs_done: int  # epochs the checkpoint finished
+    max_epochs: int  # this command's budget
+    previous_max_epochs: int  # the budget the run last trained to
+    finished: bool  # metrics.json is there
+    test: bool  # this command tests the best checkpoint
+
+    @property
+    def budget_raised(self) -> bool:
+        return self.max_epochs > self.previous_max_epochs
+
+    @property
+    def trains(self) -> bool:
+        return self.epochs_done < self.max_epochs and (not self.finished or self.budget_raised)
+
+    def previous_metrics(self) -> dict:
+        return RunDir(self.run_dir).read_metrics() if self.finished else {}
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """A finished run with no epoch left to train and no test left to run."""
+        untested = self.test and not any(k.startswith("test/") for k in self.previous_metrics())
+        return self.finished and not self.trains and not untested
+
+    def describe(self) -> str:
+        return (
+            f"{self.run_dir} already trained {_epochs(self.epochs_done)} of trainer.max_epochs={self.previous_max_epochs} "
+            f"and wrote its metrics.json; nothing to do, nothing written (raise trainer.max_epochs to train longer)"
+        )
+
+
+def check_resume(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
+    """For a command that resumes (`ckpt_path`), the refusals and what is left to do; else None."""
+    path = checkpoint_path(cfg.get("ckpt_path"), output_dir)
+    if path is None:
+        return None
+    check_checkpoint_matches(path, cfg)
+    return resume_plan(cfg, output_dir, path)
+
+
+def resume_plan(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> ResumePlan:
+    """Refuse a resume that would change the experiment, else say what is left to do.
+
+    The config the checkpoint was trained with is the reference (`trained_config`), wherever
+    the resume runs: a resume that changed the few-shot size, the classes or the learning rate
+    would end as a mix of two experiments under the first one's name.
+    """
+    saved = trained_config(checkpoint)
+    if saved is not None:
+        changed = config_changes(saved, cfg)
+        if changed:
+            raise UserError(
+                f"resuming {checkpoint} with settings that change the experiment: {', '.join(changed[:6])}"
+                f"{f' (and {len(changed) - 6} more)' if len(changed) > 6 else ''}; resume with the run's own settings "
+                f"(its .hydra/overrides.yaml), or start a new run (a new hydra.run.dir) from backbone.weights={checkpoint}"
+            )
+    epochs_done = checkpoint_epochs(checkpoint)
+    max_epochs = int(cfg.trainer.max_epochs)
+    previous = _previous_budget(run_dir, saved, default=max_epochs)
+    if max_epochs < previous:
+        raise UserError(
+            f"trainer.max_epochs={max_epochs} is lower than the run's {previous}; a resume may only raise it "
+            f"(trainer.max_epochs>={previous})"
+        )
+    if max_epochs < epochs_done:
+        raise UserError(
+            f"ckpt_path={checkpoint} already trained {_epochs(epochs_done)}, more than trainer.max_epochs={max_epochs}; "
+            f"set trainer.max_epochs>={epochs_done}"
+        )
+    finished = RunDir(run_dir).metrics.is_file()
+    return ResumePlan(run_dir, checkpoint, epochs_done, max_epochs, previous, finished, bool(cfg.get("test", True)))
+
+
+def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
+    """The keys (dotted) whose value differs, or that only one of the configs has, outside RESUME_MAY_CHANGE.
+
+    Compared unresolved, as written: `scheduler.T_max: ${trainer.max_epochs}` is the same
+    setting in both, and its source key is compared on its own. A saved config from before a
+    setting moved is read under the new names (RENAMED_SETTINGS), and so is the current one;
+    one from before a setting existed has that setting's old behaviour (ADDED_SETTINGS), and a
+    class that moved is compared under its current `_target_` (`models.architecture.RENAMED_TARGETS`).
+    """
+    before = _under_current_names(dotted_settings(OmegaConf.to_container(saved, resolve=False)))
+    for key, value in ADDED_SETTINGS.items():
+        if key not in before:
+            before[key] = value(before) if callable(value) else value
+    after = _under_current_names(dotted_settings(OmegaConf.to_container(current, resolve=False)))
+    keys = sorted(set(before) | set(after))
+    return [
+        f"{key} ({_shown(before.get(key, _ABSENT))} -> {_shown(after.get(key, _ABSENT))})"
+        for key in keys
+        if before.get(key, _ABSENT) != after.get(key, _ABSENT) and not _may_change(key)
+    ]
+
+
+def _under_current_names(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with each moved key's value under its new key; the new key's old value was the
+    interpolation `${old key}` (or absent), which now stands for the value itself."""
+    settings = {key: current_target(value) if key.endswith("._target_") else value for key, value in settings.items()}
+    for old, new in RENAMED_SETTINGS.items():
+        if old in settings and settings.get(new, f"${{{old}}}") == f"${{{old}}}":
+            settings[new] = settings.pop(old)
+    return settings
+
+
+def trained_config(checkpoint: Path) -> DictConfig | None:
+    """The config `checkpoint` was trained with: recorded in it (`TransferModule.on_save_checkpoint`),
+    else, for a checkpoint written before that, its run dir's first `.hydra/config.yaml`.
+
+    Not the config of the run dir the resume runs in: resuming another run's checkpoint in a
+    new dir, Hydra has just written this command's own config there.
+    """
+    recorded = checkpoint_record(checkpoint).get("config")
+    if isinstance(recorded, dict):
+        return OmegaConf.create(recorded)
+    return RunDir(checkpoint.resolve().parent.parent).saved_config()
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+_ABSENT = object()
+
+
+def _may_change(key: str) -> bool:
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE + ("trainer.max_epochs",))
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is _ABSENT else str(value)
+
+
+def _previous_budget(run_dir: Path, saved: DictConfig | None, default: int) -> int:
+    """The max_epochs the run last trained to: its first config's, or a later resume's (run_info.json)."""
+    budgets = [int(saved.trainer.max_epochs)] if saved is not None and "trainer" in saved else []
+    budgets += [int(r["max_epochs"]) for r in RunDir(run_dir).read_run_info().get("resumes", []) if "max_epochs" in r]
+    return max(budgets) if budgets else default
+
+

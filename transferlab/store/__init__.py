@@ -1,0 +1,6 @@
+"""What a run leaves on disk: the run dir (`store.rundir.RunDir`, the one owner of its file names,
+and the one reader of checkpoints), atomic writes and the cache root (`store.files`).
+
+Imported by every layer above utils: `RunDir`, `read_checkpoint`, `transferlab_record`, `checkpoint_file`,
+`checkpoint_path`, `resumes`, `write_atomically`, `cache_root`.
+"""

@@ -1,0 +1,350 @@
+"""The run dir: one owner of the names of every file a run writes and reads.
+
+    <run dir>/
+      .hydra/config.yaml, overrides.yaml   how the run began (Hydra writes them; a resume: .hydra/resume-<time>/)
+      train.log                            the run's log (console lines and one line per epoch)
+      metrics.json, run_info.json          results; provenance, resumes, a probe's choice
+      fewshot_indices.json                 the training images of a few-shot run
+      confusion_matrix.csv, .png           per-class results of the test
+      failed.json                          a sweep job that failed, and why
+      checkpoints/last.ckpt                every epoch, for ckpt_path=last
+      checkpoints/best-epochNNN.ckpt       the best epoch by val/acc (best-lbfgs.ckpt: a linear probe's solve)
+      tensorboard/                         the curves
+
+`RunDir(path)` names them; the readers and writers of the package go through it. Checkpoints
+are read here too (`read_checkpoint`: one load per file version, memory-mapped), so the record
+transferlab keeps in a checkpoint is read in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from transferlab.utils.errors import UserError
+
+
+class RunDir:
+    """The files of one run dir, by what they are."""
+
+    CONFIG = Path(".hydra") / "config.yaml"
+    OVERRIDES = Path(".hydra") / "overrides.yaml"
+    METRICS = "metrics.json"
+    RUN_INFO = "run_info.json"
+    FEWSHOT_INDICES = "fewshot_indices.json"
+    CONFUSION_CSV = "confusion_matrix.csv"
+    CONFUSION_PNG = "confusion_matrix.png"
+    FAILED = "failed.json"
+    TRAIN_LOG = "train.log"
+    CHECKPOINTS = "checkpoints"
+    LAST = "last.ckpt"
+    BEST_PATTERN = "best-*.ckpt"
+    PROBE = "best-lbfgs.ckpt"  # a linear probe's solve (found by the best-*.ckpt pattern like any best)
+    TENSORBOARD = "tensorboard"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ---- the files ---------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def overrides(self) -> Path:
+        return self.path / self.OVERRIDES
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def run_info(self) -> Path:
+        return self.path / self.RUN_INFO
+
+    @property
+    def fewshot_indices(self) -> Path:
+        return self.path / self.FEWSHOT_INDICES
+
+    @property
+    def confusion_csv(self) -> Path:
+        return self.path / self.CONFUSION_CSV
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.path / self.CONFUSION_PNG
+
+    @property
+    def failed(self) -> Path:
+        return self.path / self.FAILED
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / self.TRAIN_LOG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / self.LAST
+
+    @property
+    def probe(self) -> Path:
+        return self.checkpoints / self.PROBE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    # ---- what the folder holds -----------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """A run wrote here: its results or at least one complete checkpoint.
+
+        Not a `.hydra/` of a failed start, nor a `checkpoints/` folder holding only the
+        temporary file of a save that was killed: such a folder can be neither resumed
+        (there is nothing to resume from) nor must it block a restart.
+        """
+        return self.metrics.exists() or bool(self.checkpoint_files())
+
+    def was_started(self) -> bool:
+        """A run began training here: it left a `checkpoints/` or `tensorboard/` folder.
+
+        Hydra writes `.hydra/` (and train.log) for every command, also for the one asking;
+        these two appear only once a run has set up its trainer.
+        """
+        return self.checkpoints.is_dir() or self.tensorboard.is_dir()
+
+    def checkpoint_files(self) -> list[Path]:
+        """The complete `*.ckpt` files (hidden temporary files of unfinished saves excluded)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.glob("*.ckpt") if p.is_file() and not p.name.startswith("."))
+
+    def best_checkpoint(self, setting: str) -> Path:
+        """The checkpoint the run dir stands for: its best by val/acc, else its last.
+
+        The best is the one `last.ckpt` records; without it, the `best-epochNNN.ckpt` of the latest
+        epoch (file names order by epoch: zero-padded).
+        """
+        last = self.last
+        best = recorded_best(last) if last.is_file() else None
+        candidates = sorted(self.checkpoints.glob(self.BEST_PATTERN))
+        best = best or (candidates[-1] if candidates else None) or (last if last.is_file() else None)
+        if best is None:
+            raise UserError(
+                f"{setting}={self.path} is a folder without checkpoints/best-*.ckpt or last.ckpt; "
+                f"give the run dir of a finished transferlab run or a checkpoint file"
+            )
+        return best
+
+    def saved_config(self) -> DictConfig | None:
+        """The config the run began with (`.hydra/config.yaml`), if Hydra saved one."""
+        return OmegaConf.load(self.config) if self.config.is_file() else None
+
+    def read_metrics(self) -> dict:
+        return read_json(self.metrics)
+
+    def read_run_info(self) -> dict:
+        return read_json(self.run_info)
+
+    def check_writable(self, resuming: bool) -> None:
+        """Refuse to write into a run dir that already holds a run, unless resuming it."""
+        ensure_writable(self.path)
+        if self.holds_run() and not resuming:
+            raise UserError(f"{self.path} already holds a run; pick a new hydra.run.dir, or resume it with ckpt_path=last")
+
+
+# ---- checkpoints: one home for reading them and transferlab's record in them ------------------
+def read_checkpoint(path: Path, setting: str) -> dict:
+    """A Lightning checkpoint, memory-mapped (reading its metadata copies no tensor); refuses other files.
+
+    `setting` names what the user gave (`ckpt_path`, `backbone.weights`, ...) for the error line.
+    Read once per version of the file: a resume asks for its record, epochs and clock separately.
+    """
+    try:
+        checkpoint = _load(*_version(path))
+    except Exception as e:
+        raise UserError(f"{setting}={path} is not a readable checkpoint ({type(e).__name__}); give a .ckpt written by transferlab") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{setting}={path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by transferlab or its run dir")
+    return checkpoint
+
+
+def _version(path: Path) -> tuple[str, int, int]:
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, mtime_ns: int, size: int) -> Any:
+    # The file's version is part of the key: a checkpoint rewritten since is read again.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def transferlab_record(checkpoint: dict) -> dict:
+    """What `TransferModule.on_save_checkpoint` recorded (data, backbone, classes, config); {} for other checkpoints."""
+    record = checkpoint.get("transferlab")
+    return record if isinstance(record, dict) else {}
+
+
+def recorded_best(last: Path) -> Path | None:
+    """The best checkpoint by val/acc that `last` records (ModelCheckpoint's state), if it is still there."""
+    try:
+        checkpoint = _load(*_version(last))
+    except Exception:  # a broken last.ckpt (empty, truncated): the best-*.ckpt files still tell
+        return None
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
+            # A moved run dir: the best file is next to `last`, not at the path recorded before the move.
+            path = Path(relocated(state["best_model_path"], state.get("dirpath") or "", last.parent))
+            if path.is_file():
+                return path
+    return None
+
+
+def relocated(path: str, old_dir: str | Path, new_dir: str | Path) -> str:
+    """`path` (a file under `old_dir`) under `new_dir` instead, if the file is there; else `path` unchanged."""
+    try:
+        moved = Path(new_dir) / Path(path).relative_to(old_dir)
+    except ValueError:
+        return str(path)
+    return str(moved) if moved.is_file() else str(path)
+
+
+#: `ckpt_path` values that mean "start a new run" (as typed on the command line, or composed)
+NO_CHECKPOINT = (None, "", "null", "None")
+
+
+def resumes(ckpt_path: object) -> bool:
+    """Whether a `ckpt_path` setting asks to resume (`last` or a checkpoint path)."""
+    return ckpt_path not in NO_CHECKPOINT
+
+
+#: run dirs whose fresh start was announced (the checkpoint to resume is looked up several times)
+_FRESH_STARTS_ANNOUNCED: set[Path] = set()
+
+
+def announce_fresh_start(output_dir: Path) -> None:
+    """Say, once per run dir, that `ckpt_path=last` found nothing to resume and starts over."""
+    folder = Path(output_dir).resolve()
+    if folder in _FRESH_STARTS_ANNOUNCED or not logging.getLogger().handlers:
+        return  # said already; or asked before Hydra set up logging, where the line would be lost
+    _FRESH_STARTS_ANNOUNCED.add(folder)
+    logging.getLogger("transferlab").info(
+        "ckpt_path=last: %s holds no complete checkpoint (its run was stopped before its first save ended); "
+        "starting the run from the beginning",
+        output_dir,
+    )
+
+
+def ensure_writable(folder: Path, setting: str = "hydra.run.dir") -> None:
+    """Create `folder` and prove a file can be written in it; `setting` is what the user changes."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"output dir {folder} is not writable ({e.strerror or type(e).__name__}); set {setting} to a writable folder"
+        ) from None
+
+
+# ---- which checkpoint ------------------------------------------------------------------------
+def checkpoint_path(ckpt_path: Any, output_dir: Path) -> Path | None:
+    """`ckpt_path=last` -> this run dir's `checkpoints/last.ckpt`; a path must exist.
+
+    A run dir without last.ckpt that holds no run either, where a run was started (killed
+    before its first save ended), has nothing to resume: `last` then starts the run from
+    the beginning (None). In a folder where nothing ran, `last` is most likely a mistyped
+    run dir: refused.
+    """
+    if not resumes(ckpt_path):
+        return None
+    if ckpt_path == "last":
+        run_dir = RunDir(output_dir)
+        last = run_dir.last
+        if last.is_file():
+            return last
+        if run_dir.holds_run():
+            raise UserError(
+                f"ckpt_path=last but {last} does not exist, though {output_dir} holds a run (metrics.json or other "
+                f"checkpoints); resume from one of its checkpoints with ckpt_path=PATH, or pick a new hydra.run.dir"
+            )
+        if not run_dir.was_started():
+            raise UserError(
+                f"ckpt_path=last but {last} does not exist and no run was started in {output_dir}; resume in the "
+                f"run dir of the interrupted run (hydra.run.dir=...), or leave out ckpt_path to start a new run"
+            )
+        announce_fresh_start(output_dir)
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return path
+
+
+def checkpoint_record(path: Path) -> dict:
+    """What transferlab recorded in a Lightning checkpoint (backbone, dataset, config); refuses other files."""
+    return transferlab_record(read_checkpoint(path, "ckpt_path"))
+
+
+def checkpoint_epochs(path: Path) -> int:
+    """Training epochs a Lightning checkpoint finished (its `epoch` is the 0-based epoch it was saved in)."""
+    checkpoint = read_checkpoint(path, "ckpt_path")
+    progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
+    if "processed" in progress:
+        return int(progress["processed"])
+    return int(checkpoint.get("epoch", -1)) + 1
+
+
+def current_run_config() -> dict | None:
+    """This process's composed config as Hydra saved it (unresolved, as `config_changes` compares);
+    None outside a Hydra job (tests that call `transferlab.train.run` directly)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if not hydra_cfg.output_subdir:
+        return None
+    saved = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir / RunDir.CONFIG.name
+    return OmegaConf.to_container(OmegaConf.load(saved), resolve=False) if saved.is_file() else None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file the run wrote (metrics.json, run_info.json); {} when missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def checkpoint_file(path: str | os.PathLike, setting: str) -> Path:
+    """The checkpoint `path` stands for: the file itself, or a run dir's best checkpoint."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        try:
+            return RunDir(path).best_checkpoint(setting)
+        except UserError:
+            raise
+        except Exception as error:  # its last.ckpt, read for the best checkpoint's name, is broken
+            raise UserError(
+                f"{setting}={path}: {RunDir(path).last} is not a readable checkpoint ({type(error).__name__}); "
+                f"give one of the run's .ckpt files instead"
+            ) from None
+    if not path.is_file():
+        raise UserError(f"{setting}={path} does not exist; give the run dir of a transferlab run or one of its .ckpt files")
+    return path
