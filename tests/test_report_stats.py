@@ -371,3 +371,24 @@ def test_kendall_tau_b_and_the_weighted_tau_are_scipys():
     assert weighted_tau(x, y) == pytest.approx(weightedtau(x, y).statistic)
     assert weighted_tau(x, y) != pytest.approx(kendall_tau_b(x, y))  # the top of the order weighs more
     assert math.isnan(weighted_tau([1, 1, 1], [1, 2, 3]))
+
+
+def test_rank_agreement_reports_the_weighted_tau_beside_tau_b(tmp_path):
+    from scipy.stats import weightedtau
+
+    from transferlab.rank.table import SCORES
+    from transferlab.report.agreement import write_agreement
+    from transferlab.report.runs import Run
+
+    logme = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 4.0}
+    accuracy = {"a": 0.40, "b": 0.45, "c": 0.50, "d": 0.60}
+    with open(tmp_path / "rank.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["backbone", "weights", *SCORES])
+        writer.writeheader()
+        writer.writerows({"backbone": b, "weights": "pkg", "logme": v, "h_score": v, "leep": "nan", "nce": "nan"} for b, v in logme.items())
+    runs = [Run(tmp_path / b, {}, OmegaConf.create({"backbone": {"weights": "imagenet"}}), {"test/acc": acc}, choices={"backbone": b})
+            for b, acc in accuracy.items()]
+    _, text = write_agreement(tmp_path / "rank.csv", runs, tmp_path)
+    expected = weightedtau(list(logme.values()), list(accuracy.values())).statistic
+    row = next(line for line in text.splitlines() if line.startswith("| **weighted tau"))
+    assert row.split("|")[2].strip() == f"**{expected:+.2f}**"

@@ -8,7 +8,6 @@ from typing import Any
 
 from transferlab.errors import UserError
 from transferlab.report.compare import (
-    DEFAULT_ARM,
     REPEAT_KEYS,
     accuracy_metrics,
     arm_value,
@@ -69,7 +68,7 @@ def analyse(runs: list[Run], options: Options | None = None) -> Analysis:
         pairing=pairing,
         paired=paired_rows(pairing, runs, options),
         crossovers=crossover_rows(pairing, options.bootstrap_seed),
-        arm_names=arm_names(runs, options.arms if options.arms else DEFAULT_ARM),
+        arm_names=arm_names(runs, options.arms),
     )
 
 
