@@ -113,21 +113,27 @@ def test_csv_has_one_row_per_run_grouped_by_setting(sweep_report):
         assert (int(row["params_trainable"]) < int(row["params_total"])) == frozen
 
 
-def test_markdown_has_mean_std_and_n_over_two_seeds(sweep_report):
+def test_markdown_has_mean_std_interval_and_n_over_two_seeds(sweep_report):
+    from scipy.stats import t
+
     rows = _csv_rows(sweep_report)
     text = (sweep_report / "report.md").read_text()
-    assert "## Mean ± std over seeds" in text
-    grouped = text.split("## Mean ± std over seeds")[1]
-    header = "| mode | data.fewshot.per_class | n | val/acc_best | test/acc | time (s) |"
+    title = "## Mean ± std [95% interval] over seeds"
+    assert title in text
+    grouped = text.split(title)[1]
+    header = "| mode | data.fewshot.per_class | n | val/acc_best (%) | test/acc (%) | time (s) |"
     assert header in grouped
     for mode in ("frozen", "finetune"):
         for k in ("2", "4"):
             accuracies = [_metrics(r["run_dir"])["test/acc"] for r in rows if (r["mode"], r["data.fewshot.per_class"]) == (mode, k)]
-            expected = f"{statistics.fmean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}"
+            mean, std = statistics.fmean(accuracies), statistics.stdev(accuracies)
+            half = t.ppf(0.975, 1) * std / 2**0.5  # two seeds: t(0.975, 1) = 12.7
+            expected = f"{100 * mean:.1f} ± {100 * std:.1f} [{100 * (mean - half):.1f}, {100 * (mean + half):.1f}]"
             line = next(line for line in grouped.splitlines() if line.startswith(f"| {mode} | {k} |"))
             cells = [c.strip() for c in line.strip("|").split("|")]
             assert cells[2] == "2"  # n
             assert cells[4] == expected
+    assert "the interval covers that variance" in grouped
 
 
 def test_grouped_table_numbers(sweep_dir):

@@ -1,6 +1,6 @@
 """Transferability scores: how well a pretrained model should transfer, before any fine-tuning.
 
-Pure numpy (float64), no Lightning: every function takes arrays and returns numbers.
+No Lightning: every function takes arrays and returns numbers.
 
 - `logme`: LogME (You et al. 2021), the log evidence of a Bayesian linear model on the features.
 - `h_score`: H-score (Bao et al. 2019), with Ledoit-Wolf shrinkage of the feature covariance
@@ -8,9 +8,9 @@ Pure numpy (float64), no Lightning: every function takes arrays and returns numb
   with a pseudo-inverse is C - 1 for every backbone (see `h_score`).
 - `leep`: LEEP (Nguyen et al. 2020) and `nce`: NCE (Tran et al. 2019), from the source model's
   class probabilities on the target images.
-- `kendall_tau_b`: the agreement of a ranking with measured accuracies.
+- `kendall_tau_b`, `weighted_tau`: the agreement of a ranking with measured accuracies (scipy's).
 
-Higher is better for every score.
+Numpy (float64) for the scores; higher is better for every score.
 """
 
 from __future__ import annotations
@@ -242,25 +242,36 @@ def nce(source_probabilities, labels) -> float:
 
 # ---- agreement ----------------------------------------------------------------------------
 def kendall_tau_b(x, y) -> float:
-    """Kendall's tau-b of two paired sequences (e.g. a score per backbone and its fine-tuned accuracy):
+    """Kendall's tau-b of two paired sequences (e.g. a score per backbone and its fine-tuned accuracy),
+    scipy.stats.kendalltau's: (concordant - discordant) / sqrt((n0 - ties_x) (n0 - ties_y)),
+    n0 = n (n - 1) / 2. NaN when either sequence is constant (no order to agree with)."""
+    a, b = _paired_sequences(x, y, "kendall_tau_b")
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    from scipy.stats import kendalltau
 
-        (concordant - discordant) / sqrt((n0 - ties_x) (n0 - ties_y)),  n0 = n (n - 1) / 2
+    return float(kendalltau(a, b, variant="b").statistic)
 
-    where ties_x counts the pairs tied in x (ties_y in y); a pair tied in both counts in both.
-    NaN when either sequence is constant (no order to agree with)."""
+
+def weighted_tau(x, y) -> float:
+    """scipy.stats.weightedtau (hyperbolic weights 1 / (rank + 1), the top of both orders weighs most):
+    the weighted Kendall tau that published transferability tables report. NaN when either is constant."""
+    a, b = _paired_sequences(x, y, "weighted_tau")
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    from scipy.stats import weightedtau
+
+    return float(weightedtau(a, b).statistic)
+
+
+def _paired_sequences(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(x, dtype=np.float64)
     b = np.asarray(y, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
-        raise ValueError(f"kendall_tau_b needs two sequences of the same length >= 2; got {a.shape} and {b.shape}")
+        raise ValueError(f"{name} needs two sequences of the same length >= 2; got {a.shape} and {b.shape}")
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise ValueError("kendall_tau_b needs finite numbers (drop the backbones without a score first)")
-    i, j = np.triu_indices(len(a), k=1)
-    dx, dy = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
-    concordant_minus_discordant = float((dx * dy).sum())
-    untied_x, untied_y = float((dx != 0).sum()), float((dy != 0).sum())
-    if untied_x == 0 or untied_y == 0:
-        return float("nan")
-    return concordant_minus_discordant / math.sqrt(untied_x * untied_y)
+        raise ValueError(f"{name} needs finite numbers (drop the backbones without a score first)")
+    return a, b
 
 
 def ranks(values) -> list[int | None]:

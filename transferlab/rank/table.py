@@ -108,14 +108,16 @@ def rank_agreement(csv_path: Path | str, accuracies: dict[str, float]) -> dict[s
     return score_agreement({row["backbone"]: {name: float(row[name]) for name in SCORES} for row in rows}, accuracies)
 
 
-def score_agreement(scores: dict[str, dict[str, float]], accuracies: dict[str, float]) -> dict[str, float]:
-    """Kendall's tau-b of each score (backbone -> {score: value}) with the accuracies (backbone ->
-    accuracy), over the backbones that have an accuracy and a finite score; NaN below two."""
+def score_agreement(scores: dict[str, dict[str, float]], accuracies: dict[str, float], tau=None) -> dict[str, float]:
+    """Kendall's tau-b (or `tau`, e.g. scores.weighted_tau) of each score (backbone -> {score: value})
+    with the accuracies (backbone -> accuracy), over the backbones that have an accuracy and a finite
+    score; NaN below two."""
     from transferlab.rank.scores import kendall_tau_b
 
+    tau = tau or kendall_tau_b
     agreement = {}
     for name in SCORES:
         pairs = [(values[name], float(accuracies[backbone])) for backbone, values in scores.items()
                  if backbone in accuracies and math.isfinite(values[name])]
-        agreement[name] = kendall_tau_b(*zip(*pairs)) if len(pairs) >= 2 else math.nan
+        agreement[name] = tau(*zip(*pairs)) if len(pairs) >= 2 else math.nan
     return agreement

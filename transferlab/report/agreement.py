@@ -4,7 +4,9 @@ Each row of a `python -m transferlab.rank` table is matched with the finished ru
 backbone: a row whose weights came from a file or run dir matches the runs that started from that
 file (`backbone.weights=PATH`); the others match runs by the backbone option they name
 (`backbone=efficientnet_lite1`) with that option's own weights. The accuracy of a backbone is the
-mean test accuracy of its runs; Kendall's tau-b compares each score's order with that order.
+mean test accuracy of its runs; Kendall's tau-b compares each score's order with that order, and
+the weighted tau (scipy.stats.weightedtau, as published transferability tables report it) weighs
+the top of the orders most.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from transferlab.utils.errors import UserError
 from transferlab.report.runs import Run, _config_value
+from transferlab.rank.scores import weighted_tau
 from transferlab.rank.table import SCORES, TITLES, score_agreement
 
 AGREEMENT_FILE = "rank_agreement.md"
@@ -64,18 +67,21 @@ def _number(text: str) -> float:
         return math.nan
 
 
-def agreement(ranked: list[RankedBackbone]) -> dict[str, float]:
-    """Kendall's tau-b of each score with the mean accuracies, over the backbones with both; NaN below two."""
+def agreement(ranked: list[RankedBackbone], weighted: bool = False) -> dict[str, float]:
+    """Kendall's tau-b (weighted: scipy's weighted tau) of each score with the mean accuracies, over
+    the backbones with both; NaN below two."""
     accuracies = {b.label: statistics.mean(b.accuracies) for b in ranked if b.accuracies}
-    return score_agreement({b.label: b.scores for b in ranked}, accuracies)
+    return score_agreement({b.label: b.scores for b in ranked}, accuracies, tau=weighted_tau if weighted else None)
 
 
 def agreement_markdown(ranked: list[RankedBackbone], rank_csv: Path) -> str:
-    tau = agreement(ranked)
+    tau, weighted = agreement(ranked), agreement(ranked, weighted=True)
     lines = [
         "# Transferability ranking vs. measured accuracy",
         "",
-        f"Ranking: {rank_csv}. Accuracy: mean test/acc over the runs that used each backbone (n runs).",
+        f"Ranking: {rank_csv}. Accuracy: mean test/acc over the runs that used each backbone (n runs). "
+        "Kendall's tau-b: scipy.stats.kendalltau; weighted tau: scipy.stats.weightedtau (hyperbolic weights, "
+        "the best-ranked backbones weigh most), as the Transfer-Learning-Library's model-selection tables report it.",
         "",
         "| backbone | " + " | ".join(TITLES[s] for s in SCORES) + " | test/acc | n |",
         "|---|" + "---|" * (len(SCORES) + 2),
@@ -84,11 +90,16 @@ def agreement_markdown(ranked: list[RankedBackbone], rank_csv: Path) -> str:
         accuracy = f"{100 * statistics.mean(b.accuracies):.1f}%" if b.accuracies else "no runs"
         shown = " | ".join("n/a" if not math.isfinite(v) else f"{v:.4f}" for v in b.scores.values())
         lines.append(f"| {b.label} | {shown} | {accuracy} | {len(b.accuracies)} |")
-    lines.append("| **Kendall's tau-b with test/acc** | " + " | ".join("n/a" if math.isnan(t) else f"**{t:+.2f}**" for t in tau.values()) + " | | |")
+    lines.append("| **Kendall's tau-b with test/acc** | " + _tau_cells(tau) + " | | |")
+    lines.append("| **weighted tau with test/acc** | " + _tau_cells(weighted) + " | | |")
     missing = [b.label for b in ranked if not b.accuracies]
     if missing:
         lines += ["", f"No finished run used {', '.join(missing)}: left out of tau."]
     return "\n".join(lines) + "\n"
+
+
+def _tau_cells(tau: dict[str, float]) -> str:
+    return " | ".join("n/a" if math.isnan(t) else f"**{t:+.2f}**" for t in tau.values())
 
 
 def write_agreement(rank_csv: Path, runs: list[Run], out_dir: Path) -> tuple[Path, str]:

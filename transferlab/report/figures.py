@@ -7,7 +7,9 @@ import statistics
 import textwrap
 from pathlib import Path
 
-from transferlab.report.compare import group_keys, group_runs, run_label, sample_efficiency_points, short_keys
+import numpy as np
+
+from transferlab.report.compare import DEFAULT_ARM, group_keys, group_runs, run_label, sample_efficiency_points, short_keys
 from transferlab.report.curves import read_curves
 from transferlab.report.runs import Run
 
@@ -40,7 +42,7 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
     """2x2 figure: train/val loss and accuracy against epoch, one line per setting: the mean over
     its seeds, with a band from the lowest to the highest seed; None if no run has curves."""
     tags = [tag for tag, _ in CURVE_PANELS]
-    settings = group_runs(runs, group_keys(keys))
+    settings = group_runs(runs, keys)
     curves = {run.name: read_curves(run.path, tags) for run in runs}
     if not any(points for run_curves in curves.values() for points in run_curves.values()):
         return None
@@ -135,9 +137,12 @@ def _epoch_axis(ax, epochs: list[int]) -> None:
 
 
 # ---- sample_efficiency.png -------------------------------------------------------------------
-def plot_sample_efficiency(runs: list[Run], keys: list[str], path: Path) -> Path | None:
-    """Test accuracy against training images per class (log x), error bars = std over seeds."""
-    lines = sample_efficiency_points(runs, keys)
+def plot_sample_efficiency(
+    runs: list[Run], keys: list[str], path: Path, arm: str = DEFAULT_ARM, crossovers: list = (), names: dict[str, str] | None = None
+) -> Path | None:
+    """Test accuracy against training images per class (log x), error bars = std over seeds; where
+    two arms' fitted lines cross (report.crossover), a line at the crossing and a band over its interval."""
+    lines = sample_efficiency_points(runs, keys, arm)
     if not lines:
         return None
     plt = _pyplot()
@@ -148,14 +153,34 @@ def plot_sample_efficiency(runs: list[Run], keys: list[str], path: Path) -> Path
         # Lines side by side at each size, so overlapping error bars stay readable.
         shift = SIDE_BY_SIDE ** (i - (len(lines) - 1) / 2)
         ax.errorbar([x * shift for x in xs], means, yerr=stds, marker="o", capsize=4, label=label)
+    _crossings(ax, crossovers, names or {})
     _size_axis(ax, sorted({x for points in lines.values() for x, *_ in points}))
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{_wrapped('Sample efficiency: ' + describe(runs, keys), 70)}\ntest accuracy (mean over seeds, error bars: std over seeds)")
+    crossing = "; dashed: fitted lines cross, band: 95% interval" if any(c.result and c.result.n_cross for c in crossovers) else ""
+    subtitle = _wrapped(f"test accuracy (mean over seeds, error bars: std over seeds{crossing})", 75)
+    ax.set_title(f"{_wrapped('Sample efficiency: ' + describe(runs, keys), 70)}\n{subtitle}")
     ax.grid(alpha=0.3)
     _legend_below(fig, [ax], LEGEND_CHARS_NARROW)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _crossings(ax, crossovers, names: dict[str, str]) -> None:
+    """A dashed line where a crossing was found and a hatched band over its 95% interval."""
+    for i, row in enumerate(c for c in crossovers if c.result is not None and c.result.n_cross is not None):
+        r = row.result
+        first, second = (row.a, row.b) if r.a_overtakes else (row.b, row.a)
+        interval = f" [{r.low:.0f}, {r.high:.0f}]" if r.low is not None else ""
+        label = f"{names.get(first, first)} overtakes {names.get(second, second)}: ~{r.n_cross:.0f}{interval} per class"
+        colour = ("0.35", "tab:purple", "tab:brown", "tab:olive")[i % 4]
+        ax.axvline(r.n_cross, color=colour, linestyle="--", linewidth=1, label=label)
+        xs = np.geomspace(r.x_min, r.x_max, 50)
+        for intercept, slope in (r.fit_a, r.fit_b):
+            ax.plot(xs, intercept + slope * np.log(xs), color=colour, linestyle=":", linewidth=1,
+                    label="least-squares lines on log(images per class)")
+        if r.low is not None:
+            ax.axvspan(r.low, r.high, color=colour, alpha=0.12, hatch="//", linewidth=0)
 
 
 def _size_axis(ax, sizes: list[float]) -> None:

@@ -1,4 +1,5 @@
-"""What a report writes, and where: report.csv, the figures, then report.md linking them."""
+"""What a report writes, and where: report.csv, paired.csv and crossover.csv (when there are
+pairs and crossings to report), the figures, then report.md linking them."""
 
 from __future__ import annotations
 
@@ -7,24 +8,35 @@ import tempfile
 from pathlib import Path
 
 from transferlab.utils.errors import UserError
-from transferlab.report.compare import differing_overrides, fewshot_keys
+from transferlab.report.analysis import Analysis, analyse
+from transferlab.report.compare import fewshot_keys
+from transferlab.report.crossover import crossover_csv_rows
 from transferlab.report.figures import plot_curves, plot_sample_efficiency
+from transferlab.report.pairing import paired_csv_rows
 from transferlab.report.runs import Run, UnfinishedJob
+from transferlab.report.stats import Options
 from transferlab.report.tables import report_markdown, summary_table, write_csv
 
 FIGURES = ("curves", "sample_efficiency")
+#: tables written only when there is something in them: an earlier report's copy is removed
+OPTIONAL_TABLES = ("paired", "crossover")
 #: errors that mean "this folder cannot take the report", which --out fixes
 UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def write_report(
-    runs: list[Run], out_dir: Path, sources: list[Path] | None = None, unfinished: list[UnfinishedJob] | None = None
+    runs: list[Run],
+    out_dir: Path,
+    sources: list[Path] | None = None,
+    unfinished: list[UnfinishedJob] | None = None,
+    options: Options | None = None,
 ) -> dict[str, Path]:
-    """Write report.md, report.csv and the figures into `out_dir`; returns what was written."""
+    """Write report.md, report.csv, paired.csv and crossover.csv (when there are any) and the
+    figures into `out_dir`; returns what was written."""
     out_dir = Path(out_dir)
     check_writable(out_dir)  # before any figure is drawn
     try:
-        return _write_all(runs, out_dir, sources, unfinished)
+        return _write_all(analyse(runs, options), out_dir, sources, unfinished)
     except OSError as e:  # the folder filled up or became read-only while writing
         if e.errno not in UNWRITABLE:
             raise
@@ -48,24 +60,33 @@ def _cannot_write(out_dir: Path, error: OSError) -> str:
     return f"cannot write the report to {out_dir} ({reason}); pick another folder with --out"
 
 
-def _write_all(runs, out_dir: Path, sources, unfinished) -> dict[str, Path]:
-    keys = differing_overrides(runs)
+def _write_all(analysis: Analysis, out_dir: Path, sources, unfinished) -> dict[str, Path]:
     written = {"csv": out_dir / "report.csv"}
-    write_csv(summary_table(runs, keys), written["csv"])
-    written.update(_write_figures(runs, keys, out_dir))
+    write_csv(summary_table(analysis), written["csv"])
+    tables = {"paired": paired_csv_rows(analysis.paired), "crossover": crossover_csv_rows(analysis.crossovers)}
+    for name in OPTIONAL_TABLES:
+        path = out_dir / f"{name}.csv"
+        path.unlink(missing_ok=True)  # a stale table from an earlier report must not linger
+        if tables[name]:
+            write_csv(tables[name], path)
+            written[name] = path
+    written.update(_write_figures(analysis, out_dir))
     written["md"] = out_dir / "report.md"
-    written["md"].write_text(report_markdown(runs, keys, written, sources or [], unfinished or []))
+    written["md"].write_text(report_markdown(analysis, written, sources or [], unfinished or []))
     return written
 
 
-def _write_figures(runs: list[Run], keys: list[str], out_dir: Path) -> dict[str, Path]:
-    plots = {"curves": plot_curves}
-    if fewshot_keys(keys):  # one training set size has no sample-efficiency curve to draw
-        plots["sample_efficiency"] = plot_sample_efficiency
+def _write_figures(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
+    runs, settings = analysis.runs, analysis.settings
+    plots = {"curves": lambda path: plot_curves(runs, settings, path)}
+    if fewshot_keys(analysis.keys):  # one training set size has no sample-efficiency curve to draw
+        plots["sample_efficiency"] = lambda path: plot_sample_efficiency(
+            runs, settings, path, arm=analysis.options.arms, crossovers=analysis.crossovers, names=analysis.arm_names
+        )
     for name in FIGURES:
         (out_dir / f"{name}.png").unlink(missing_ok=True)  # a stale figure from an earlier report must not linger
     written = {}
     for name, plot in plots.items():
-        if plot(runs, keys, out_dir / f"{name}.png"):
+        if plot(out_dir / f"{name}.png"):
             written[name] = out_dir / f"{name}.png"
     return written

@@ -32,6 +32,7 @@ RESUME_MAY_CHANGE = (
     "callbacks.progress_bar", "callbacks.epoch_log", "model.compile", "model.channels_last",
     # bookkeeping that changes no trained number (runs from before these existed stay resumable)
     "callbacks.model_checkpoint._target_", "callbacks.last_checkpoint._target_", "callbacks.schedule_follows_budget",
+    "label",  # the run's name in report tables and legends
 )
 #: settings that moved: old key -> new key. A checkpoint written before the move recorded the
 #: old key (and the new one as an interpolation of it); it is compared under the new name.
