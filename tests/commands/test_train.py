@@ -71,7 +71,7 @@ def test_scratch_starts_from_random_weights(cifar10_root, torch_home, tmp_path):
 
 
 #: what a preset needs beyond the tiny run to run on the tiny data (30 training images per class)
-TINY = {
+PRESET_DATA = {
     "fewshot_50shot": ["data.fewshot.per_class=2"],
     "fewshot_aug": ["data.fewshot.per_class=2"],
 }

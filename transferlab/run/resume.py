@@ -166,6 +166,9 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
         if key not in before:
             before[key] = value(before) if callable(value) else value
     after = _under_current_names(dotted_settings(OmegaConf.to_container(current, resolve=False)))
+    for key, value in ADDED_SETTINGS.items():  # a hand-made current config may lack them too
+        if key not in after:
+            after[key] = value(after) if callable(value) else value
     keys = sorted(set(before) | set(after))
     return [
         f"{key} ({_shown(before.get(key, _ABSENT))} -> {_shown(after.get(key, _ABSENT))})"
