@@ -328,6 +328,7 @@ def test_legends_name_an_arm_by_what_varies_or_by_the_users_label(tmp_path):
 
 
 def test_a_run_from_before_label_existed_resumes_with_one():
+    from transferlab.config import config_dir
     from transferlab.run.resume import config_changes
 
     run = {"seed": 0, "mode": {"name": "finetune"}, "regularizer": {"name": "none"}}
@@ -335,7 +336,7 @@ def test_a_run_from_before_label_existed_resumes_with_one():
     assert config_changes(saved, OmegaConf.create({**run, "label": None})) == []
     assert config_changes(saved, OmegaConf.create({**run, "label": "ft"})) == []
     assert config_changes(saved, OmegaConf.create({**run, "seed": 1, "label": "ft"})) == ["seed (0 -> 1)"]
-    assert OmegaConf.load(Path(__file__).parents[1] / "conf" / "train.yaml").label is None
+    assert OmegaConf.load(config_dir() / "train.yaml").label is None
 
 
 # ---- bad flags ---------------------------------------------------------------------------------
