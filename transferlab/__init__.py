@@ -1,5 +1,7 @@
 """transferlab: frozen vs finetune vs scratch transfer-learning studies, one command each."""
 
+import importlib
+
 __version__ = "0.1.0"
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "ImageFolderDataModule", "TransferModule", "__version__"]
@@ -16,7 +18,5 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'transferlab' has no attribute {name!r}")

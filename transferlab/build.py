@@ -33,7 +33,6 @@ from transferlab.methods.regularizers import build_regularizer, check_regularize
 from transferlab.models import TransferModule
 from transferlab.models.architecture import architecture_record
 from transferlab.models.module import check_components, check_learning_rate_ratios
-from transferlab.models.weights import backbone_weights
 from transferlab.run.budget import check_training_budget
 from transferlab.run.results import check_optimized_metric
 from transferlab.run.resume import ResumePlan, check_resume
@@ -42,27 +41,26 @@ from transferlab.store.rundir import RunDir, resumes
 
 # ---- the one check list --------------------------------------------------------------------
 def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
-    """Every check on the composed config, before anything is built; for a resume, what is left to do."""
-    RunDir(output_dir).check_writable(resuming=resumes(cfg.get("ckpt_path")))
+    """Every check on the composed config, before anything is built; for a resume, what is left to do.
+
+    The config's own checks first, then each owner once with its slice, from the layers above to
+    the ones below (the run's budget and resume, the mode, the model's parts, the data, the run dir).
+    """
     check_config_itself(cfg)
-    check_training_budget(cfg.trainer, test=bool(cfg.get("test", True)))
-    check_optimized_metric(cfg.get("optimized_metric"), test=bool(cfg.get("test", True)))
-    mode = check_mode(cfg.mode, cfg.trainer.get("max_epochs"), starting_weights(cfg))
-    check_probe(mode, cfg.mode, cfg.head.get("_target_", ""), cfg.get("ckpt_path"), caches_features(cfg, mode))
-    check_regularizer(cfg.get("regularizer"), mode, starting_weights(cfg))
+    test = bool(cfg.get("test", True))
+    check_training_budget(cfg.trainer, test=test)
+    check_optimized_metric(cfg.get("optimized_metric"), test=test)
+    plan = check_resume(cfg, output_dir)
+    weights = cfg.backbone.get("weights")
+    mode = check_mode(cfg.mode, cfg.trainer.get("max_epochs"), weights)
+    cached = mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))
+    check_probe(mode, cfg.mode, cfg.head.get("_target_", ""), cfg.get("ckpt_path"), cached)
+    check_regularizer(cfg.get("regularizer"), mode, mode.starting_weights(weights))
     check_components(cfg.optimizer, cfg.get("scheduler"), cfg.head)
     check_learning_rate_ratios(cfg.model.backbone_lr_ratio, cfg.model.layer_decay)
     check_data_root(cfg.data)
-    return check_resume(cfg, output_dir)
-
-
-def starting_weights(cfg: DictConfig):
-    """What the backbone starts from: `backbone.weights`, or random init for a mode that is not pretrained."""
-    return backbone_weights(cfg.backbone, mode_facts(cfg.mode).pretrained)
-
-
-def caches_features(cfg: DictConfig, mode: Mode) -> bool:
-    return mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))
+    RunDir(output_dir).check_writable(resuming=resumes(cfg.get("ckpt_path")))
+    return plan
 
 
 # ---- building --------------------------------------------------------------------------------
@@ -78,24 +76,25 @@ class Assembly:
 
 def build(cfg: DictConfig, output_dir: Path | None = None, with_trainer: bool = True) -> Assembly:
     """Everything a run needs, ready; `with_trainer=False` for benchmarks and tools."""
-    mode = mode_facts(cfg.mode)
-    device = feature_device(cfg.trainer.get("accelerator"))
     trainer = build_trainer(cfg, output_dir) if with_trainer else None
     backbone = build_backbone(cfg)
+    mode = mode_facts(cfg.mode)
+    cached = mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))
     datamodule = build_datamodule(cfg, backbone, output_dir)
     model = build_model(cfg, backbone, datamodule)
-    built = Assembly(datamodule, model, trainer, mode, device)
-    if caches_features(cfg, mode):
+    built = Assembly(datamodule, model, trainer, mode, feature_device(cfg.trainer.get("accelerator")))
+    if cached:
         started = time.perf_counter()
-        datamodule.serve_features(feature_splits(model.backbone, datamodule, device))
+        datamodule.serve_features(feature_splits(model.backbone, datamodule, built.feature_device))
         built.features_time_s = time.perf_counter() - started
         model.inputs_are_features = True
     return built
 
 
 def build_backbone(cfg: DictConfig):
-    """The configured backbone, with the weights it starts from (`starting_weights`)."""
-    return hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size, weights=starting_weights(cfg))
+    """The configured backbone, with the weights it starts from (the mode's `starting_weights`)."""
+    weights = mode_facts(cfg.mode).starting_weights(cfg.backbone.get("weights"))
+    return hydra.utils.instantiate(cfg.backbone, image_size=cfg.data.image_size, weights=weights)
 
 
 def build_datamodule(cfg: DictConfig, backbone, output_dir: Path | None) -> TensorImageDataModule:

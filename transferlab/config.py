@@ -117,6 +117,7 @@ def check_seed(seed: int) -> None:
 # ---- composing ----------------------------------------------------------------------------
 def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     """The config Hydra will compose for these overrides (no job, nothing written)."""
+    # hydra on first use (~0.1 s): the report imports this module, and composes only to pair runs
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

@@ -11,6 +11,7 @@ is run on random images and must give the PyTorch model's probabilities (max abs
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import sys
@@ -23,6 +24,8 @@ import torch
 
 from transferlab.utils.errors import UserError, exit_with
 from transferlab.cli.args import CommandLine, check_folder_writable, check_not_an_input
+from transferlab.store.files import write_atomically
+from transferlab.store.rundir import checkpoint_file
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: what the exported model may differ from the PyTorch one by, in probability
@@ -70,8 +73,7 @@ def export(model: str, fmt: str, out: Path, force: bool) -> None:
     check_writable(targets, force)  # before anything is loaded
     if fmt == "onnx":
         check_onnx_installed()
-    from transferlab.store.rundir import checkpoint_file
-    from transferlab.models.trained import load_trained
+    from transferlab.models.trained import load_trained  # heavy: imports Lightning; --help and the checks above stay quick
 
     model_file = checkpoint_file(model, setting="RUN_DIR_OR_CKPT")
     for target in targets:
@@ -103,8 +105,6 @@ def check_writable(targets: Sequence[Path], force: bool) -> None:
 
 
 def check_onnx_installed() -> None:
-    import importlib.util
-
     if importlib.util.find_spec("onnx") is None:
         raise UserError("--format onnx needs the onnx package: pip install onnx onnxruntime (or use --format torchscript)")
 
@@ -166,7 +166,7 @@ def check_parity(fmt: str, exported: bytes, classifier: torch.nn.Module, image_s
 
 def run_onnx(exported: bytes, images: torch.Tensor) -> torch.Tensor | None:
     try:
-        import onnxruntime
+        import onnxruntime  # optional: the onnx extra; without it the export is not checked
     except ImportError:
         return None
     session = onnxruntime.InferenceSession(exported, providers=["CPUExecutionProvider"])
@@ -181,8 +181,6 @@ def run_torchscript(exported: bytes, images: torch.Tensor) -> torch.Tensor:
 
 
 def write_file(path: Path, write: Callable) -> None:
-    from transferlab.store.files import write_atomically
-
     try:
         write_atomically(path, write)
     except OSError as error:

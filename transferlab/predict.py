@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from tqdm import tqdm
 
 from transferlab.cli.args import CommandLine, check_folder_writable, check_not_an_input, positive_int
+from transferlab.store.files import write_atomically
+from transferlab.store.rundir import checkpoint_file
 from transferlab.utils.errors import UserError, exit_with
 
 #: rows of the printed table; the CSV holds them all
@@ -66,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     check_writable(args.out, args.force)  # before anything is loaded or read
-    from transferlab.store.rundir import checkpoint_file
-    from transferlab.models.trained import load_trained
+    from transferlab.models.trained import load_trained  # heavy: imports Lightning; --help and the checks stay quick
 
     found = find_images(args.paths)
     model_file = checkpoint_file(args.model, setting="RUN_DIR_OR_CKPT")
@@ -110,8 +112,6 @@ def pick_device(choice: str) -> torch.device:
 
 
 def warn(message: str) -> None:
-    from tqdm import tqdm
-
     # tqdm.write keeps a running progress bar intact below the line.
     tqdm.write(f"transferlab: warning: {message}", file=sys.stderr)
 
@@ -128,7 +128,7 @@ class FoundFiles:
 
 def find_images(patterns: Sequence[str]) -> FoundFiles:
     """Files named, in folders (recursively: image extensions only, hidden files left out) or matched by globs."""
-    from transferlab.data.imagefolder import IMAGE_EXTENSIONS
+    from transferlab.data.imagefolder import IMAGE_EXTENSIONS  # heavy: transferlab.data imports Lightning
 
     found, seen = FoundFiles(), set()
     for pattern in patterns:
@@ -189,8 +189,6 @@ class Prediction:
 
 def classify(trained, files: list[Path], batch_size: int, top_k: int, device: torch.device) -> tuple[list[Prediction], list[Path]]:
     """Predictions for the readable files, and the files that could not be read (each warned about)."""
-    from tqdm import tqdm
-
     classifier = trained.classifier().to(device)
     rows, unreadable = [], []
     # A bar only when there is more than one batch to wait for (and only on a terminal: disable=None).
@@ -209,7 +207,7 @@ def classify(trained, files: list[Path], batch_size: int, top_k: int, device: to
 
 def read_images(files: list[Path], size: int) -> tuple[torch.Tensor, list[Path]]:
     """uint8 (N, 3, size, size) of the files that decode, as `data=imagefolder` reads its images; warns about the rest."""
-    from transferlab.data.imagefolder import decode_image
+    from transferlab.data.imagefolder import decode_image  # heavy: transferlab.data imports Lightning
 
     images, readable = [], []
     for file in files:
@@ -239,8 +237,6 @@ def csv_header(top_k: int) -> list[str]:
 
 
 def write_csv(out: Path, rows: list[Prediction], top_k: int) -> None:
-    from transferlab.store.files import write_atomically
-
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(csv_header(top_k))

@@ -18,9 +18,9 @@ import torch
 from omegaconf import DictConfig
 
 from transferlab.build import build, check_config
-from transferlab.cli.interrupts import ctrl_c_reported
+from transferlab.run.interrupts import ctrl_c_reported
 from transferlab.cli.overrides import check_command_line, resume_overrides, resume_plan_before_hydra
-from transferlab.cli.sweeps import exit_if_jobs_failed, in_sweep, run_sweep_job
+from transferlab.cli.sweeps import exit_if_jobs_failed, job_failures_handled
 from transferlab.config import config_dir
 from transferlab.methods.probe import probe_record
 from transferlab.run.budget import check_validates
@@ -60,10 +60,9 @@ def main(cfg: DictConfig | None = None) -> float | None:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
-        if in_sweep():  # a failed job is recorded in its folder; the other jobs run
-            return run_sweep_job(run, cfg)
-        with user_errors_as_one_line():  # also a UserError that hydra.utils.instantiate wrapped
+        with job_failures_handled():  # in a sweep, a failed job is recorded in its folder; the other jobs run
             return run(cfg)
+        return None  # a sweep's failed job (recorded)
     finally:
         release_memory()  # sweeps run many jobs in one process
 

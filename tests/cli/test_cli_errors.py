@@ -251,11 +251,10 @@ def test_tiny_fewshot_fraction_warns_that_it_keeps_one_image(caplog):
 @pytest.mark.parametrize("extra, warns", [(["mode=frozen"], True), (["mode=frozen", "backbone.weights={ckpt}"], False), (["mode=finetune"], False)])
 def test_frozen_random_backbone_is_allowed_with_a_warning(extra, warns, files, caplog, tmp_path):
     from conftest import compose_config
-    from transferlab.build import starting_weights
     from transferlab.methods.modes import check_mode
 
     cfg = compose_config(["backbone=cnn_small", *[a.format(ckpt=files["cnn_small_ckpt"]) for a in extra]], tmp_path)
-    check_mode(cfg.mode, cfg.trainer.max_epochs, starting_weights(cfg))
+    check_mode(cfg.mode, cfg.trainer.max_epochs, cfg.backbone.weights)
     assert ("mode=frozen with random weights: the backbone is a fixed random feature extractor" in caplog.text) == warns
 
 

@@ -4,6 +4,7 @@ the checks of what they write."""
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +32,6 @@ def check_folder_writable(out: Path, flag: str) -> None:
     """The folder `out` goes into can take a file (missing folders are created at the end, as
     `write_atomically` does): probed now, so that a read-only, full or mistyped place is one
     line before the model is loaded and every image classified, not after."""
-    import tempfile
-
     existing = next(p for p in [out.absolute().parent, *out.absolute().parent.parents] if p.exists())
     if not existing.is_dir():
         raise UserError(f"cannot write {flag} {out}: {existing} is a file, not a folder; choose another {flag}")

@@ -16,7 +16,11 @@ from pathlib import Path
 from datetime import datetime
 from typing import Sequence
 
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from transferlab.config import compose, dotted_settings
 from transferlab.run.resume import ResumePlan, check_resume
@@ -58,8 +62,6 @@ def is_sweep(argv: Sequence[str]) -> bool:
 def check_flags_before_overrides(argv: Sequence[str]) -> None:
     """Hydra's argument parser reads the overrides as one list: overrides on both sides of a flag
     (`backbone=cnn_small -m seed=1,2`) make it print its whole usage."""
-    from hydra._internal.utils import get_args_parser
-
     try:
         _, unread = get_args_parser().parse_known_args(list(argv))
     except SystemExit:
@@ -81,9 +83,6 @@ def check_overrides_compose(argv: Sequence[str]) -> None:
     Unknown config group choices (backbone=foo) are left to Hydra: its message lists the
     choices. A sweep (-m) is only parsed: its values are lists until the sweeper picks one.
     """
-    from hydra._internal.utils import get_args_parser
-    from hydra.errors import OverrideParseException
-
     args = get_args_parser().parse_args(list(argv))
     for text in args.overrides:
         try:
@@ -105,8 +104,6 @@ def command_line_overrides(argv: Sequence[str]) -> dict[str, str | None]:
     """The `key=value` overrides in `argv` as Hydra reads them (`+`/`++`/`~` and quotes dropped),
     values as text (a sweep's as typed, `null` as None); what Hydra cannot parse is left out
     (Hydra reports it)."""
-    from hydra.errors import OverrideParseException
-
     overrides = {}
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
@@ -120,8 +117,6 @@ def command_line_overrides(argv: Sequence[str]) -> dict[str, str | None]:
 
 
 def _parse(text: str):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     return OverridesParser.create().parse_overrides([text])[0]
 
 
@@ -134,8 +129,6 @@ def _value_text(override) -> str | None:
 
 def _override_key(text: str) -> str:
     """The setting an override names (`~data.root`, `+x=1`, `key=value`: data.root, x, key)."""
-    from hydra.errors import OverrideParseException
-
     try:
         return _parse(text).key_or_group
     except OverrideParseException:
@@ -144,9 +137,6 @@ def _override_key(text: str) -> str:
 
 def _compose_or_refuse(config_name: str, overrides: Sequence[str]) -> DictConfig | None:
     """The composed config; None when Hydra should report the failure itself (an unknown choice)."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
     try:
         return compose(config_name, overrides)
     except MissingConfigException:
@@ -188,8 +178,6 @@ def _check_deletions(overrides: Sequence[str], config_name: str) -> None:
 
 def _check_interpolations(cfg: DictConfig, overrides: Sequence[str], prefix: str = "") -> None:
     """Resolve every `${...}` except Hydra's own (`${hydra:...}` is only known inside the job)."""
-    from omegaconf.errors import InterpolationResolutionError
-
     keys = range(len(cfg)) if isinstance(cfg, ListConfig) else list(cfg.keys())
     for key in keys:
         full_key = f"{prefix}{key}"
@@ -257,8 +245,6 @@ def resume_plan_before_hydra(argv: Sequence[str]) -> ResumePlan | None:
     it was. None when this is no resume in place (or the config does not compose: Hydra
     then reports that itself).
     """
-    from hydra._internal.utils import get_args_parser
-
     if NO_JOB_FLAGS.intersection(argv) or is_sweep(argv):
         return None
     overrides = command_line_overrides(argv)

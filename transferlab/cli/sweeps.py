@@ -14,14 +14,18 @@ import json
 import logging
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.store.rundir import RunDir
-from transferlab.utils.errors import first_line, user_error_behind
+from transferlab.utils.errors import first_line, user_error_behind, user_errors_as_one_line
 from transferlab.utils.numbers import readable
 
 log = logging.getLogger("transferlab")
@@ -31,25 +35,27 @@ _last_sweep: dict[str, Path] = {}
 
 
 def in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_sweep_job(job: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
-    """Run one job of a sweep; a failure is recorded in the job's folder instead of ending the sweep.
+@contextmanager
+def job_failures_handled() -> Iterator[None]:
+    """Around one job of a command under Hydra: alone, a refusal is one line (also a UserError that
+    hydra.utils.instantiate wrapped); in a sweep, a failure is recorded in the job's folder instead
+    of ending the sweep, and the job returns None (the block's exception is swallowed).
 
-    A failed job returns None, not NaN: optuna 2.10 refuses to be told NaN and the
-    hydra-optuna-sweeper then crashes, while a value that is no number is recorded as a
-    failed trial (with `max_failure_rate: 1.0`, conf/hparams_search/*, the study goes on).
+    None, not NaN: optuna 2.10 refuses to be told NaN and the hydra-optuna-sweeper then crashes,
+    while a value that is no number is recorded as a failed trial (with `max_failure_rate: 1.0`,
+    conf/hparams_search/*, the study goes on).
     """
-    from hydra.core.hydra_config import HydraConfig
-
+    if not in_sweep():
+        with user_errors_as_one_line():
+            yield
+        return
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     RunDir(job_dir).failed.unlink(missing_ok=True)  # a job run again in its folder starts clean
     try:
-        return job(cfg)
+        yield
     except Exception as error:
         cause = user_error_behind(error)
         if cause is None:  # a bug or the machine: keep the traceback in the job's log
@@ -60,7 +66,6 @@ def run_sweep_job(job: Callable[[DictConfig], float | None], cfg: DictConfig) ->
         log.error("transferlab: error: %s", message)  # the job's log (train.log in its folder)
         record = {"error": message, "exit_code": exit_code, "overrides": list(HydraConfig.get().overrides.task)}
         RunDir(job_dir).failed.write_text(json.dumps(record, indent=2) + "\n")
-        return None
 
 
 class SweepSummary(Callback):
@@ -104,8 +109,6 @@ def varying_keys(hydra_cfg: DictConfig) -> list[str]:
     """Keys a sweep gives several values: sweep overrides on its command line (`a=1,2`,
     `range(..)`, `choice(..)`, `interval(..)`, `glob(..)`) and the sweeper's own search space
     (`hydra.sweeper.params`, e.g. an Optuna search's learning rate and weight decay)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     arguments = [str(o) for o in hydra_cfg.overrides.task]
     params = hydra_cfg.sweeper.get("params") if "sweeper" in hydra_cfg else None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 
 from transferlab.data.datamodule import TensorImageDataModule
 from transferlab.utils.errors import UserError
@@ -151,8 +152,6 @@ class CIFARDataModule(TensorImageDataModule):
             )
 
     def _download(self) -> None:
-        import torchvision.datasets as tvd
-
         dataset_class = getattr(tvd, self.torchvision_class)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -247,8 +246,6 @@ class CIFARDataModule(TensorImageDataModule):
     @property
     def md5(self) -> dict[str, str]:
         """File name -> official MD5, from torchvision's own table (not a copy of ours)."""
-        import torchvision.datasets as tvd
-
         dataset = getattr(tvd, self.torchvision_class)
         pairs = dataset.train_list + dataset.test_list + [[dataset.meta["filename"], dataset.meta["md5"]]]
         return {name: md5 for name, md5 in pairs}

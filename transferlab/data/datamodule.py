@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from hydra.utils import get_class
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab.data import transforms as T
@@ -295,8 +296,6 @@ def _relabel(split: Split, keep: list[int], num_classes: int) -> Split:
 def check_data_root(data: Any) -> None:
     """The configured data module's own `data.root` rule (`CIFARDataModule.check_root`), from the
     `data` config alone: before anything is built or read."""
-    from hydra.utils import get_class
-
     module = get_class(data._target_)
     if hasattr(module, "check_root"):  # data modules whose file layout we know
         module.check_root(Path(str(data.root)).expanduser(), bool(data.get("download")))

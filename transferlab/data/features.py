@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import track
 from torch import nn
 
 from transferlab.store.files import cache_root
@@ -130,11 +132,7 @@ def extract_features(
 
 def _progress(steps: range, description: str):
     """A rich progress bar on a terminal; log lines at every 25% otherwise (files, CI)."""
-    import sys
-
     if sys.stderr.isatty():
-        from rich.progress import track
-
         yield from track(steps, description=description, transient=True)
         return
     marks = {len(steps) * k // 4 for k in range(1, 4)} - {0}  # a few batches: no 0% lines

@@ -17,7 +17,11 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image as tv_decode
+from torchvision.transforms.v2 import functional as F
 
 from transferlab.store.files import cache_root
 from transferlab.store.files import write_atomically
@@ -60,9 +64,6 @@ class LazyImages:
 
 def decode_image(path: Path, size: int) -> torch.Tensor:
     """One image file -> uint8 (3, size, size): resize the short side, center crop."""
-    from torchvision.io import ImageReadMode, decode_image as tv_decode
-    from torchvision.transforms.v2 import functional as F
-
     try:
         image = tv_decode(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
@@ -77,9 +78,6 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
 
 
 def _decode_with_pil(path: Path) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I;16") or im.mode == "I":
@@ -94,8 +92,6 @@ def _decode_with_pil(path: Path) -> torch.Tensor:
 
 def _sixteen_bit_to_uint8(array):
     """Grey values 0..65535 (PIL modes I;16*, and I as PIL opens 16-bit files) -> 0..255."""
-    import numpy as np
-
     return (np.clip(array.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
 
 

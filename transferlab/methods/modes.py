@@ -256,6 +256,12 @@ class Mode:
     def solves_head(self) -> bool:
         return self.head_solve != "none"
 
+    def starting_weights(self, weights: Any) -> Any:
+        """What the backbone starts from: `backbone.weights`, or random init (`none`) for a mode that is
+        not pretrained (scratch), whatever `backbone.weights` says. The one home of that rule: building,
+        the checks and the HParams the run reports ask it."""
+        return weights if self.pretrained else "none"
+
     def caches_features(self, setting: Any, augment: bool) -> bool:
         """Whether the backbone's features are computed once and the head trains on them.
 
@@ -323,6 +329,7 @@ def check_mode(mode: Any, max_epochs: int | None, weights: Any) -> Mode:
             f"mode.unfreeze_at_epoch={unfreeze_at} with trainer.max_epochs={max_epochs}: the backbone never unfreezes "
             f"(epochs count from 0); set mode.unfreeze_at_epoch<{max_epochs} or trainer.max_epochs>{unfreeze_at}"
         )
+    weights = facts.starting_weights(weights)
     if not wants_weights(weights) and (facts.backbone_fixed or facts.solves_head):
         what = "the probe fits" if facts.solves_head else "the backbone is"
         log.warning("mode=%s with random weights: %s a fixed random feature extractor (backbone.weights=%s)", facts.name, what, weights)

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 import torch
+import torchvision.models as tvm
 from torch import nn
 
 from transferlab.utils.errors import UserError
@@ -164,8 +165,6 @@ def torchvision_backbone(
 
 
 def _torchvision_model(name: str, weights) -> nn.Module:
-    import torchvision.models as tvm
-
     if name not in tvm.list_models(module=tvm):
         raise UserError(
             f"backbone.name={name!r} is not a torchvision classification model; "

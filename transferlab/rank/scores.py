@@ -248,7 +248,7 @@ def kendall_tau_b(x, y) -> float:
     a, b = _paired_sequences(x, y, "kendall_tau_b")
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    from scipy.stats import kendalltau
+    from scipy.stats import kendalltau  # heavy: scipy, only to compare a ranking with accuracies
 
     return float(kendalltau(a, b, variant="b").statistic)
 
@@ -259,7 +259,7 @@ def weighted_tau(x, y) -> float:
     a, b = _paired_sequences(x, y, "weighted_tau")
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    from scipy.stats import weightedtau
+    from scipy.stats import weightedtau  # heavy: scipy (see kendall_tau_b)
 
     return float(weightedtau(a, b).statistic)
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from transferlab.models import weights as W
+from transferlab.models.timm_backbones import efficientnet_lite_classifier
 
 LITE_TARGET = "transferlab.models.efficientnet_lite"
 IMAGENET = ("imagenet", "default", "true")
@@ -37,8 +38,6 @@ def source_head(backbone_cfg: DictConfig, backbone: nn.Module) -> SourceHead:
             None, f"no source classifier for {getattr(backbone, 'name', 'this backbone')} ({backbone.weights_source}): "
             "only EfficientNet-Lite's ImageNet head is read"
         )
-    from transferlab.models.timm_backbones import efficientnet_lite_classifier
-
     head = efficientnet_lite_classifier(str(backbone_cfg.get("variant", "lite0")))
     if head.in_features != backbone.out_features:  # a pool or cut that changed the features
         return SourceHead(None, f"the ImageNet head takes {head.in_features} features, the backbone gives {backbone.out_features}")

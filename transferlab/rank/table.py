@@ -7,6 +7,7 @@ import io
 import math
 from pathlib import Path
 
+from transferlab.rank.scores import kendall_tau_b
 from transferlab.utils.errors import UserError
 
 #: row keys of the scores, in table order, and how the tables name them
@@ -112,8 +113,6 @@ def score_agreement(scores: dict[str, dict[str, float]], accuracies: dict[str, f
     """Kendall's tau-b (or `tau`, e.g. scores.weighted_tau) of each score (backbone -> {score: value})
     with the accuracies (backbone -> accuracy), over the backbones that have an accuracy and a finite
     score; NaN below two."""
-    from transferlab.rank.scores import kendall_tau_b
-
     tau = tau or kendall_tau_b
     agreement = {}
     for name in SCORES:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from transferlab.utils.errors import UserError, exit_with
+from transferlab.report.agreement import write_agreement
 from transferlab.report.analysis import check_arm
 from transferlab.report.compare import DEFAULT_ARM, set_apart
 from transferlab.report.output import write_report
@@ -40,8 +41,6 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = args.out or default_out_dir(args.paths)
         written = write_report(runs, out_dir, sources=args.paths, unfinished=unfinished, options=options)
         if args.rank:
-            from transferlab.report.agreement import write_agreement
-
             written["rank_agreement"], agreement_text = write_agreement(args.rank, runs, out_dir)
             print(agreement_text, flush=True)
     except UserError as error:

@@ -41,6 +41,7 @@ def _event_folders(run_dir: Path) -> list[Path]:
 
 
 def _scalars_in(folder: Path) -> dict[str, list]:
+    # heavy: tensorboard's event reader, only when curves are read
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     accumulator = EventAccumulator(str(folder), size_guidance={SCALARS: 0})  # 0: keep every point

@@ -29,6 +29,7 @@ SIDE_BY_SIDE = 1.03
 
 
 def _pyplot():
+    # heavy: matplotlib, only when a figure is drawn; the Agg backend is chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -126,7 +127,7 @@ def _style_curve_panel(ax, tag: str, title: str) -> None:
 def _epoch_axis(ax, epochs: list[int]) -> None:
     """Ticks at whole epochs and limits just around the epochs run: no epoch that did not happen
     (matplotlib's margins and integer locator would add one past the last)."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # heavy: matplotlib (see _pyplot)
 
     if not epochs:
         return
@@ -185,7 +186,7 @@ def _crossings(ax, crossovers, names: dict[str, str]) -> None:
 
 def _size_axis(ax, sizes: list[float]) -> None:
     """Log x axis ticked at the sizes that were run, not at powers of ten."""
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # heavy: matplotlib (see _pyplot)
 
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(sizes))

@@ -21,6 +21,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from omegaconf import OmegaConf
+
+from transferlab.config import compose, dotted_settings
 from transferlab.report.compare import (
     LABEL_KEY,
     REPEAT_KEYS,
@@ -115,10 +118,7 @@ def canonical(value: Any) -> str:
 def config_settings(run: Run) -> dict[str, Any]:
     """{dotted key: value} of the run's composed config, as written (interpolations unresolved:
     `scheduler.T_max: ${trainer.max_epochs}` is the same in both runs, its source compared apart)."""
-    from omegaconf import OmegaConf
-
-    from transferlab.config import dotted_settings
-
+    # heavy: run.resume imports torch and Lightning; importing the report and its --help stay without them
     from transferlab.run.resume import ADDED_SETTINGS
 
     if run.config is None:
@@ -134,7 +134,7 @@ def _left_out(key: str, arm: str, excused: set[str]) -> bool:
 
 
 def is_bookkeeping(key: str) -> bool:
-    from transferlab.run.resume import RESUME_MAY_CHANGE
+    from transferlab.run.resume import RESUME_MAY_CHANGE  # heavy: torch and Lightning (config_settings)
 
     return _under(key, (*RESUME_MAY_CHANGE, *BOOKKEEPING))
 
@@ -166,10 +166,6 @@ class ArmSettings:
 
 
 def _composed_settings(override: str) -> dict[str, Any] | None:
-    from omegaconf import OmegaConf
-
-    from transferlab.config import compose, dotted_settings
-
     try:
         return dotted_settings(OmegaConf.to_container(compose("train", [override]), resolve=False))
     except Exception:  # an option these configs no longer have, a value that does not parse

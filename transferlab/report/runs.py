@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
 from transferlab.utils.errors import UserError
 
 #: how deep below a sweep dir run folders are looked for (job folders, or sweep/group/job)
@@ -235,8 +238,6 @@ def read_overrides(overrides_file: Path) -> dict[str, str]:
     """`{key: value}` from Hydra's list of command-line overrides (`+key=v`, `~key` included)."""
     if not overrides_file.is_file():
         return {}  # a run started from Python, not from the command line
-    import yaml
-
     entries = yaml.safe_load(overrides_file.read_text()) or []
     overrides = {}
     for entry in entries:
@@ -252,8 +253,6 @@ def overrides_text(overrides: dict[str, str]) -> str:
 def _read_config(config_file: Path):
     if not config_file.is_file():
         return None
-    from omegaconf import OmegaConf
-
     return OmegaConf.load(config_file)
 
 
@@ -261,8 +260,6 @@ def _read_choices(hydra_file: Path) -> dict[str, str]:
     """Hydra's record of the config groups chosen (`hydra.runtime.choices`), {} when absent."""
     if not hydra_file.is_file():
         return {}
-    import yaml
-
     try:
         record = yaml.safe_load(hydra_file.read_text()) or {}
         choices = record["hydra"]["runtime"]["choices"]
@@ -281,8 +278,6 @@ def _config_value(config, key: str) -> str:
     """`key` in a composed config, as the command line would spell it; groups by their name."""
     if config is None:
         return MISSING
-    from omegaconf import DictConfig, OmegaConf
-
     absent = object()
     # Interpolations that need Hydra's runtime (paths.output_dir) cannot resolve here: None.
     value = OmegaConf.select(config, key, default=absent, throw_on_resolution_failure=False)

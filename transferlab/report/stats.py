@@ -74,7 +74,7 @@ def interval(values: Sequence[float], ci: str = "t", seed: int = 0) -> tuple[flo
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
     """mean ± t(1 - (1 - level) / 2, n - 1) * std / sqrt(n), std the sample std (n >= 2)."""
-    from scipy.stats import t
+    from scipy.stats import t  # heavy: scipy, only when an interval is computed (import and --help stay quick)
 
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
@@ -128,7 +128,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], test: str = "t", c
     if test == "t":
         if _constant(d):
             return PairedResult(n, mean, low, high, None, name, f"the {n} differences are all equal: no spread to test against")
-        from scipy.stats import ttest_rel
+        from scipy.stats import ttest_rel  # heavy: scipy (see t_interval)
 
         with warnings.catch_warnings():  # nearly equal differences: scipy warns of lost precision, the p stands
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from transferlab.store.rundir import RunDir
 
@@ -77,6 +78,7 @@ def read_csv(path: Path) -> tuple[list[str], list[list[int]]]:
 
 def draw(matrix: torch.Tensor, names: Sequence[str], title: str = ""):
     """The matrix as a labelled heat map, coloured by the share of each true class (row)."""
+    # heavy: matplotlib, only when a matrix is drawn; the Agg backend is chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -118,8 +120,6 @@ def _title(model) -> str:
 
 def log_figure(trainer, figure) -> None:
     """The picture in TensorBoard's Images tab, at the step the run ended."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_figure(TENSORBOARD_TAG, figure, global_step=trainer.global_step, close=False)
@@ -127,6 +127,6 @@ def log_figure(trainer, figure) -> None:
 
 
 def _close(figure) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib (see draw)
 
     plt.close(figure)

@@ -10,7 +10,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.methods.modes import mode_facts
-from transferlab.models.weights import backbone_weights
 
 
 def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:
@@ -47,7 +46,7 @@ def component_names(settings: dict) -> dict[str, str]:
         name = node.get("name") or target.rsplit(".", 1)[-1].removesuffix("_head") or "none"
         names[f"{group}.name"] = str(name)
     backbone = settings.get("backbone") or {}
-    used = backbone_weights(backbone, mode_facts(settings.get("mode") or {}).pretrained)
+    used = mode_facts(settings.get("mode") or {}).starting_weights(backbone.get("weights"))
     if used != backbone.get("weights"):  # mode=scratch: random init, whatever the config says
         names["backbone.weights"] = str(used)
     return names
@@ -64,7 +63,7 @@ def _comparable(key: str) -> bool:
 
 @rank_zero_only  # other DDP ranks have no event file to write to
 def _declare_hparams(logger: TensorBoardLogger, params: dict[str, Any], metric_tags) -> None:
-    from torch.utils.tensorboard.summary import hparams
+    from torch.utils.tensorboard.summary import hparams  # heavy: tensorboard internals, only when HParams are declared
 
     experiment, session_start, session_end = hparams(params, {tag: 0.0 for tag in metric_tags})
     writer = _event_file_writer(logger)

@@ -8,6 +8,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from transferlab.config import PACKAGE_DIR
@@ -18,8 +19,6 @@ RECORDED_PACKAGES = ("transferlab", "torch", "torchvision", "lightning", "torchm
 
 def run_info(cfg: DictConfig) -> dict:
     """Everything needed to say what produced a run's numbers."""
-    import torch
-
     versions = {}
     for package in RECORDED_PACKAGES:
         try:

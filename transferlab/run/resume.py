@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import dotted_settings
 from transferlab.methods.modes import facts_before_they_were_stated
 from transferlab.models.architecture import current_target
-from transferlab.store.rundir import RunDir, checkpoint_epochs, checkpoint_path, checkpoint_record
+from transferlab.store.rundir import ResumeSource, RunDir, resume_source
 from transferlab.utils.errors import UserError
 
 #: settings a resume may change: where the run reads its data and executes, what it prints,
@@ -51,15 +52,16 @@ ADDED_SETTINGS = {
 }
 
 
-def check_checkpoint_matches(path: Path, cfg: DictConfig) -> None:
+def check_checkpoint_matches(source: ResumeSource, cfg: DictConfig) -> None:
     """The checkpoint to resume must be a Lightning checkpoint of a run on the same dataset.
 
     Whether its tensors fit this run's model is checked once the model exists
     (`transferlab.callbacks.guards.CheckpointFitsModel`): only the model knows its shapes.
     """
-    trained_on = (checkpoint_record(path).get("data") or {}).get("dataset")
+    trained_on = (source.record.get("data") or {}).get("dataset")
     dataset = _dataset_name(cfg.data)
     if trained_on is not None and dataset is not None and trained_on != dataset:
+        path = source.checkpoint
         raise UserError(
             f"ckpt_path={path} was trained on {trained_on}, but this run uses {dataset}; resume with the settings "
             f"of the interrupted run (its .hydra/overrides.yaml), or use backbone.weights={path} to start a new "
@@ -68,8 +70,6 @@ def check_checkpoint_matches(path: Path, cfg: DictConfig) -> None:
 
 
 def _dataset_name(data: DictConfig) -> str | None:
-    from hydra.utils import get_class
-
     return getattr(get_class(data._target_), "name", None)
 
 
@@ -112,21 +112,21 @@ class ResumePlan:
 
 def check_resume(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     """For a command that resumes (`ckpt_path`), the refusals and what is left to do; else None."""
-    path = checkpoint_path(cfg.get("ckpt_path"), output_dir)
-    if path is None:
+    source = resume_source(cfg.get("ckpt_path"), output_dir)  # what is on disk, read once
+    if source is None:
         return None
-    check_checkpoint_matches(path, cfg)
-    return resume_plan(cfg, output_dir, path)
+    check_checkpoint_matches(source, cfg)
+    return resume_plan(cfg, output_dir, source)
 
 
-def resume_plan(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> ResumePlan:
+def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumePlan:
     """Refuse a resume that would change the experiment, else say what is left to do.
 
-    The config the checkpoint was trained with is the reference (`trained_config`), wherever
-    the resume runs: a resume that changed the few-shot size, the classes or the learning rate
-    would end as a mix of two experiments under the first one's name.
+    The config the checkpoint was trained with is the reference (`store.rundir.trained_config`),
+    wherever the resume runs: a resume that changed the few-shot size, the classes or the learning
+    rate would end as a mix of two experiments under the first one's name.
     """
-    saved = trained_config(checkpoint)
+    checkpoint, saved, epochs_done = source.checkpoint, source.trained_config, source.epochs_done
     if saved is not None:
         changed = config_changes(saved, cfg)
         if changed:
@@ -135,9 +135,8 @@ def resume_plan(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> ResumePlan:
                 f"{f' (and {len(changed) - 6} more)' if len(changed) > 6 else ''}; resume with the run's own settings "
                 f"(its .hydra/overrides.yaml), or start a new run (a new hydra.run.dir) from backbone.weights={checkpoint}"
             )
-    epochs_done = checkpoint_epochs(checkpoint)
     max_epochs = int(cfg.trainer.max_epochs)
-    previous = _previous_budget(run_dir, saved, default=max_epochs)
+    previous = max(source.budgets, default=max_epochs)  # the budget the run last trained to
     if max_epochs < previous:
         raise UserError(
             f"trainer.max_epochs={max_epochs} is lower than the run's {previous}; a resume may only raise it "
@@ -148,8 +147,7 @@ def resume_plan(cfg: DictConfig, run_dir: Path, checkpoint: Path) -> ResumePlan:
             f"ckpt_path={checkpoint} already trained {_epochs(epochs_done)}, more than trainer.max_epochs={max_epochs}; "
             f"set trainer.max_epochs>={epochs_done}"
         )
-    finished = RunDir(run_dir).metrics.is_file()
-    return ResumePlan(run_dir, checkpoint, epochs_done, max_epochs, previous, finished, bool(cfg.get("test", True)))
+    return ResumePlan(run_dir, checkpoint, epochs_done, max_epochs, previous, source.finished, bool(cfg.get("test", True)))
 
 
 def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -161,20 +159,25 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
     one from before a setting existed has that setting's old behaviour (ADDED_SETTINGS), and a
     class that moved is compared under its current `_target_` (`models.architecture.RENAMED_TARGETS`).
     """
-    before = _under_current_names(dotted_settings(OmegaConf.to_container(saved, resolve=False)))
-    for key, value in ADDED_SETTINGS.items():
-        if key not in before:
-            before[key] = value(before) if callable(value) else value
-    after = _under_current_names(dotted_settings(OmegaConf.to_container(current, resolve=False)))
-    for key, value in ADDED_SETTINGS.items():  # a hand-made current config may lack them too
-        if key not in after:
-            after[key] = value(after) if callable(value) else value
+    settings = [dotted_settings(OmegaConf.to_container(c, resolve=False)) for c in (saved, current)]
+    # a hand-made current config may lack the added settings too: both sides get them
+    before, after = (_as_settings_are_now(side) for side in settings)
     keys = sorted(set(before) | set(after))
     return [
         f"{key} ({_shown(before.get(key, _ABSENT))} -> {_shown(after.get(key, _ABSENT))})"
         for key in keys
         if before.get(key, _ABSENT) != after.get(key, _ABSENT) and not _may_change(key)
     ]
+
+
+def _as_settings_are_now(settings: dict[str, Any]) -> dict[str, Any]:
+    """Recorded dotted settings as today's config would spell them: moved keys and classes under
+    their current names, added settings with the value that does what runs did before them."""
+    settings = _under_current_names(settings)
+    for key, value in ADDED_SETTINGS.items():
+        if key not in settings:
+            settings[key] = value(settings) if callable(value) else value
+    return settings
 
 
 def _under_current_names(settings: dict[str, Any]) -> dict[str, Any]:
@@ -185,19 +188,6 @@ def _under_current_names(settings: dict[str, Any]) -> dict[str, Any]:
         if old in settings and settings.get(new, f"${{{old}}}") == f"${{{old}}}":
             settings[new] = settings.pop(old)
     return settings
-
-
-def trained_config(checkpoint: Path) -> DictConfig | None:
-    """The config `checkpoint` was trained with: recorded in it (`TransferModule.on_save_checkpoint`),
-    else, for a checkpoint written before that, its run dir's first `.hydra/config.yaml`.
-
-    Not the config of the run dir the resume runs in: resuming another run's checkpoint in a
-    new dir, Hydra has just written this command's own config there.
-    """
-    recorded = checkpoint_record(checkpoint).get("config")
-    if isinstance(recorded, dict):
-        return OmegaConf.create(recorded)
-    return RunDir(checkpoint.resolve().parent.parent).saved_config()
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -214,12 +204,3 @@ def _epochs(count: int) -> str:
 
 def _shown(value: Any) -> str:
     return "absent" if value is _ABSENT else str(value)
-
-
-def _previous_budget(run_dir: Path, saved: DictConfig | None, default: int) -> int:
-    """The max_epochs the run last trained to: its first config's, or a later resume's (run_info.json)."""
-    budgets = [int(saved.trainer.max_epochs)] if saved is not None and "trainer" in saved else []
-    budgets += [int(r["max_epochs"]) for r in RunDir(run_dir).read_run_info().get("resumes", []) if "max_epochs" in r]
-    return max(budgets) if budgets else default
-
-

@@ -22,10 +22,12 @@ import functools
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.utils.errors import UserError
@@ -310,11 +312,48 @@ def checkpoint_epochs(path: Path) -> int:
     return int(checkpoint.get("epoch", -1)) + 1
 
 
+@dataclass(frozen=True)
+class ResumeSource:
+    """What a resume needs from disk, read here once: the checkpoint and its run dir's records."""
+
+    checkpoint: Path
+    record: dict  # transferlab's record in the checkpoint (backbone, dataset, config)
+    trained_config: DictConfig | None  # the config it was trained with (see `trained_config`)
+    epochs_done: int
+    budgets: list[int]  # the max_epochs the run trained to: its first config's and each resume's
+    finished: bool  # the run dir the resume runs in has its metrics.json
+
+
+def resume_source(ckpt_path: Any, run_dir: Path) -> ResumeSource | None:
+    """For a command that resumes (`ckpt_path`), everything on disk it is judged against; else None."""
+    checkpoint = checkpoint_path(ckpt_path, run_dir)
+    if checkpoint is None:
+        return None
+    record = checkpoint_record(checkpoint)
+    saved = trained_config(checkpoint, record)
+    budgets = [int(saved.trainer.max_epochs)] if saved is not None and "trainer" in saved else []
+    resumes_ = RunDir(run_dir).read_run_info().get("resumes", [])
+    budgets += [int(r["max_epochs"]) for r in resumes_ if isinstance(r, dict) and "max_epochs" in r]
+    finished = RunDir(run_dir).metrics.is_file()
+    return ResumeSource(checkpoint, record, saved, checkpoint_epochs(checkpoint), budgets, finished)
+
+
+def trained_config(checkpoint: Path, record: dict) -> DictConfig | None:
+    """The config `checkpoint` was trained with: recorded in it (`TransferModule.on_save_checkpoint`),
+    else, for a checkpoint written before that, its run dir's first `.hydra/config.yaml`.
+
+    Not the config of the run dir the resume runs in: resuming another run's checkpoint in a
+    new dir, Hydra has just written this command's own config there.
+    """
+    recorded = record.get("config")
+    if isinstance(recorded, dict):
+        return OmegaConf.create(recorded)
+    return RunDir(checkpoint.resolve().parent.parent).saved_config()
+
+
 def current_run_config() -> dict | None:
     """This process's composed config as Hydra saved it (unresolved, as `config_changes` compares);
     None outside a Hydra job (tests that call `transferlab.train.run` directly)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return None
     hydra_cfg = HydraConfig.get()
