@@ -26,7 +26,15 @@ BATCH = 256
 
 
 def transferlab_rate(root: str, size: int, n_images: int) -> float:
-    dm = CIFAR10DataModule(root=root, download=False, image_size=size, augment=True, batch_size=BATCH, normalization="imagenet", val_size=5000)
+    dm = CIFAR10DataModule(
+        root=root,
+        download=False,
+        image_size=size,
+        augment=True,
+        batch_size=BATCH,
+        normalization="imagenet",
+        val_size=5000,
+    )
     dm.setup("fit")
     started, seen = time.perf_counter(), 0
     for images, labels in dm.train_dataloader():
@@ -59,7 +67,9 @@ def torchvision_rate(root: str, size: int, n_images: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", required=True, help="folder holding cifar-10-batches-py/")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--images-32", type=int, default=20480)

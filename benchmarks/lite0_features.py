@@ -55,8 +55,14 @@ def transferlab_path(root: str, size: int, batch: int):
 
     from transferlab.build import build
 
-    overrides = ["experiment=lite0_frozen", f"data.root={root}", "data.download=false", f"data.image_size={size}",
-                 f"data.eval_batch_size={batch}", "data.cache_features=false"]  # the images, not cached features
+    overrides = [
+        "experiment=lite0_frozen",
+        f"data.root={root}",
+        "data.download=false",
+        f"data.image_size={size}",
+        f"data.eval_batch_size={batch}",
+        "data.cache_features=false",
+    ]  # the images, not cached features
     built = build(compose_config(overrides, Path("/tmp/tl-bench-lite0")), with_trainer=False)
     return built.model.backbone, built.datamodule
 
@@ -78,7 +84,9 @@ def plain_timm_loop(images: torch.Tensor, size: int, batch: int, state: dict) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", required=True, help="folder that holds cifar-10-batches-py/")
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=64)
@@ -86,11 +94,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
 
-    from transferlab.data.subsets import Split
     from transferlab.data.features import extract_features
+    from transferlab.data.subsets import Split
 
     gemm = matmul_gflops()
-    print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.images} images, fp32 matmul {gemm:.0f} GFLOP/s\n")
+    print(
+        f"threads {torch.get_num_threads()}, batch {args.batch}, {args.images} images, fp32 matmul {gemm:.0f} GFLOP/s\n"
+    )
     print("| size | transferlab (img/s) | plain timm (img/s) | ratio | GFLOP/img | share of matmul peak |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -108,7 +118,10 @@ def main() -> None:
         ours_s, plain_s = statistics.median(ours), statistics.median(plain)
         flops = model_gflops(backbone.eval(), size)
         share = ours_s * flops / gemm
-        print(f"| {size} | {ours_s:.0f} | {plain_s:.0f} | {ours_s / plain_s:.2f} | {flops:.3f} | {share:.1%} |", flush=True)
+        print(
+            f"| {size} | {ours_s:.0f} | {plain_s:.0f} | {ours_s / plain_s:.2f} | {flops:.3f} | {share:.1%} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

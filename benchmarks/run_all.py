@@ -39,7 +39,14 @@ def run_cli(overrides: list[str], cache_dir: Path) -> tuple[float, float, dict]:
     """(wall seconds, peak RSS in GB, metrics.json) of one `python -m transferlab` run."""
     out = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     env = dict(os.environ, TRANSFERLAB_CACHE=str(cache_dir), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "transferlab", *overrides, f"hydra.run.dir={out}", "callbacks.progress_bar=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "transferlab",
+        *overrides,
+        f"hydra.run.dir={out}",
+        "callbacks.progress_bar=null",
+    ]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -51,8 +58,13 @@ def run_cli(overrides: list[str], cache_dir: Path) -> tuple[float, float, dict]:
 
 def bench_cached_frozen(root: str, epochs: int, reps: int, fraction: float) -> None:
     base = [
-        "backbone=resnet18", "backbone.weights=none", "mode=frozen", "head=linear",
-        f"data.root={root}", "data.download=false", "data.normalization=imagenet",
+        "backbone=resnet18",
+        "backbone.weights=none",
+        "mode=frozen",
+        "head=linear",
+        f"data.root={root}",
+        "data.download=false",
+        "data.normalization=imagenet",
         f"trainer.max_epochs={epochs}",
     ]
     if fraction < 1.0:  # a stratified share of the training set; validation and test stay whole
@@ -68,7 +80,11 @@ def bench_cached_frozen(root: str, epochs: int, reps: int, fraction: float) -> N
     share = "" if fraction == 1.0 else f", {fraction:.0%} of the training images"
     row(f"1. frozen resnet18 32px, {epochs} epochs{share}: cached run (s)", f"{results['cached'][0]:.1f}")
     row(f"1. frozen resnet18 32px, {epochs} epochs{share}: uncached run (s)", f"{results['uncached'][0]:.1f}")
-    row("1. speed-up of the cached path", f"{results['uncached'][0] / results['cached'][0]:.2f}x", "(target >= 5x)")
+    row(
+        "1. speed-up of the cached path",
+        f"{results['uncached'][0] / results['cached'][0]:.2f}x",
+        "(target >= 5x)",
+    )
     row("4. peak RSS, frozen resnet18 run, cached (GB)", f"{results['cached'][1]:.2f}", "(target < 3 GB)")
     row("4. peak RSS, frozen resnet18 run, uncached (GB)", f"{results['uncached'][1]:.2f}", "(target < 3 GB)")
 
@@ -81,8 +97,15 @@ def build(root: str, backbone: str, batch_size: int):
 
     from transferlab.config import config_dir
 
-    overrides = [f"backbone={backbone}", "backbone.weights=none", "mode=finetune", f"data.root={root}",
-                 "data.download=false", f"data.batch_size={batch_size}", "data.augment=true"]
+    overrides = [
+        f"backbone={backbone}",
+        "backbone.weights=none",
+        "mode=finetune",
+        f"data.root={root}",
+        "data.download=false",
+        f"data.batch_size={batch_size}",
+        "data.augment=true",
+    ]
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
@@ -137,9 +160,17 @@ def lightning_rate(cfg, model, datamodule, steps: int, warmup: int) -> float:
     callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
     logger = hydra.utils.instantiate(cfg.logger.tensorboard)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warmup + steps, limit_val_batches=0,
-        num_sanity_val_steps=0, enable_checkpointing=False, logger=logger, callbacks=[*callbacks, clock],
-        log_every_n_steps=cfg.trainer.log_every_n_steps, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=warmup + steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        logger=logger,
+        callbacks=[*callbacks, clock],
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=datamodule)
     return steps * datamodule.batch_size / clock.elapsed
@@ -178,7 +209,11 @@ def bench_inference(reps: int) -> None:
         for size, batch, batches in ((32, 256, 4), (224, 16, 2)):
             if name == "cnn_small" and size == 224:
                 continue
-            model = cnn_small(image_size=size) if name == "cnn_small" else torchvision_backbone(name, weights="none", image_size=size)
+            model = (
+                cnn_small(image_size=size)
+                if name == "cnn_small"
+                else torchvision_backbone(name, weights="none", image_size=size)
+            )
             model.eval()
             x = torch.randn(batch, 3, size, size)
             model(x)  # warm-up
@@ -195,21 +230,37 @@ def bench_gpu() -> None:
     if not torch.cuda.is_available():
         row("5. GPU: bf16-mixed + channels_last + compile", "skipped", "(no CUDA device on this machine)")
         return
-    row("5. GPU", "not measured", "(run the cached/loop benchmarks with trainer.precision=bf16-mixed model.channels_last=true model.compile=true)")
+    row(
+        "5. GPU",
+        "not measured",
+        "(run the cached/loop benchmarks with trainer.precision=bf16-mixed model.channels_last=true model.compile=true)",
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", required=True, help="folder holding cifar-10-batches-py/")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--frozen-epochs", type=int, default=10)
-    parser.add_argument("--frozen-train-fraction", type=float, default=1.0, help="share of the training images in benchmark 1 (data.fewshot.fraction)")
-    parser.add_argument("--loop-steps", type=int, default=20, help="timed training steps per repetition in benchmark 2")
+    parser.add_argument(
+        "--frozen-train-fraction",
+        type=float,
+        default=1.0,
+        help="share of the training images in benchmark 1 (data.fewshot.fraction)",
+    )
+    parser.add_argument(
+        "--loop-steps", type=int, default=20, help="timed training steps per repetition in benchmark 2"
+    )
     parser.add_argument("--only", default="1,2,3,5", help="which benchmarks (4 comes with 1)")
     args = parser.parse_args()
     only = set(args.only.split(","))
-    print(f"# transferlab benchmarks: torch {torch.__version__}, {os.cpu_count()} CPU cores, "
-          f"{torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}, median of {args.reps}", flush=True)
+    print(
+        f"# transferlab benchmarks: torch {torch.__version__}, {os.cpu_count()} CPU cores, "
+        f"{torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}, median of {args.reps}",
+        flush=True,
+    )
     if "1" in only:
         bench_cached_frozen(args.root, args.frozen_epochs, args.reps, args.frozen_train_fraction)
     if "2" in only:

@@ -103,8 +103,12 @@ def cli_env(torch_home: Path, **extra) -> dict[str, str]:
 def cli(args: list[str], cwd: Path, torch_home: Path, module: str = "transferlab", timeout: int = 300, **env):
     """`python -m transferlab ARGS` (or another module) as the user runs it: a real process."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(torch_home, **env),
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=cli_env(torch_home, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -151,7 +155,9 @@ def train_once(tmp_path_factory, name: str, overrides: list[str], torch_home: Pa
     """The run dir of a run trained once per test session (prediction and export tests share it)."""
     run_dir = tmp_path_factory.getbasetemp() / "trained" / name
     if not (run_dir / "metrics.json").is_file():
-        with pytest.MonkeyPatch.context() as env:  # session scope: the autouse offline fixture is not active yet
+        with (
+            pytest.MonkeyPatch.context() as env
+        ):  # session scope: the autouse offline fixture is not active yet
             env.setenv("TORCH_HOME", str(torch_home))
             env.setenv("TRANSFERLAB_CACHE", str(cache))
             run_training(overrides, run_dir)
@@ -160,4 +166,6 @@ def train_once(tmp_path_factory, name: str, overrides: list[str], torch_home: Pa
 
 @pytest.fixture(scope="session")
 def cnn_run(tmp_path_factory, cifar10_root, torch_home, transferlab_cache) -> Path:
-    return train_once(tmp_path_factory, "cnn_small", CNN_RUN + [f"data.root={cifar10_root}"], torch_home, transferlab_cache)
+    return train_once(
+        tmp_path_factory, "cnn_small", CNN_RUN + [f"data.root={cifar10_root}"], torch_home, transferlab_cache
+    )

@@ -4,7 +4,13 @@ import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "ImageFolderDataModule", "TransferModule", "__version__"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ImageFolderDataModule",
+    "TransferModule",
+    "__version__",
+]
 
 # Imported on first use: `import transferlab` (e.g. for `transferlab.report`) should not pay
 # for torch, torchvision and lightning until a DataModule or the model is actually needed.

@@ -111,7 +111,9 @@ def build_datamodule(cfg: DictConfig, backbone, output_dir: Path | None) -> Tens
 
 def build_model(cfg: DictConfig, backbone, datamodule: TensorImageDataModule) -> TransferModule:
     """The LightningModule of `conf/model/`: backbone, a new head for the data's classes, optimizer, scheduler."""
-    head = hydra.utils.instantiate(cfg.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
+    head = hydra.utils.instantiate(
+        cfg.head, in_features=backbone.out_features, num_classes=datamodule.num_classes
+    )
     model = hydra.utils.instantiate(
         cfg.model,
         backbone=backbone,
@@ -125,7 +127,9 @@ def build_model(cfg: DictConfig, backbone, datamodule: TensorImageDataModule) ->
     )
     # Set after instantiate: Hydra would build the `_target_` nodes it holds. Checkpoints record it, so
     # that `TransferModule.load_from_checkpoint(path)` rebuilds this network without the config.
-    model.architecture = architecture_record(cfg.backbone, cfg.head, cfg.data.image_size, backbone, datamodule.num_classes)
+    model.architecture = architecture_record(
+        cfg.backbone, cfg.head, cfg.data.image_size, backbone, datamodule.num_classes
+    )
     return model
 
 
@@ -137,4 +141,6 @@ def build_trainer(cfg: DictConfig, output_dir: Path | None) -> L.Trainer:
         callbacks.insert(0, hydra.utils.instantiate(cfg.mode.callback))
     callbacks.append(TrainingClock())  # train_time_s of the whole run, across resumes
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c] if cfg.get("logger") else False
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    return hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+    )

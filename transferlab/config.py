@@ -25,7 +25,9 @@ def config_dir() -> Path:
     for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate
-    raise RuntimeError(f"transferlab's configs are missing: no conf/train.yaml in {PACKAGE_DIR} or its parent")
+    raise RuntimeError(
+        f"transferlab's configs are missing: no conf/train.yaml in {PACKAGE_DIR} or its parent"
+    )
 
 
 #: settings that must be numbers: key -> (int or float, whether null is allowed)
@@ -55,8 +57,6 @@ NUMERIC_SETTINGS = {
 MAPPING_SETTINGS = {"data.fewshot": "data.fewshot.per_class=5 or data.fewshot.fraction=0.1"}
 #: seeds that numpy (and so Lightning's seed_everything) accepts
 SEED_RANGE = (0, 2**32 - 1)
-
-
 
 
 def check_config_itself(cfg: DictConfig) -> None:
@@ -105,7 +105,9 @@ def check_mappings(cfg: DictConfig) -> None:
     for key, example in MAPPING_SETTINGS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not isinstance(value, DictConfig):
-            raise UserError(f"{key}={value!r} must be a group of settings, not a value; set one of its keys instead ({example})")
+            raise UserError(
+                f"{key}={value!r} must be a group of settings, not a value; set one of its keys instead ({example})"
+            )
 
 
 def check_seed(seed: int) -> None:
@@ -128,5 +130,9 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
 def dotted_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
     """A config as plain containers -> {dotted key: value} of its leaves (an empty group is a leaf)."""
     if isinstance(tree, dict) and tree:
-        return {k: v for name, value in tree.items() for k, v in dotted_settings(value, f"{prefix}{name}.").items()}
+        return {
+            k: v
+            for name, value in tree.items()
+            for k, v in dotted_settings(value, f"{prefix}{name}.").items()
+        }
     return {prefix[:-1]: tree}

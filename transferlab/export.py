@@ -22,10 +22,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from transferlab.utils.errors import UserError, exit_with
 from transferlab.cli.args import CommandLine, check_folder_writable, check_not_an_input
 from transferlab.store.files import write_atomically
 from transferlab.store.rundir import checkpoint_file
+from transferlab.utils.errors import UserError, exit_with
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: what the exported model may differ from the PyTorch one by, in probability
@@ -49,9 +49,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="RUN_DIR_OR_CKPT", help="a run dir (its best checkpoint) or a .ckpt file of a transferlab run")
-    parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx (dynamic batch axis) or torchscript (traced)")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="the file to write (default: model.onnx or model.pt in the current folder)")
+    parser.add_argument(
+        "model",
+        metavar="RUN_DIR_OR_CKPT",
+        help="a run dir (its best checkpoint) or a .ckpt file of a transferlab run",
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=tuple(FORMATS),
+        help="onnx (dynamic batch axis) or torchscript (traced)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the file to write (default: model.onnx or model.pt in the current folder)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     return parser.parse_args(argv)
 
@@ -73,7 +88,9 @@ def export(model: str, fmt: str, out: Path, force: bool) -> None:
     check_writable(targets, force)  # before anything is loaded
     if fmt == "onnx":
         check_onnx_installed()
-    from transferlab.models.trained import load_trained  # heavy: imports Lightning; --help and the checks above stay quick
+    from transferlab.models.trained import (
+        load_trained,  # heavy: imports Lightning; --help and the checks above stay quick
+    )
 
     model_file = checkpoint_file(model, setting="RUN_DIR_OR_CKPT")
     for target in targets:
@@ -86,8 +103,12 @@ def export(model: str, fmt: str, out: Path, force: bool) -> None:
     write_file(out, lambda f: f.write(exported))
     write_file(targets[1], lambda f: f.write(json.dumps(trained.describe(), indent=2).encode() + b"\n"))
     size = trained.image_size
-    print(f"wrote {out}: {fmt}, input images uint8 N x 3 x {size} x {size} (RGB, 0..255), output probabilities N x {len(trained.class_names)}")
-    print(f"wrote {targets[1]}: the {len(trained.class_names)} class names in output order, and the preprocessing")
+    print(
+        f"wrote {out}: {fmt}, input images uint8 N x 3 x {size} x {size} (RGB, 0..255), output probabilities N x {len(trained.class_names)}"
+    )
+    print(
+        f"wrote {targets[1]}: the {len(trained.class_names)} class names in output order, and the preprocessing"
+    )
     print(
         f"checked: max |probability difference| vs PyTorch {difference:.1e} on 8 random images"
         if difference is not None
@@ -106,7 +127,9 @@ def check_writable(targets: Sequence[Path], force: bool) -> None:
 
 def check_onnx_installed() -> None:
     if importlib.util.find_spec("onnx") is None:
-        raise UserError("--format onnx needs the onnx package: pip install onnx onnxruntime (or use --format torchscript)")
+        raise UserError(
+            "--format onnx needs the onnx package: pip install onnx onnxruntime (or use --format torchscript)"
+        )
 
 
 # ---- the formats --------------------------------------------------------------------------------
@@ -115,8 +138,13 @@ def to_onnx(classifier: torch.nn.Module, example: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     with quiet_tracing():
         torch.onnx.export(
-            classifier, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["images"], output_names=["probabilities"],
+            classifier,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["images"],
+            output_names=["probabilities"],
             dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
         )
     return buffer.getvalue()
@@ -148,7 +176,9 @@ def check_parity(fmt: str, exported: bytes, classifier: torch.nn.Module, image_s
     """Max |difference| between the exported model's and PyTorch's probabilities on random images
     (a batch size other than the example's: the batch axis must really be free); refuses beyond TOLERANCE.
     None when ONNX cannot be run here (no onnxruntime)."""
-    images = torch.randint(0, 256, (8, 3, image_size, image_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0, 256, (8, 3, image_size, image_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     with torch.inference_mode():
         expected = classifier(images)
     run = run_onnx if fmt == "onnx" else run_torchscript
@@ -184,7 +214,9 @@ def write_file(path: Path, write: Callable) -> None:
     try:
         write_atomically(path, write)
     except OSError as error:
-        raise UserError(f"cannot write {path} ({error.strerror or type(error).__name__}); choose another --out") from None
+        raise UserError(
+            f"cannot write {path} ({error.strerror or type(error).__name__}); choose another --out"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -46,16 +46,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="RUN_DIR_OR_CKPT", help="a run dir (its best checkpoint) or a .ckpt file of a transferlab run")
     parser.add_argument(
-        "paths", nargs="+", metavar="PATH",
+        "model",
+        metavar="RUN_DIR_OR_CKPT",
+        help="a run dir (its best checkpoint) or a .ckpt file of a transferlab run",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
         help="image files, folders (searched recursively for .jpg, .png, ... files) or quoted glob patterns ('**' recurses)",
     )
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), metavar="FILE", help="the CSV to write (default: predictions.csv); an existing file is kept unless --force")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions.csv"),
+        metavar="FILE",
+        help="the CSV to write (default: predictions.csv); an existing file is kept unless --force",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    parser.add_argument("--top-k", type=positive_int, default=1, metavar="K", help="also list the K most probable classes (default: 1)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per forward pass (default: 64)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (default: auto, the GPU when there is one)")
+    parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="also list the K most probable classes (default: 1)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="images per forward pass (default: 64)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs (default: auto, the GPU when there is one)",
+    )
     return parser.parse_args(argv)
 
 
@@ -69,14 +98,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     check_writable(args.out, args.force)  # before anything is loaded or read
-    from transferlab.models.trained import load_trained  # heavy: imports Lightning; --help and the checks stay quick
+    from transferlab.models.trained import (
+        load_trained,  # heavy: imports Lightning; --help and the checks stay quick
+    )
 
     found = find_images(args.paths)
     model_file = checkpoint_file(args.model, setting="RUN_DIR_OR_CKPT")
     check_not_an_input(args.out, "--out", [model_file, *found.files])
     trained = load_trained(model_file, setting="RUN_DIR_OR_CKPT")
     if args.top_k > len(trained.class_names):
-        raise UserError(f"--top-k {args.top_k} is more than the model's {len(trained.class_names)} classes; use --top-k {len(trained.class_names)} or less")
+        raise UserError(
+            f"--top-k {args.top_k} is more than the model's {len(trained.class_names)} classes; use --top-k {len(trained.class_names)} or less"
+        )
     rows, unreadable = classify(trained, found.files, args.batch_size, args.top_k, pick_device(args.device))
     skipped = found.skipped + unreadable
     if not rows:
@@ -173,7 +206,11 @@ def _expand(pattern: str) -> Iterator[tuple[Path, bool]]:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
     if not files:
         warn(f"folder {folder} holds no files")
     return sorted(files)
@@ -187,12 +224,20 @@ class Prediction:
     probabilities: list[float]
 
 
-def classify(trained, files: list[Path], batch_size: int, top_k: int, device: torch.device) -> tuple[list[Prediction], list[Path]]:
+def classify(
+    trained, files: list[Path], batch_size: int, top_k: int, device: torch.device
+) -> tuple[list[Prediction], list[Path]]:
     """Predictions for the readable files, and the files that could not be read (each warned about)."""
     classifier = trained.classifier().to(device)
     rows, unreadable = [], []
     # A bar only when there is more than one batch to wait for (and only on a terminal: disable=None).
-    with tqdm(total=len(files), unit="image", desc="predicting", disable=None if len(files) > batch_size else True, file=sys.stderr) as bar:
+    with tqdm(
+        total=len(files),
+        unit="image",
+        desc="predicting",
+        disable=None if len(files) > batch_size else True,
+        file=sys.stderr,
+    ) as bar:
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
             images, readable = read_images(batch, trained.image_size)
@@ -221,7 +266,9 @@ def read_images(files: list[Path], size: int) -> tuple[torch.Tensor, list[Path]]
     return (torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)), readable
 
 
-def predictions(files: list[Path], probabilities: torch.Tensor, class_names: list[str], top_k: int) -> list[Prediction]:
+def predictions(
+    files: list[Path], probabilities: torch.Tensor, class_names: list[str], top_k: int
+) -> list[Prediction]:
     values, indices = probabilities.topk(top_k, dim=1)
     return [
         Prediction(file, [class_names[i] for i in idx.tolist()], vals.tolist())
@@ -241,12 +288,16 @@ def write_csv(out: Path, rows: list[Prediction], top_k: int) -> None:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(csv_header(top_k))
     for row in rows:
-        cells = [value for pair in zip(row.classes, (f"{p:.6f}" for p in row.probabilities)) for value in pair]
+        cells = [
+            value for pair in zip(row.classes, (f"{p:.6f}" for p in row.probabilities)) for value in pair
+        ]
         writer.writerow([str(row.path), *cells])
     try:
         write_atomically(out, lambda f: f.write(text.getvalue().encode()))
     except OSError as error:
-        raise UserError(f"cannot write --out {out} ({error.strerror or type(error).__name__}); choose another --out") from None
+        raise UserError(
+            f"cannot write --out {out} ({error.strerror or type(error).__name__}); choose another --out"
+        ) from None
 
 
 def print_table(rows: list[Prediction], top_k: int, out: Path) -> None:
@@ -254,7 +305,11 @@ def print_table(rows: list[Prediction], top_k: int, out: Path) -> None:
     header = ["path", "class", "probability"] + ([f"next {top_k - 1}"] if top_k > 1 else [])
     lines = [
         [str(r.path), r.classes[0], f"{r.probabilities[0]:.3f}"]
-        + ([", ".join(f"{c} {p:.3f}" for c, p in zip(r.classes[1:], r.probabilities[1:]))] if top_k > 1 else [])
+        + (
+            [", ".join(f"{c} {p:.3f}" for c, p in zip(r.classes[1:], r.probabilities[1:]))]
+            if top_k > 1
+            else []
+        )
         for r in shown
     ]
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]

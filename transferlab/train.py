@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig
 
 from transferlab.build import build, check_config
-from transferlab.run.interrupts import ctrl_c_reported
 from transferlab.cli.overrides import check_command_line, resume_overrides, resume_plan_before_hydra
 from transferlab.cli.sweeps import exit_if_jobs_failed, job_failures_handled
 from transferlab.config import config_dir
@@ -27,6 +26,7 @@ from transferlab.run.budget import check_validates
 from transferlab.run.confusion import per_class_results
 from transferlab.run.fit import fit_or_solve
 from transferlab.run.hparams import log_hyperparameters
+from transferlab.run.interrupts import ctrl_c_reported
 from transferlab.run.results import optimized_metric, write_results
 from transferlab.utils.errors import full_tracebacks_when_debugging, user_errors_as_one_line
 from transferlab.utils.quietlogs import quiet_third_party, route_lightning_logs_through_root

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli, run_training, tiny_run
-from transferlab.utils.errors import UserError, user_error_behind
+
 from transferlab.cli.overrides import check_command_line, command_line_overrides
 from transferlab.data.datamodule import check_data_root
+from transferlab.utils.errors import UserError, user_error_behind
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 #: a small, fast run on the tiny data; every case adds the mistake to it
@@ -36,7 +36,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
     model = TransferModule(backbone, linear_head(backbone.out_features, 10), num_classes=10)
     checkpoint = {  # what Lightning writes, as far as the checks read it
         "state_dict": model.state_dict(),
-        "transferlab": {"backbone": "cnn_small", "data": {"dataset": "cifar10", "class_names": CIFAR10_CLASSES}, "num_classes": 10},
+        "transferlab": {
+            "backbone": "cnn_small",
+            "data": {"dataset": "cifar10", "class_names": CIFAR10_CLASSES},
+            "num_classes": 10,
+        },
     }
     paths = {
         "cnn_small_ckpt": folder / "cnn_small.ckpt",
@@ -62,16 +66,36 @@ HYDRA_CASES = [
 ]
 CLI_CASES = [
     ("batch-size", ["data.batch_size=0"], "data.batch_size=0 must be a positive integer"),
-    ("fewshot-both", ["data.fewshot.per_class=2", "data.fewshot.fraction=0.5"], "both set; set only one of them"),
-    ("fewshot-above-smallest-class", ["data.fewshot.per_class=1000"], "has only 25 training images; use per_class <= 25"),
+    (
+        "fewshot-both",
+        ["data.fewshot.per_class=2", "data.fewshot.fraction=0.5"],
+        "both set; set only one of them",
+    ),
+    (
+        "fewshot-above-smallest-class",
+        ["data.fewshot.per_class=1000"],
+        "has only 25 training images; use per_class <= 25",
+    ),
     ("unknown-class", ["data.classes=[cat,unicorn]"], "unknown class 'unicorn'; valid names: airplane"),
-    ("image-too-small", ["backbone=vgg11_bn", "data.image_size=16"], "data.image_size=16 is too small for vgg11_bn"),
+    (
+        "image-too-small",
+        ["backbone=vgg11_bn", "data.image_size=16"],
+        "data.image_size=16 is too small for vgg11_bn",
+    ),
     ("weights-not-state-dict", ["backbone.weights={list_pth}"], "holds a list, not a state dict"),
-    ("resume-other-backbone", ["backbone=vgg11_bn", "ckpt_path={cnn_small_ckpt}"], "(trained with backbone cnn_small on cifar10) does not fit this run's model: the checkpoint has no backbone.body.0.weight"),
+    (
+        "resume-other-backbone",
+        ["backbone=vgg11_bn", "ckpt_path={cnn_small_ckpt}"],
+        "(trained with backbone cnn_small on cifar10) does not fit this run's model: the checkpoint has no backbone.body.0.weight",
+    ),
     ("root-without-dataset", ["data.root={stray}", "data.download=true"], "holds no cifar10"),
     ("output-dir-not-writable", ["hydra.run.dir={a_file}/run"], "cannot be created (Not a directory"),
     # config syntax: Hydra/OmegaConf would print many lines (COMMAND_LINE_CASES covers the rest)
-    ("interpolation-unknown", ["data.fewshot.per_class=${{oops}}"], "data.fewshot.per_class=${oops}: Interpolation key 'oops' not found"),
+    (
+        "interpolation-unknown",
+        ["data.fewshot.per_class=${{oops}}"],
+        "data.fewshot.per_class=${oops}: Interpolation key 'oops' not found",
+    ),
     ("key-mistyped", ["data.batchsize=5"], "data.batchsize is not a setting; did you mean data.batch_size?"),
     ("multirun-after-overrides", ["-m", "seed=1,2"], "put -m before the overrides"),
 ]
@@ -79,8 +103,16 @@ CLI_CASES = [
 # one line naming the key, before any data is read (DEGENERATE_IN_PROCESS covers the rest).
 DEGENERATE_CASES = [
     ("max-epochs-zero", ["trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing"),
-    ("max-epochs-forever", ["trainer.max_epochs=-1"], "trainer.max_epochs=-1 trains forever unless trainer.max_steps > 0"),
-    ("no-train-batches", ["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches=0.0 trains nothing"),
+    (
+        "max-epochs-forever",
+        ["trainer.max_epochs=-1"],
+        "trainer.max_epochs=-1 trains forever unless trainer.max_steps > 0",
+    ),
+    (
+        "no-train-batches",
+        ["trainer.limit_train_batches=0.0"],
+        "trainer.limit_train_batches=0.0 trains nothing",
+    ),
     ("lr-negative", ["optimizer.lr=-0.1"], "optimizer: Invalid learning rate: -0.1"),
     ("head-hidden-zero", ["head=mlp", "head.hidden=0"], "head: hidden=0 must be a positive integer"),
     ("precision-unknown", ["trainer.precision=fp7"], "trainer: Precision 'fp7' is invalid."),
@@ -88,66 +120,176 @@ DEGENERATE_CASES = [
 IN_PROCESS_CASES = [
     ("fewshot-zero", ["data.fewshot.per_class=0"], "data.fewshot.per_class=0 must be a positive integer"),
     ("fewshot-fraction-zero", ["data.fewshot.fraction=0"], "data.fewshot.fraction=0 must be in (0, 1]"),
-    ("fewshot-fraction-above-one", ["data.fewshot.fraction=1.5"], "data.fewshot.fraction=1.5 must be in (0, 1]"),
+    (
+        "fewshot-fraction-above-one",
+        ["data.fewshot.fraction=1.5"],
+        "data.fewshot.fraction=1.5 must be in (0, 1]",
+    ),
     ("val-size", ["data.val_size=300"], "data.val_size=300 leaves no training images"),
     ("batch-size-negative", ["data.batch_size=-4"], "data.batch_size=-4 must be a positive integer"),
     ("weights-missing", ["backbone.weights=/x.pth"], "backbone.weights=/x.pth: no such file"),
-    ("weights-other-backbone", ["backbone=vgg11_bn", "backbone.weights={cnn_small_ckpt}"], "do not match the backbone architecture"),
+    (
+        "weights-other-backbone",
+        ["backbone=vgg11_bn", "backbone.weights={cnn_small_ckpt}"],
+        "do not match the backbone architecture",
+    ),
     ("resume-missing-last", ["ckpt_path=last"], "ckpt_path=last but"),
-    ("resume-other-head", ["head=mlp", "ckpt_path={cnn_small_ckpt}"], "does not fit this run's model: the checkpoint has no head."),
-    ("resume-other-classes", ["data.classes=[cat,dog]", "ckpt_path={cnn_small_ckpt}"], "this run has [cat,dog] (2)"),
-    ("resume-other-dataset", ["data=cifar100", "ckpt_path={cnn_small_ckpt}"], "was trained on cifar10, but this run uses cifar100"),
+    (
+        "resume-other-head",
+        ["head=mlp", "ckpt_path={cnn_small_ckpt}"],
+        "does not fit this run's model: the checkpoint has no head.",
+    ),
+    (
+        "resume-other-classes",
+        ["data.classes=[cat,dog]", "ckpt_path={cnn_small_ckpt}"],
+        "this run has [cat,dog] (2)",
+    ),
+    (
+        "resume-other-dataset",
+        ["data=cifar100", "ckpt_path={cnn_small_ckpt}"],
+        "was trained on cifar10, but this run uses cifar100",
+    ),
     ("resume-not-a-checkpoint", ["ckpt_path={list_pth}"], "is not a Lightning checkpoint (no state_dict)"),
-    ("required-setting", ["backbone=torchvision"], "backbone.name must be set (the config leaves it as ???); add backbone.name=..."),
-    ("root-is-dataset-folder", ["data.root={root}/cifar-10-batches-py"], "is the dataset folder itself; set data.root="),
+    (
+        "required-setting",
+        ["backbone=torchvision"],
+        "backbone.name must be set (the config leaves it as ???); add backbone.name=...",
+    ),
+    (
+        "root-is-dataset-folder",
+        ["data.root={root}/cifar-10-batches-py"],
+        "is the dataset folder itself; set data.root=",
+    ),
     ("batch-size-not-a-number", ["data.batch_size=12a"], "data.batch_size='12a' is not an integer"),
     ("lr-not-a-number", ["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
     ("max-epochs-negative", ["trainer.max_epochs=-5"], "`max_epochs` must be a non-negative integer or -1"),
-    ("resume-more-epochs-than-budget", ["ckpt_path={five_epochs_ckpt}"], "already trained 5 epochs, more than trainer.max_epochs=1; set trainer.max_epochs>=5"),
-    ("resume-other-class-order", ["data.classes=[" + ",".join(reversed(CIFAR10_CLASSES)) + "]", "ckpt_path={cnn_small_ckpt}"],
-     "does not fit this run's model: it was trained on the classes [airplane,automobile,bird,cat,deer,dog,...] (10), this run has [truck,ship,"),
+    (
+        "resume-more-epochs-than-budget",
+        ["ckpt_path={five_epochs_ckpt}"],
+        "already trained 5 epochs, more than trainer.max_epochs=1; set trainer.max_epochs>=5",
+    ),
+    (
+        "resume-other-class-order",
+        ["data.classes=[" + ",".join(reversed(CIFAR10_CLASSES)) + "]", "ckpt_path={cnn_small_ckpt}"],
+        "does not fit this run's model: it was trained on the classes [airplane,automobile,bird,cat,deer,dog,...] (10), this run has [truck,ship,",
+    ),
 ]
 DEGENERATE_IN_PROCESS = [
-    ("no-train-batches-int", ["trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 trains nothing"),
+    (
+        "no-train-batches-int",
+        ["trainer.limit_train_batches=0"],
+        "trainer.limit_train_batches=0 trains nothing",
+    ),
     ("no-val-batches", ["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 never validates"),
     ("no-test-batches", ["trainer.limit_test_batches=0"], "tests nothing (use test=false to skip the test)"),
     ("max-steps-zero", ["+trainer.max_steps=0"], "trainer.max_steps=0 trains nothing"),
     ("seed-negative", ["seed=-1"], "seed=-1 must be an integer in [0, 4294967295]"),
     ("weight-decay-negative", ["optimizer.weight_decay=-1"], "optimizer: Invalid weight_decay value: -1"),
-    ("adamw-beta", ["optimizer=adamw", "+optimizer.betas=[0.9,1.5]"], "optimizer: Invalid beta parameter at index 1: 1.5"),
+    (
+        "adamw-beta",
+        ["optimizer=adamw", "+optimizer.betas=[0.9,1.5]"],
+        "optimizer: Invalid beta parameter at index 1: 1.5",
+    ),
     ("momentum-not-a-number", ["optimizer.momentum=abc"], "optimizer.momentum='abc' is not a number"),
     ("head-dropout", ["head.dropout=1.5"], "head: dropout=1.5 must be a number in [0, 1)"),
     ("head-hidden-not-a-number", ["head=mlp", "head.hidden=1.5"], "head.hidden=1.5 is not an integer"),
-    ("unknown-trainer-argument", ["+trainer.no_such_argument=1"], "trainer: Trainer.__init__() got an unexpected keyword argument 'no_such_argument'"),
-    ("scheduler-bad-target", ["scheduler._target_=torch.optim.lr_scheduler.NoSuch"], "scheduler: Error locating target 'torch.optim.lr_scheduler.NoSuch'"),
-    ("optimized-test-metric-untested", ["test=false", "optimized_metric=test/acc"], "optimized_metric=test/acc is only measured with test=true"),
+    (
+        "unknown-trainer-argument",
+        ["+trainer.no_such_argument=1"],
+        "trainer: Trainer.__init__() got an unexpected keyword argument 'no_such_argument'",
+    ),
+    (
+        "scheduler-bad-target",
+        ["scheduler._target_=torch.optim.lr_scheduler.NoSuch"],
+        "scheduler: Error locating target 'torch.optim.lr_scheduler.NoSuch'",
+    ),
+    (
+        "optimized-test-metric-untested",
+        ["test=false", "optimized_metric=test/acc"],
+        "optimized_metric=test/acc is only measured with test=true",
+    ),
     # runs that would never validate: exit 0 with no val/acc_best for the sweeper
-    ("validate-after-last-epoch", ["trainer.check_val_every_n_epoch=5", "trainer.max_epochs=2"], "trainer.check_val_every_n_epoch=5 with trainer.max_epochs=2 never validates"),
-    ("validate-every-zero", ["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0 never validates"),
-    ("max-steps-before-validation", ["+trainer.max_steps=3"], "trainer.max_steps=3 stops before the first validation (after 8 steps)"),
+    (
+        "validate-after-last-epoch",
+        ["trainer.check_val_every_n_epoch=5", "trainer.max_epochs=2"],
+        "trainer.check_val_every_n_epoch=5 with trainer.max_epochs=2 never validates",
+    ),
+    (
+        "validate-every-zero",
+        ["trainer.check_val_every_n_epoch=0"],
+        "trainer.check_val_every_n_epoch=0 never validates",
+    ),
+    (
+        "max-steps-before-validation",
+        ["+trainer.max_steps=3"],
+        "trainer.max_steps=3 stops before the first validation (after 8 steps)",
+    ),
     ("val-size-zero", ["data.val_size=0"], "data.val_size=0 leaves no validation images"),
-    ("scheduler-step-size-zero", ["scheduler=step", "scheduler.step_size=0"], "scheduler: integer modulo by zero (check the scheduler.* settings)"),
-    ("optimized-metric-typo", ["optimized_metric=val/acc_bets"], "optimized_metric=val/acc_bets is not a metric of the run; did you mean val/acc_best?"),
+    (
+        "scheduler-step-size-zero",
+        ["scheduler=step", "scheduler.step_size=0"],
+        "scheduler: integer modulo by zero (check the scheduler.* settings)",
+    ),
+    (
+        "optimized-metric-typo",
+        ["optimized_metric=val/acc_bets"],
+        "optimized_metric=val/acc_bets is not a metric of the run; did you mean val/acc_best?",
+    ),
     ("momentum-above-one", ["optimizer.momentum=2"], "optimizer.momentum=2 must be in [0, 1)"),
-    ("crop-padding-negative", ["data.augment=true", "data.crop_padding=-3"], "data.crop_padding=-3 must be an integer >= 0"),
-    ("gradual-never-unfreezes", ["mode=gradual", "mode.unfreeze_at_epoch=5", "trainer.max_epochs=2"],
-     "mode.unfreeze_at_epoch=5 with trainer.max_epochs=2: the backbone never unfreezes"),
+    (
+        "crop-padding-negative",
+        ["data.augment=true", "data.crop_padding=-3"],
+        "data.crop_padding=-3 must be an integer >= 0",
+    ),
+    (
+        "gradual-never-unfreezes",
+        ["mode=gradual", "mode.unfreeze_at_epoch=5", "trainer.max_epochs=2"],
+        "mode.unfreeze_at_epoch=5 with trainer.max_epochs=2: the backbone never unfreezes",
+    ),
     ("image-too-large", ["data.image_size=100000"], "data.image_size=100000 is too large for cnn_small"),
     ("fewshot-not-a-mapping", ["++data.fewshot=5"], "data.fewshot=5 must be a group of settings"),
     ("backbone-lr-ratio-negative", ["model.backbone_lr_ratio=-1"], "model.backbone_lr_ratio=-1 must be >= 0"),
-    ("layer-decay-above-one", ["model.layer_decay=1.5"], "model.layer_decay=1.5 must be in (0, 1] (or null for none)"),
+    (
+        "layer-decay-above-one",
+        ["model.layer_decay=1.5"],
+        "model.layer_decay=1.5 must be in (0, 1] (or null for none)",
+    ),
     ("layer-decay-not-a-number", ["model.layer_decay=fast"], "model.layer_decay='fast' is not a number"),
-    ("limit-fraction-above-one", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is a fraction above 1; set a fraction in (0, 1] or a whole number"),
+    (
+        "limit-fraction-above-one",
+        ["trainer.limit_train_batches=1.5"],
+        "trainer.limit_train_batches=1.5 is a fraction above 1; set a fraction in (0, 1] or a whole number",
+    ),
 ]
 # Mistakes in the command line itself, refused before Hydra by check_command_line (one line each)
 COMMAND_LINE_CASES = [
-    ("interpolation-unknown", ["data.fewshot.per_class=${oops}"], "data.fewshot.per_class=${oops}: Interpolation key 'oops' not found"),
-    ("delete-a-setting", ["~data.root"], "~data.root removes a setting the run needs; set it instead (data.root=...)"),
-    ("key-mistyped", ["data.batchsize=5"], "data.batchsize is not a setting; did you mean data.batch_size? (+data.batchsize=value adds a new one)"),
+    (
+        "interpolation-unknown",
+        ["data.fewshot.per_class=${oops}"],
+        "data.fewshot.per_class=${oops}: Interpolation key 'oops' not found",
+    ),
+    (
+        "delete-a-setting",
+        ["~data.root"],
+        "~data.root removes a setting the run needs; set it instead (data.root=...)",
+    ),
+    (
+        "key-mistyped",
+        ["data.batchsize=5"],
+        "data.batchsize is not a setting; did you mean data.batch_size? (+data.batchsize=value adds a new one)",
+    ),
     ("key-unknown", ["nosuchkey=1"], "nosuchkey is not a setting (+nosuchkey=value adds a new one)"),
-    ("grammar", ["data.classes=[cat,dog"], "data.classes=[cat,dog cannot be parsed (no viable alternative at input '[cat,dog')"),
+    (
+        "grammar",
+        ["data.classes=[cat,dog"],
+        "data.classes=[cat,dog cannot be parsed (no viable alternative at input '[cat,dog')",
+    ),
     ("multirun-after-overrides", ["backbone=cnn_small", "-m", "seed=1,2"], "put -m before the overrides"),
-    ("flag-between-overrides", ["backbone=cnn_small", "--cfg", "job", "seed=1"], "put --cfg before the overrides"),
+    (
+        "flag-between-overrides",
+        ["backbone=cnn_small", "--cfg", "job", "seed=1"],
+        "put --cfg before the overrides",
+    ),
 ]
 
 
@@ -176,8 +318,12 @@ def test_bad_input_is_refused_in_one_line(extra, expected, files, cifar10_root, 
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("extra, expected", [c[1:] for c in DEGENERATE_CASES], ids=[c[0] for c in DEGENERATE_CASES])
-def test_degenerate_settings_are_refused_in_one_line_before_reading_data(extra, expected, cifar10_root, torch_home, tmp_path):
+@pytest.mark.parametrize(
+    "extra, expected", [c[1:] for c in DEGENERATE_CASES], ids=[c[0] for c in DEGENERATE_CASES]
+)
+def test_degenerate_settings_are_refused_in_one_line_before_reading_data(
+    extra, expected, cifar10_root, torch_home, tmp_path
+):
     # data.download=false and a root without the data: a check that came after the data would
     # say "holds no cifar10" instead.
     (tmp_path / "empty").mkdir()
@@ -206,7 +352,9 @@ def test_bad_input_is_refused_before_training(extra, expected, files, cifar10_ro
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("extra, expected", [c[1:] for c in COMMAND_LINE_CASES], ids=[c[0] for c in COMMAND_LINE_CASES])
+@pytest.mark.parametrize(
+    "extra, expected", [c[1:] for c in COMMAND_LINE_CASES], ids=[c[0] for c in COMMAND_LINE_CASES]
+)
 def test_command_line_mistakes_are_refused_before_hydra(extra, expected, tmp_path):
     with pytest.raises(UserError) as raised:
         check_command_line([*extra, f"hydra.run.dir={tmp_path / 'run'}"])
@@ -217,7 +365,14 @@ def test_command_line_mistakes_are_refused_before_hydra(extra, expected, tmp_pat
 
 @pytest.mark.parametrize(
     "argv",
-    [["backbone=foo"], ["-m", "seed=1,2"], ["~logger"], ["+data.extra=1"], ["data.classes=[cat,dog]"], ["--cfg", "job", "nosuchkey=1"]],
+    [
+        ["backbone=foo"],
+        ["-m", "seed=1,2"],
+        ["~logger"],
+        ["+data.extra=1"],
+        ["data.classes=[cat,dog]"],
+        ["--cfg", "job", "nosuchkey=1"],
+    ],
     ids=["unknown-choice-left-to-hydra", "sweep", "delete-a-group", "add-a-key", "list", "no-job"],
 )
 def test_command_line_check_accepts_what_composes(argv, tmp_path):
@@ -248,14 +403,26 @@ def test_tiny_fewshot_fraction_warns_that_it_keeps_one_image(caplog):
     assert "data.fewshot.fraction=0.001 rounds to fewer than 1 image per class" in caplog.text
 
 
-@pytest.mark.parametrize("extra, warns", [(["mode=frozen"], True), (["mode=frozen", "backbone.weights={ckpt}"], False), (["mode=finetune"], False)])
+@pytest.mark.parametrize(
+    "extra, warns",
+    [
+        (["mode=frozen"], True),
+        (["mode=frozen", "backbone.weights={ckpt}"], False),
+        (["mode=finetune"], False),
+    ],
+)
 def test_frozen_random_backbone_is_allowed_with_a_warning(extra, warns, files, caplog, tmp_path):
     from conftest import compose_config
+
     from transferlab.methods.modes import check_mode
 
-    cfg = compose_config(["backbone=cnn_small", *[a.format(ckpt=files["cnn_small_ckpt"]) for a in extra]], tmp_path)
+    cfg = compose_config(
+        ["backbone=cnn_small", *[a.format(ckpt=files["cnn_small_ckpt"]) for a in extra]], tmp_path
+    )
     check_mode(cfg.mode, cfg.trainer.max_epochs, cfg.backbone.weights)
-    assert ("mode=frozen with random weights: the backbone is a fixed random feature extractor" in caplog.text) == warns
+    assert (
+        "mode=frozen with random weights: the backbone is a fixed random feature extractor" in caplog.text
+    ) == warns
 
 
 @pytest.mark.parametrize("how", ["inside-lightning", "outside-lightning"])
@@ -270,7 +437,10 @@ def test_ctrl_c_says_how_to_resume(how, tmp_path, capsys):
     with pytest.raises(SystemExit) as raised, ctrl_c_reported(trainer, tmp_path):
         raise SystemExit(1) if how == "inside-lightning" else KeyboardInterrupt
     assert raised.value.code == 130
-    assert capsys.readouterr().err == f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={tmp_path}\n"
+    assert (
+        capsys.readouterr().err
+        == f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={tmp_path}\n"
+    )
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_the_run_starts_over(tmp_path, capsys):
@@ -295,9 +465,8 @@ def test_other_exits_pass_through_the_ctrl_c_report(tmp_path):
 
 @pytest.mark.parametrize("choice", ["head=foo", "mode=foo", "data=foo"])
 def test_unknown_choices_are_hydra_config_errors(choice, tmp_path):
-    from hydra.errors import MissingConfigException
-
     from conftest import compose_config
+    from hydra.errors import MissingConfigException
 
     with pytest.raises(MissingConfigException, match="Could not find"):
         compose_config([choice], tmp_path)
@@ -320,7 +489,9 @@ def test_second_command_into_a_finished_run_dir_changes_nothing(cifar10_root, to
     (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
     before = {p: p.read_bytes() for p in (run_dir / ".hydra" / "config.yaml", run_dir / "metrics.json")}
 
-    result = cli([f"data.root={cifar10_root}", *BASE, "seed=5", f"hydra.run.dir={run_dir}"], tmp_path, torch_home)
+    result = cli(
+        [f"data.root={cifar10_root}", *BASE, "seed=5", f"hydra.run.dir={run_dir}"], tmp_path, torch_home
+    )
 
     assert result.returncode == 2
     assert nonempty_lines(result.stderr) == [
@@ -349,7 +520,9 @@ def test_command_line_check_refuses_a_finished_run_dir_unless_resuming(tmp_path)
 
 def test_command_line_check_refuses_resuming_last_in_a_new_default_run_dir():
     # The default run dir is new for every command: there is no last.ckpt to resume there.
-    with pytest.raises(UserError, match="ckpt_path=last resumes the run in hydra.run.dir; add hydra.run.dir="):
+    with pytest.raises(
+        UserError, match="ckpt_path=last resumes the run in hydra.run.dir; add hydra.run.dir="
+    ):
         check_command_line(["ckpt_path=last", "seed=1"])
 
 
@@ -368,7 +541,9 @@ def test_command_line_overrides_read_like_hydra():
 def _data(root: Path, download: bool, dataset: str = "CIFAR100"):
     from omegaconf import OmegaConf
 
-    return OmegaConf.create({"_target_": f"transferlab.data.{dataset}DataModule", "root": str(root), "download": download})
+    return OmegaConf.create(
+        {"_target_": f"transferlab.data.{dataset}DataModule", "root": str(root), "download": download}
+    )
 
 
 def test_data_root_rules(tmp_path, cifar10_root):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli, cli_env, tiny_run, train_once
 from test_predict import error_lines
 
@@ -39,7 +38,9 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="session")
 def lite0_run(tmp_path_factory, cifar10_root, torch_home, transferlab_cache) -> Path:
-    return train_once(tmp_path_factory, "lite0", LITE0_RUN + [f"data.root={cifar10_root}"], torch_home, transferlab_cache)
+    return train_once(
+        tmp_path_factory, "lite0", LITE0_RUN + [f"data.root={cifar10_root}"], torch_home, transferlab_cache
+    )
 
 
 def pytorch_probabilities(run_dir: Path, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -69,7 +70,9 @@ def run_exported(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
 
 
 def random_images(count: int, size: int) -> torch.Tensor:
-    return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return torch.randint(
+        0, 256, (count, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
 
 
 @pytest.mark.parametrize("model", ["cnn_small", "lite0"])
@@ -79,7 +82,12 @@ def test_exported_model_gives_pytorch_probabilities(request, model, fmt, tmp_pat
     out = tmp_path / f"model.{fmt}"
     out.write_text("an older export\n")  # --force replaces it
 
-    result = cli([str(run_dir), "--format", fmt, "--out", str(out), "--force"], tmp_path, torch_home, module="transferlab.export")
+    result = cli(
+        [str(run_dir), "--format", fmt, "--out", str(out), "--force"],
+        tmp_path,
+        torch_home,
+        module="transferlab.export",
+    )
 
     assert result.returncode == 0, result.stderr
     # A batch size the export never saw (the batch axis is free), at the run's own image size.
@@ -111,17 +119,36 @@ def test_existing_export_is_not_overwritten(cnn_run, tmp_path, torch_home):
 def _export_over_the_checkpoint(tmp_path: Path, run: Path) -> tuple[list[str], str]:
     checkpoint = tmp_path / "copy.ckpt"
     checkpoint.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
-    return [str(checkpoint), "--format", "torchscript", "--out", str(checkpoint), "--force"], f"would overwrite {checkpoint}, which this command reads"
+    return [
+        str(checkpoint),
+        "--format",
+        "torchscript",
+        "--out",
+        str(checkpoint),
+        "--force",
+    ], f"would overwrite {checkpoint}, which this command reads"
 
 
 def _export_under_a_file(tmp_path: Path, run: Path) -> tuple[list[str], str]:
     (tmp_path / "notes.txt").write_text("mine\n")
     out = tmp_path / "notes.txt" / "model.onnx"
-    return [str(run), "--format", "onnx", "--out", str(out)], f"cannot write --out {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
+    return [
+        str(run),
+        "--format",
+        "onnx",
+        "--out",
+        str(out),
+    ], f"cannot write --out {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
 
 
-@pytest.mark.parametrize("make_args", [_export_over_the_checkpoint, _export_under_a_file], ids=["over-the-checkpoint", "under-a-file"])
-def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_exporting(cnn_run, tmp_path, torch_home, make_args):
+@pytest.mark.parametrize(
+    "make_args",
+    [_export_over_the_checkpoint, _export_under_a_file],
+    ids=["over-the-checkpoint", "under-a-file"],
+)
+def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_exporting(
+    cnn_run, tmp_path, torch_home, make_args
+):
     args, message = make_args(tmp_path, cnn_run)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
@@ -169,14 +196,23 @@ def test_load_from_checkpoint_alone_in_a_fresh_process(cnn_run, lite0_run, tmp_p
     empty_home.mkdir()
 
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_LOAD, str(cnn_run), str(lite0_best)], cwd=tmp_path,
-        env=cli_env(empty_home, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", FRESH_LOAD, str(cnn_run), str(lite0_best)],
+        cwd=tmp_path,
+        env=cli_env(empty_home, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     cnn, lite0 = report[str(cnn_run)], report[str(lite0_best)]
-    assert (cnn["backbone"], cnn["channels_last"], lite0["backbone"], lite0["channels_last"]) == ("cnn_small", False, "efficientnet_lite0", True)
+    assert (cnn["backbone"], cnn["channels_last"], lite0["backbone"], lite0["channels_last"]) == (
+        "cnn_small",
+        False,
+        "efficientnet_lite0",
+        True,
+    )
     assert cnn["same_keys"] and lite0["same_keys"]
     assert cnn["output"] == lite0["output"] == [2, 10]
     assert cnn["classes"][0] == "airplane"
@@ -193,19 +229,29 @@ def test_rebuild_keeps_what_the_weights_decided(tmp_path):
     the record keeps it, and the rebuild (weights none) sets it back instead of silently dropping it."""
     from omegaconf import OmegaConf
 
-    from transferlab.models.architecture import architecture_record, rebuild_arguments
     from transferlab.models import TransferModule, linear_head, torchvision_backbone
+    from transferlab.models.architecture import architecture_record, rebuild_arguments
 
-    cfg = OmegaConf.create({
-        "backbone": {"_target_": "transferlab.models.torchvision_backbone", "name": "googlenet", "weights": "imagenet"},
-        "head": {"_target_": "transferlab.models.linear_head", "dropout": 0.0},
-        "data": {"image_size": 64},
-    })
+    cfg = OmegaConf.create(
+        {
+            "backbone": {
+                "_target_": "transferlab.models.torchvision_backbone",
+                "name": "googlenet",
+                "weights": "imagenet",
+            },
+            "head": {"_target_": "transferlab.models.linear_head", "dropout": 0.0},
+            "data": {"image_size": 64},
+        }
+    )
     backbone = torchvision_backbone("googlenet", weights="none", image_size=64)
     backbone.body.transform_input = True  # what loading the ImageNet weights sets
     model = TransferModule(backbone, linear_head(backbone.out_features, 3), num_classes=3)
     data = {"class_names": ["a", "b", "c"], "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
-    record = {"data": data, "num_classes": 3, "architecture": architecture_record(cfg.backbone, cfg.head, cfg.data.image_size, backbone, 3)}
+    record = {
+        "data": data,
+        "num_classes": 3,
+        "architecture": architecture_record(cfg.backbone, cfg.head, cfg.data.image_size, backbone, 3),
+    }
     torch.save({"state_dict": model.state_dict(), "transferlab": record}, tmp_path / "googlenet.ckpt")
 
     _, rebuilt = rebuild_arguments(tmp_path / "googlenet.ckpt")

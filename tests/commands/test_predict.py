@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import cli
+
 
 #: a cnn_small run on the tiny CIFAR-10: a few batches are enough, the weights only need to be trained ones
 def write_photos(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
@@ -58,7 +58,12 @@ def test_predicts_a_folder_skipping_unreadable_files(cnn_run, tmp_path, torch_ho
     out = tmp_path / "preds.csv"
 
     # Batches of 2: several forward passes, one with the corrupt file in it.
-    result = cli([str(cnn_run), str(tmp_path / "photos"), "--top-k", "3", "--batch-size", "2", "--out", str(out)], tmp_path, torch_home, module="transferlab.predict")
+    result = cli(
+        [str(cnn_run), str(tmp_path / "photos"), "--top-k", "3", "--batch-size", "2", "--out", str(out)],
+        tmp_path,
+        torch_home,
+        module="transferlab.predict",
+    )
 
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("transferlab: warning:")]
@@ -66,7 +71,15 @@ def test_predicts_a_folder_skipping_unreadable_files(cnn_run, tmp_path, torch_ho
     assert "broken.png" in warnings[0] + warnings[1] and "notes.txt" in warnings[0] + warnings[1]
     assert "2 of 8 files skipped" in warnings[2]
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "class", "probability", "class_2", "probability_2", "class_3", "probability_3"]
+    assert list(rows[0]) == [
+        "path",
+        "class",
+        "probability",
+        "class_2",
+        "probability_2",
+        "class_3",
+        "probability_3",
+    ]
     assert sorted(Path(r["path"]) for r in rows) == sorted(photos)
 
     expected, class_names = expected_probabilities(cnn_run, [Path(r["path"]) for r in rows])
@@ -85,7 +98,12 @@ def test_nothing_readable_is_one_error_line_and_no_file(cnn_run, tmp_path, torch
     (tmp_path / "junk" / "broken.jpg").write_bytes(b"no jpeg")
     (tmp_path / "junk" / "readme.md").write_text("# not an image\n")
 
-    result = cli([str(cnn_run), str(tmp_path / "junk"), "missing.png"], tmp_path, torch_home, module="transferlab.predict")
+    result = cli(
+        [str(cnn_run), str(tmp_path / "junk"), "missing.png"],
+        tmp_path,
+        torch_home,
+        module="transferlab.predict",
+    )
 
     assert result.returncode == 2
     assert error_lines(result.stderr) == [result.stderr.splitlines()[-1]]
@@ -110,12 +128,37 @@ def _checkpoint_without_architecture(folder: Path, cnn_run: Path) -> Path:
 
 # (id, how to make the model argument, extra arguments, what the one line says)
 BAD_INPUTS = [
-    ("run-dir-without-checkpoints", lambda d, run: d.mkdir() or d, [], "is a folder without checkpoints/best-*.ckpt or last.ckpt"),
+    (
+        "run-dir-without-checkpoints",
+        lambda d, run: d.mkdir() or d,
+        [],
+        "is a folder without checkpoints/best-*.ckpt or last.ckpt",
+    ),
     ("not-a-checkpoint", lambda d, run: (d.write_text("hello"), d)[1], [], "is not a readable checkpoint"),
-    ("not-transferlab", lambda d, run: _foreign_lightning_checkpoint(d.parent, run), [], "is not a transferlab checkpoint"),
-    ("no-architecture-record", lambda d, run: _checkpoint_without_architecture(d.parent, run), [], "did not record its architecture"),
-    ("top-k-above-classes", lambda d, run: run, ["--top-k", "11"], "--top-k 11 is more than the model's 10 classes"),
-    ("run-dir-with-a-broken-last-ckpt", lambda d, run: _run_dir_with_empty_last(d), [], "checkpoints/last.ckpt is not a readable checkpoint"),
+    (
+        "not-transferlab",
+        lambda d, run: _foreign_lightning_checkpoint(d.parent, run),
+        [],
+        "is not a transferlab checkpoint",
+    ),
+    (
+        "no-architecture-record",
+        lambda d, run: _checkpoint_without_architecture(d.parent, run),
+        [],
+        "did not record its architecture",
+    ),
+    (
+        "top-k-above-classes",
+        lambda d, run: run,
+        ["--top-k", "11"],
+        "--top-k 11 is more than the model's 10 classes",
+    ),
+    (
+        "run-dir-with-a-broken-last-ckpt",
+        lambda d, run: _run_dir_with_empty_last(d),
+        [],
+        "checkpoints/last.ckpt is not a readable checkpoint",
+    ),
 ]
 
 
@@ -126,12 +169,16 @@ def _run_dir_with_empty_last(run_dir: Path) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("make_model, extra, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "make_model, extra, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
 def test_bad_model_or_option_is_one_line(cnn_run, tmp_path, torch_home, make_model, extra, message):
     model = make_model(tmp_path / "model_arg", cnn_run)
     write_photos(tmp_path / "photos", [(32, 32)])
 
-    result = cli([str(model), str(tmp_path / "photos"), *extra], tmp_path, torch_home, module="transferlab.predict")
+    result = cli(
+        [str(model), str(tmp_path / "photos"), *extra], tmp_path, torch_home, module="transferlab.predict"
+    )
 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == error_lines(result.stderr), result.stderr
@@ -159,7 +206,9 @@ def test_help_and_usage_errors(capsys):
         parse_args(["--help"])
     assert help_exit.value.code == 0
     help_text = capsys.readouterr().out
-    assert all(option in help_text for option in ("RUN_DIR_OR_CKPT", "--top-k", "--batch-size", "--out", "glob"))
+    assert all(
+        option in help_text for option in ("RUN_DIR_OR_CKPT", "--top-k", "--batch-size", "--out", "glob")
+    )
     with pytest.raises(SystemExit) as usage_exit:
         parse_args(["run", "photos", "--batch-size", "0"])
     assert usage_exit.value.code == 2
@@ -170,11 +219,18 @@ def test_help_and_usage_errors(capsys):
 
 # ---- an --out that cannot be written, or is something the command reads -------------------
 def _out_under_a_file(tmp_path: Path, photo: Path, run: Path) -> tuple[list[str], str]:
-    return ["--out", str(photo / "preds.csv")], f"cannot write --out {photo / 'preds.csv'}: {photo} is a file, not a folder"
+    return [
+        "--out",
+        str(photo / "preds.csv"),
+    ], f"cannot write --out {photo / 'preds.csv'}: {photo} is a file, not a folder"
 
 
 def _out_is_an_input_image(tmp_path: Path, photo: Path, run: Path) -> tuple[list[str], str]:
-    return ["--out", str(photo), "--force"], f"--out {photo} would overwrite {photo}, which this command reads"
+    return [
+        "--out",
+        str(photo),
+        "--force",
+    ], f"--out {photo} would overwrite {photo}, which this command reads"
 
 
 def _out_is_the_checkpoint(tmp_path: Path, photo: Path, run: Path) -> tuple[list[str], str]:
@@ -183,11 +239,17 @@ def _out_is_the_checkpoint(tmp_path: Path, photo: Path, run: Path) -> tuple[list
     return ["--out", str(checkpoint), "--force"], f"would overwrite {checkpoint}, which this command reads"
 
 
-BAD_OUT = [("under-a-file", _out_under_a_file), ("an-input-image", _out_is_an_input_image), ("the-checkpoint", _out_is_the_checkpoint)]
+BAD_OUT = [
+    ("under-a-file", _out_under_a_file),
+    ("an-input-image", _out_is_an_input_image),
+    ("the-checkpoint", _out_is_the_checkpoint),
+]
 
 
 @pytest.mark.parametrize("make_out", [c[1] for c in BAD_OUT], ids=[c[0] for c in BAD_OUT])
-def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_anything_is_classified(cnn_run, tmp_path, torch_home, make_out):
+def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_anything_is_classified(
+    cnn_run, tmp_path, torch_home, make_out
+):
     (photo,) = write_photos(tmp_path / "photos", [(32, 32)])
     extra, message = make_out(tmp_path, photo, cnn_run)
     model = extra[1] if extra[1].endswith(".ckpt") else str(cnn_run)
@@ -198,7 +260,9 @@ def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_anything_i
     assert result.returncode == 2
     assert error_lines(result.stderr) == [result.stderr.strip()], result.stderr
     assert message in result.stderr
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing of the user's touched
+    assert {
+        p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+    } == before  # nothing of the user's touched
 
 
 def test_a_read_only_out_folder_is_one_line_before_anything_is_classified(cnn_run, tmp_path, torch_home):
@@ -208,10 +272,17 @@ def test_a_read_only_out_folder_is_one_line_before_anything_is_classified(cnn_ru
     (photo,) = write_photos(tmp_path / "photos", [(32, 32)])
     mount_point = tmp_path / "read_only"
     mount_point.mkdir()
-    if subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "photos"), str(mount_point)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(tmp_path / "photos"), str(mount_point)], capture_output=True
+    ).returncode:
         pytest.skip("cannot make a read-only bind mount here (not root)")
     try:
-        result = cli([str(cnn_run), str(photo), "--out", str(mount_point / "sub" / "preds.csv")], tmp_path, torch_home, module="transferlab.predict")
+        result = cli(
+            [str(cnn_run), str(photo), "--out", str(mount_point / "sub" / "preds.csv")],
+            tmp_path,
+            torch_home,
+            module="transferlab.predict",
+        )
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
     assert result.returncode == 2
@@ -231,8 +302,20 @@ def test_an_animated_gif_is_classified_by_its_first_frame(cnn_run, tmp_path, tor
         gif.convert("RGB").save(tmp_path / "first_frame.png")
     out = tmp_path / "preds.csv"
 
-    result = cli([str(cnn_run), str(tmp_path / "moving.gif"), str(tmp_path / "first_frame.png"), "--top-k", "10", "--out", str(out)],
-                 tmp_path, torch_home, module="transferlab.predict")
+    result = cli(
+        [
+            str(cnn_run),
+            str(tmp_path / "moving.gif"),
+            str(tmp_path / "first_frame.png"),
+            "--top-k",
+            "10",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+        torch_home,
+        module="transferlab.predict",
+    )
 
     assert result.returncode == 0, result.stderr
     gif_row, frame_row = list(csv.reader(out.open()))[1:]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, compose_config, run_training, tiny_run
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -15,9 +14,23 @@ PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("mode", ["frozen", "finetune", "scratch"])
 def test_each_mode_runs_to_metrics(mode, cifar10_root, tmp_path):
     metrics = run_training(
-        ["experiment=vgg_finetune", f"mode={mode}", f"data.root={cifar10_root}", *tiny_run({"backbone": None})], tmp_path
+        [
+            "experiment=vgg_finetune",
+            f"mode={mode}",
+            f"data.root={cifar10_root}",
+            *tiny_run({"backbone": None}),
+        ],
+        tmp_path,
     )
-    for key in ("test/acc", "test/loss", "val/acc_best", "epochs", "train_time_s", "params_total", "params_trainable"):
+    for key in (
+        "test/acc",
+        "test/loss",
+        "val/acc_best",
+        "epochs",
+        "train_time_s",
+        "params_total",
+        "params_trainable",
+    ):
         assert key in metrics, key
     assert metrics["epochs"] == 1
     assert 0.0 <= metrics["test/acc"] <= 1.0
@@ -30,7 +43,9 @@ def test_each_mode_runs_to_metrics(mode, cifar10_root, tmp_path):
 
 
 def _checkpoint(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
 
 
 def _pretrained(torch_home: Path, filename: str) -> dict[str, torch.Tensor]:
@@ -41,29 +56,55 @@ VGG_FILE = "vgg11_bn-6002323d.pth"
 
 
 def test_frozen_keeps_backbone_bit_identical_and_trains_head(cifar10_root, torch_home, tmp_path):
-    run_training(["experiment=vgg_frozen", f"data.root={cifar10_root}", *tiny_run({"backbone": None}), "trainer.max_epochs=2"], tmp_path)
+    run_training(
+        [
+            "experiment=vgg_frozen",
+            f"data.root={cifar10_root}",
+            *tiny_run({"backbone": None}),
+            "trainer.max_epochs=2",
+        ],
+        tmp_path,
+    )
     trained = _checkpoint(tmp_path)
     pretrained = _pretrained(torch_home, VGG_FILE)
     backbone_keys = [k for k in trained if k.startswith("backbone.")]
     assert backbone_keys
     for key in backbone_keys:  # weights and BatchNorm running statistics alike
-        source = "features." + key[len("backbone.body."):]
+        source = "features." + key[len("backbone.body.") :]
         assert torch.equal(trained[key], pretrained[source]), key
     # The head moved away from its initialization: compare with a fresh run's first checkpoint.
     first = tmp_path.parent / "epoch0"
-    run_training(["experiment=vgg_frozen", f"data.root={cifar10_root}", *tiny_run({"backbone": None}), "trainer.limit_train_batches=1"], first)
+    run_training(
+        [
+            "experiment=vgg_frozen",
+            f"data.root={cifar10_root}",
+            *tiny_run({"backbone": None}),
+            "trainer.limit_train_batches=1",
+        ],
+        first,
+    )
     head_keys = [k for k in trained if k.startswith("head.") and k.endswith("weight")]
     assert any(not torch.equal(trained[k], _checkpoint(first)[k]) for k in head_keys)
 
 
 def test_finetune_changes_backbone(cifar10_root, torch_home, tmp_path):
-    run_training(["experiment=vgg_finetune", f"data.root={cifar10_root}", *tiny_run({"backbone": None})], tmp_path)
+    run_training(
+        ["experiment=vgg_finetune", f"data.root={cifar10_root}", *tiny_run({"backbone": None})], tmp_path
+    )
     trained, pretrained = _checkpoint(tmp_path), _pretrained(torch_home, VGG_FILE)
     assert not torch.equal(trained["backbone.body.0.weight"], pretrained["features.0.weight"])
 
 
 def test_scratch_starts_from_random_weights(cifar10_root, torch_home, tmp_path):
-    run_training(["experiment=vgg_scratch", f"data.root={cifar10_root}", *tiny_run({"backbone": None}), "trainer.limit_train_batches=1"], tmp_path)
+    run_training(
+        [
+            "experiment=vgg_scratch",
+            f"data.root={cifar10_root}",
+            *tiny_run({"backbone": None}),
+            "trainer.limit_train_batches=1",
+        ],
+        tmp_path,
+    )
     trained, pretrained = _checkpoint(tmp_path), _pretrained(torch_home, VGG_FILE)
     # One step of SGD from the pretrained weights would stay close; random init is far away.
     diff = (trained["backbone.body.0.weight"] - pretrained["features.0.weight"]).abs().mean()
@@ -81,9 +122,24 @@ LIMITS = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "train
 def preset_overrides(preset: str, cifar10_root: Path, cifar100_root: Path) -> list[str]:
     if "override /data: cifar100" in (REPO / "conf" / "experiment" / f"{preset}.yaml").read_text():
         # 6 training images per class: a larger val split, smaller batches
-        fast = [o for o in tiny_run({"backbone": None}) if not o.startswith(("data.val_size", "data.batch_size"))]
-        return [f"experiment={preset}", f"data.root={cifar100_root}", *fast, "data.val_size=100", "data.batch_size=16", *LIMITS]
-    return [f"experiment={preset}", f"data.root={cifar10_root}", *tiny_run({"backbone": None}), *LIMITS, *PRESET_DATA.get(preset, [])]
+        fast = [
+            o for o in tiny_run({"backbone": None}) if not o.startswith(("data.val_size", "data.batch_size"))
+        ]
+        return [
+            f"experiment={preset}",
+            f"data.root={cifar100_root}",
+            *fast,
+            "data.val_size=100",
+            "data.batch_size=16",
+            *LIMITS,
+        ]
+    return [
+        f"experiment={preset}",
+        f"data.root={cifar10_root}",
+        *tiny_run({"backbone": None}),
+        *LIMITS,
+        *PRESET_DATA.get(preset, []),
+    ]
 
 
 def source_overrides(preset: str, torch_home: Path, cifar10_root: Path, tmp_path: Path) -> list[str]:
@@ -103,7 +159,9 @@ def test_every_preset_runs(preset, cifar10_root, cifar100_root, torch_home, tmp_
     overrides += source_overrides(preset, torch_home, cifar10_root, tmp_path)
     metrics = run_training(overrides, tmp_path / "run")
     solved = "override /mode: linear_probe" in (REPO / "conf" / "experiment" / f"{preset}.yaml").read_text()
-    assert "test/acc" in metrics and metrics["epochs"] == (0 if solved else 1)  # a probe is one solve, no epoch
+    assert "test/acc" in metrics and metrics["epochs"] == (
+        0 if solved else 1
+    )  # a probe is one solve, no epoch
 
 
 def test_losses_are_means_over_images_whatever_the_batch_size(cifar10_root, tmp_path):
@@ -114,10 +172,22 @@ def test_losses_are_means_over_images_whatever_the_batch_size(cifar10_root, tmp_
 
     losses = []
     for batch in (7, 50, 512):
-        cfg = compose_config(["backbone=cnn_small", f"data.root={cifar10_root}", "data.val_size=50",
-                              f"data.eval_batch_size={batch}", "trainer.accelerator=cpu"], tmp_path / str(batch))
+        cfg = compose_config(
+            [
+                "backbone=cnn_small",
+                f"data.root={cifar10_root}",
+                "data.val_size=50",
+                f"data.eval_batch_size={batch}",
+                "trainer.accelerator=cpu",
+            ],
+            tmp_path / str(batch),
+        )
         torch.manual_seed(0)
         built = build(cfg, with_trainer=False)
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-        losses.append(trainer.validate(built.model, datamodule=built.datamodule, verbose=False)[0]["val/loss"])
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        losses.append(
+            trainer.validate(built.model, datamodule=built.datamodule, verbose=False)[0]["val/loss"]
+        )
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-5)

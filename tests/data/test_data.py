@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import cifar10_datamodule
+
 from transferlab import CIFAR10DataModule, CIFAR100DataModule
 from transferlab.data import ImageFolderDataModule
 from transferlab.data import transforms as T
 from transferlab.utils.errors import UserError
-
 
 cifar10 = cifar10_datamodule  # the shared helper, under the short name these tests use
 
@@ -192,7 +191,12 @@ def test_crop_takes_a_window_of_the_padded_image():
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     offsets = set()
     for i in range(len(images)):
-        windows = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        windows = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
+        ]
         assert windows, f"image {i} is not a window of its padded image"
         offsets.add(windows[0])
     assert len(offsets) > 5  # the offsets vary

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import cifar10_datamodule, run_training
 from fakedata import write_cifar10, write_png16
 from test_cli_errors import BASE, cli, nonempty_lines
+
 from transferlab import CIFAR10DataModule
 from transferlab.data import ImageFolderDataModule
-from transferlab.data.subsets import Split
-from transferlab.data.subsets import class_list, select_classes, split_train_val, stratified_counts
+from transferlab.data.subsets import Split, class_list, select_classes, split_train_val, stratified_counts
 from transferlab.utils.errors import UserError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -52,7 +51,9 @@ def write_images(folder: Path, classes: dict[str, int], size: int = 10) -> Path:
     for name, count in classes.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / name / f"{i:03d}.png")
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                folder / name / f"{i:03d}.png"
+            )
     return folder
 
 
@@ -89,8 +90,16 @@ def test_held_out_counts_are_proportional_and_exact(sizes, size, expected):
 @pytest.mark.parametrize(
     "sizes, size, message",
     [
-        ([30, 1], 2, "data.val_size=2 holds out at least one image of every class, but class 'c1' has only 1"),
-        ([30, 2], 31, "data.val_size=31 leaves no training images for some classes: the split has 32 images in 2 classes; use data.val_size <= 30"),
+        (
+            [30, 1],
+            2,
+            "data.val_size=2 holds out at least one image of every class, but class 'c1' has only 1",
+        ),
+        (
+            [30, 2],
+            31,
+            "data.val_size=31 leaves no training images for some classes: the split has 32 images in 2 classes; use data.val_size <= 30",
+        ),
         ([3, 3], 6, "data.val_size=6 leaves no training images: the split has 6"),
     ],
 )
@@ -132,12 +141,17 @@ def test_imagefolder_impossible_split_is_refused_before_decoding(tmp_path, monke
         raise AssertionError("images decoded before the split sizes were checked")
 
     monkeypatch.setattr("transferlab.data.imagefolder.decode_image", no_decoding)
-    with pytest.raises(UserError, match="data.val_size=2 holds out at least one image of every class, but class 'one' has only 1"):
+    with pytest.raises(
+        UserError,
+        match="data.val_size=2 holds out at least one image of every class, but class 'one' has only 1",
+    ):
         imagefolder(tmp_path / "pics", val_size=2)
 
 
 # ---- 2. image folders with train/ valid/ test/ ---------------------------------------------
-@pytest.mark.parametrize("val_name, test_name", [("val", "test"), ("valid", "test"), ("validation", "testing")])
+@pytest.mark.parametrize(
+    "val_name, test_name", [("val", "test"), ("valid", "test"), ("validation", "testing")]
+)
 def test_imagefolder_accepts_common_split_names(tmp_path, val_name, test_name):
     write_images(tmp_path / "data" / "train", {"a": 6, "b": 6})
     write_images(tmp_path / "data" / val_name, {"a": 2, "b": 2})
@@ -166,7 +180,15 @@ def test_imagefolder_layout_that_would_ignore_images_is_refused(tmp_path, folder
 # ---- 3. a classifier needs two classes; a string is a class name -----------------------------
 @pytest.mark.parametrize(
     "value, expected",
-    [("cat", ["cat"]), ("cat,dog", ["cat", "dog"]), (" cat , dog ", ["cat", "dog"]), (3, [3]), (["cat", 0], ["cat", 0]), ("", []), (None, None)],
+    [
+        ("cat", ["cat"]),
+        ("cat,dog", ["cat", "dog"]),
+        (" cat , dog ", ["cat", "dog"]),
+        (3, [3]),
+        (["cat", 0], ["cat", 0]),
+        ("", []),
+        (None, None),
+    ],
 )
 def test_class_list_reads_a_string_as_names_not_letters(value, expected):
     assert class_list(value) == expected
@@ -221,6 +243,7 @@ def _rewrite(path: Path, change) -> None:
 def _set_label(value):
     def change(entry):
         entry[b"labels"][0] = value
+
     return change
 
 
@@ -230,8 +253,11 @@ def _set_label(value):
         ("data_batch_2", _set_label(-1), r"data_batch_2 has label -1 \(1 of 60 labels are outside 0..9"),
         ("data_batch_4", _set_label(10), r"data_batch_4 has label 10 \(1 of 60 labels are outside 0..9"),
         ("test_batch", _set_label(12), r"test_batch has label 12 .* outside 0..9"),
-        ("batches.meta", lambda e: e[b"label_names"].append(b"unicorn"),
-         r"batches.meta names 11 classes but the training files have no image of 'unicorn'"),
+        (
+            "batches.meta",
+            lambda e: e[b"label_names"].append(b"unicorn"),
+            r"batches.meta names 11 classes but the training files have no image of 'unicorn'",
+        ),
         ("batches.meta", lambda e: e[b"label_names"].pop(), r"data_batch_1 has label 9 .* outside 0..8"),
     ],
 )
@@ -353,17 +379,31 @@ def test_bad_num_workers_is_refused_by_the_data_module(workers):
 
 
 # ---- 8. a last training batch of one image ----------------------------------------------------
-@pytest.mark.parametrize("train_size, batch_size, dropped", [(81, 16, True), (80, 16, False), (95, 16, False), (17, 16, True), (16, 16, False)])
+@pytest.mark.parametrize(
+    "train_size, batch_size, dropped",
+    [(81, 16, True), (80, 16, False), (95, 16, False), (17, 16, True), (16, 16, False)],
+)
 def test_only_a_last_batch_of_one_is_dropped(train_size, batch_size, dropped):
     dm = CIFAR10DataModule(root="unused", batch_size=batch_size)
-    dm.train = Split(torch.zeros(train_size, 3, 2, 2, dtype=torch.uint8), torch.zeros(train_size, dtype=torch.long), torch.arange(train_size))
+    dm.train = Split(
+        torch.zeros(train_size, 3, 2, 2, dtype=torch.uint8),
+        torch.zeros(train_size, dtype=torch.long),
+        torch.arange(train_size),
+    )
     sizes = [len(labels) for _, labels in dm.train_dataloader()]
     assert sum(sizes) == train_size - dropped and min(sizes) > 1
 
 
 def test_mlp_head_trains_when_the_last_batch_would_hold_one_image(cifar10_root, tmp_path, one_thread):
     # 300 - 50 validation = 250 training images = 3 x 83 + 1
-    overrides = [f"data.root={cifar10_root}", *BASE, "head=mlp", "data.batch_size=83", "mode=scratch", "trainer.limit_val_batches=1"]
+    overrides = [
+        f"data.root={cifar10_root}",
+        *BASE,
+        "head=mlp",
+        "data.batch_size=83",
+        "mode=scratch",
+        "trainer.limit_val_batches=1",
+    ]
     metrics = run_training(overrides, tmp_path / "run")
     assert metrics["epochs"] == 1 and np.isfinite(metrics["test/loss"])
 
@@ -386,12 +426,36 @@ def bad_roots(cifar10_root, tmp_path_factory) -> dict[str, Path]:
 
 # (id, arguments ({name} is a folder from `bad_roots`), text the one line must contain)
 CLI_CASES = [
-    ("one-class-as-string", ["data.root={cifar}", "data.classes=cat"], "data.classes keeps only the class 'cat'; a classifier needs at least two"),
-    ("negative-workers", ["data.root={cifar}", "data.num_workers=-1"], "data.num_workers=-1 must be an integer >= 0"),
-    ("label-out-of-range", ["data.root={bad_labels}"], "{bad_labels}/cifar-10-batches-py/data_batch_1 has label 10"),
-    ("truncated-archive", ["data.root={truncated}", "data.download=false"], "cannot extract {truncated}/cifar-10-python.tar.gz"),
-    ("val-and-valid", ["data=imagefolder", "data.root={two_vals}"], "has both val/ and valid/ as the val split"),
-    ("imagefolder-one-class", ["data=imagefolder", "data.root={one_class}"], "has only the class 'cats'; a classifier needs at least two classes"),
+    (
+        "one-class-as-string",
+        ["data.root={cifar}", "data.classes=cat"],
+        "data.classes keeps only the class 'cat'; a classifier needs at least two",
+    ),
+    (
+        "negative-workers",
+        ["data.root={cifar}", "data.num_workers=-1"],
+        "data.num_workers=-1 must be an integer >= 0",
+    ),
+    (
+        "label-out-of-range",
+        ["data.root={bad_labels}"],
+        "{bad_labels}/cifar-10-batches-py/data_batch_1 has label 10",
+    ),
+    (
+        "truncated-archive",
+        ["data.root={truncated}", "data.download=false"],
+        "cannot extract {truncated}/cifar-10-python.tar.gz",
+    ),
+    (
+        "val-and-valid",
+        ["data=imagefolder", "data.root={two_vals}"],
+        "has both val/ and valid/ as the val split",
+    ),
+    (
+        "imagefolder-one-class",
+        ["data=imagefolder", "data.root={one_class}"],
+        "has only the class 'cats'; a classifier needs at least two classes",
+    ),
 ]
 
 
@@ -427,11 +491,16 @@ def test_stats_cache_follows_images_rewritten_in_place(tmp_path, monkeypatch, in
     assert len(stats_files(tmp_path / "cache")) == 1
     assert imagefolder(root, stats_cache=True, in_memory=in_memory).mean == first.mean  # the cache is used
     write_flat_images(root, 190)  # same names, same count, new pixels
-    assert imagefolder(root, stats_cache=True, in_memory=in_memory).mean[0] == pytest.approx(190 / 255, abs=1e-3)
+    assert imagefolder(root, stats_cache=True, in_memory=in_memory).mean[0] == pytest.approx(
+        190 / 255, abs=1e-3
+    )
 
 
-@pytest.mark.parametrize("content", [b"", b"{not json", b'{"mean": [0.1], "std": [1, 1, 1]}', b'{"mean": [NaN, 0, 0], "std": [1, 1, 1]}'],
-                         ids=["empty", "not-json", "wrong-length", "nan"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{not json", b'{"mean": [0.1], "std": [1, 1, 1]}', b'{"mean": [NaN, 0, 0], "std": [1, 1, 1]}'],
+    ids=["empty", "not-json", "wrong-length", "nan"],
+)
 def test_invalid_stats_file_is_recomputed(tmp_path, monkeypatch, caplog, content):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
     root = write_flat_images(tmp_path / "images", 70)
@@ -443,7 +512,9 @@ def test_invalid_stats_file_is_recomputed(tmp_path, monkeypatch, caplog, content
     assert json.loads(cached.read_text())["mean"][0] == pytest.approx(70 / 255, abs=1e-3)  # rewritten whole
 
 
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS, errno.EACCES], ids=["full", "read-only", "no-permission"])
+@pytest.mark.parametrize(
+    "error", [errno.ENOSPC, errno.EROFS, errno.EACCES], ids=["full", "read-only", "no-permission"]
+)
 def test_unwritable_stats_cache_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog, error):
     """A cache that fails mid-write leaves no half-written stats file, and the run goes on."""
     from transferlab.data import imagefolder as module

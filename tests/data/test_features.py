@@ -9,12 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli, compose_config, run_training, tiny_run
-from transferlab.utils.errors import UserError
-from transferlab.methods.modes import mode_facts
 
-FROZEN = ["experiment=vgg_frozen", *tiny_run({"backbone": None}), "trainer.max_epochs=2", "trainer.deterministic=true"]
+from transferlab.methods.modes import mode_facts
+from transferlab.utils.errors import UserError
+
+FROZEN = [
+    "experiment=vgg_frozen",
+    *tiny_run({"backbone": None}),
+    "trainer.max_epochs=2",
+    "trainer.deterministic=true",
+]
 #: VGG at 64 px (2x2 feature maps, so the global pool matters) on 40 images: seconds per run
 SMALL_VGG = [
     "experiment=vgg_frozen",
@@ -30,7 +35,9 @@ REUSED = "reusing cached features"
 
 
 def _state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
 
 
 def _cache_files(cache: Path) -> list[Path]:
@@ -39,8 +46,12 @@ def _cache_files(cache: Path) -> list[Path]:
 
 def test_cached_and_uncached_training_agree(cifar10_root, tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
-    cached = run_training([*FROZEN, f"data.root={cifar10_root}", "data.cache_features=true"], tmp_path / "cached")
-    plain = run_training([*FROZEN, f"data.root={cifar10_root}", "data.cache_features=false"], tmp_path / "plain")
+    cached = run_training(
+        [*FROZEN, f"data.root={cifar10_root}", "data.cache_features=true"], tmp_path / "cached"
+    )
+    plain = run_training(
+        [*FROZEN, f"data.root={cifar10_root}", "data.cache_features=false"], tmp_path / "plain"
+    )
     assert len(_cache_files(tmp_path / "cache")) == 3  # train, val, test
     for key in ("test/acc", "test/loss", "val/acc_best", "train/loss"):
         assert cached[key] == pytest.approx(plain[key], abs=1e-4), key
@@ -79,8 +90,15 @@ def test_cached_checkpoint_predicts_on_images(cifar10_root, tmp_path):
     from transferlab.build import build
 
     # The same config without the cache: the model sees images, as a user's model would.
-    cfg = compose_config(["experiment=vgg_frozen", f"data.root={cifar10_root}", "data.val_size=50",
-                          "data.cache_features=false"], tmp_path / "x")
+    cfg = compose_config(
+        [
+            "experiment=vgg_frozen",
+            f"data.root={cifar10_root}",
+            "data.val_size=50",
+            "data.cache_features=false",
+        ],
+        tmp_path / "x",
+    )
     built = build(cfg, with_trainer=False)
     model, dm = built.model, built.datamodule
     assert not model.inputs_are_features
@@ -92,7 +110,9 @@ def test_cached_checkpoint_predicts_on_images(cifar10_root, tmp_path):
 
 
 def test_cache_setting_rules(tmp_path):
-    frozen, finetune = (mode_facts(compose_config([f"mode={m}"], tmp_path).mode) for m in ("frozen", "finetune"))
+    frozen, finetune = (
+        mode_facts(compose_config([f"mode={m}"], tmp_path).mode) for m in ("frozen", "finetune")
+    )
     assert frozen.caches_features("auto", augment=False)
     assert not frozen.caches_features("auto", augment=True)
     assert not finetune.caches_features("auto", augment=False)
@@ -122,7 +142,13 @@ def _job_metrics(sweep: Path) -> list[dict]:
 def pool_sweep(tmp_path_factory, cifar10_root, torch_home):
     """One process, four jobs sharing one cache: pool avg, max, null, then avg again."""
     work = tmp_path_factory.mktemp("pool_sweep")
-    args = ["-m", *SMALL_VGG, f"data.root={cifar10_root}", "backbone.pool=avg,max,null,avg", f"hydra.sweep.dir={work / 'sweep'}"]
+    args = [
+        "-m",
+        *SMALL_VGG,
+        f"data.root={cifar10_root}",
+        "backbone.pool=avg,max,null,avg",
+        f"hydra.sweep.dir={work / 'sweep'}",
+    ]
     done = _cli(args, work, torch_home, work / "cache")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return work
@@ -146,7 +172,9 @@ def test_pool_is_part_of_the_cache_key(case, job, earlier, reuses, pool_sweep):
     else:
         assert metrics[job]["test/loss"] != pytest.approx(metrics[earlier]["test/loss"], abs=1e-6)
     # avg, max and null each have their own train/val/test files
-    widths = sorted(torch.load(f, weights_only=True)["features"].shape[1] for f in _cache_files(pool_sweep / "cache"))
+    widths = sorted(
+        torch.load(f, weights_only=True)["features"].shape[1] for f in _cache_files(pool_sweep / "cache")
+    )
     assert widths == [512] * 6 + [2048] * 3
 
 
@@ -176,7 +204,13 @@ def test_pixels_rewritten_in_place_are_recomputed(cifar10_root, torch_home, tmp_
 
 def test_normalization_is_part_of_the_cache_key(cifar10_root, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
-    base = ["backbone=cnn_small", "mode=frozen", *tiny_run({"backbone": None}), "trainer.deterministic=true", f"data.root={cifar10_root}"]
+    base = [
+        "backbone=cnn_small",
+        "mode=frozen",
+        *tiny_run({"backbone": None}),
+        "trainer.deterministic=true",
+        f"data.root={cifar10_root}",
+    ]
     imagenet = run_training([*base, "data.normalization=imagenet"], tmp_path / "a")
     with caplog.at_level("INFO", logger="transferlab.data.features"):
         cifar = run_training([*base, "data.normalization=cifar"], tmp_path / "b")

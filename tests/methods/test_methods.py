@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli, tiny_run
 from torch import nn
 
-from conftest import cli, tiny_run
-from transferlab.utils.errors import UserError
 from transferlab.methods.probe import LinearProbe
-from transferlab.models import TransferModule, linear_head
 from transferlab.methods.regularizers import BSS, L2SP
+from transferlab.models import TransferModule, linear_head
+from transferlab.utils.errors import UserError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -40,7 +40,13 @@ class TinyBackbone(nn.Module):
 def _module(regularizer=None) -> TransferModule:
     torch.manual_seed(0)
     backbone = TinyBackbone()
-    return TransferModule(backbone, linear_head(3, 2), num_classes=2, optimizer=partial(torch.optim.SGD, lr=0.1), regularizer=regularizer)
+    return TransferModule(
+        backbone,
+        linear_head(3, 2),
+        num_classes=2,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        regularizer=regularizer,
+    )
 
 
 def _batch():
@@ -77,7 +83,9 @@ def test_l2sp_gradients_are_2_alpha_w_minus_w0_on_the_backbone_and_2_beta_w_on_t
         expected = 2 * alpha * (p.detach() - w0[name])
         torch.testing.assert_close(with_penalty[f"backbone.{name}"] - without[f"backbone.{name}"], expected)
     for name, p in model.head.named_parameters():
-        torch.testing.assert_close(with_penalty[f"head.{name}"] - without[f"head.{name}"], 2 * beta * p.detach())
+        torch.testing.assert_close(
+            with_penalty[f"head.{name}"] - without[f"head.{name}"], 2 * beta * p.detach()
+        )
 
 
 def test_l2sp_penalty_value_and_reference_are_the_weights_at_build_time():
@@ -112,7 +120,9 @@ def test_bss_changes_the_backbones_gradient_only():
         torch.testing.assert_close(with_penalty[name], without[name])
 
 
-@pytest.mark.parametrize("make", [lambda: L2SP(alpha=-1), lambda: L2SP(beta="x"), lambda: BSS(eta=-0.1), lambda: BSS(k=0)])
+@pytest.mark.parametrize(
+    "make", [lambda: L2SP(alpha=-1), lambda: L2SP(beta="x"), lambda: BSS(eta=-0.1), lambda: BSS(k=0)]
+)
 def test_regularizers_refuse_bad_arguments(make):
     with pytest.raises(UserError, match="regularizer\\."):
         make()
@@ -151,13 +161,37 @@ def _data(root: Path) -> list[str]:
     return [f"data.root={root}", "data.download=false"]
 
 
-def test_linear_probe_run_writes_the_usual_metrics_and_a_checkpoint_other_runs_load(cifar10_root, torch_home, tmp_path):
+def test_linear_probe_run_writes_the_usual_metrics_and_a_checkpoint_other_runs_load(
+    cifar10_root, torch_home, tmp_path
+):
     probe_dir = tmp_path / "probe"
-    probe = cli([*tiny_run(), *_data(cifar10_root), "mode=linear_probe", "mode.l2_grid=[0.001,0.1,10]", f"hydra.run.dir={probe_dir}"], tmp_path, torch_home)
+    probe = cli(
+        [
+            *tiny_run(),
+            *_data(cifar10_root),
+            "mode=linear_probe",
+            "mode.l2_grid=[0.001,0.1,10]",
+            f"hydra.run.dir={probe_dir}",
+        ],
+        tmp_path,
+        torch_home,
+    )
     assert probe.returncode == 0, probe.stderr
     metrics = json.loads((probe_dir / "metrics.json").read_text())
-    for key in ("test/acc", "test/loss", "val/acc", "val/acc_best", "train/acc", "train/loss", "train_time_s",
-                "features_time_s", "params_total", "params_trainable", "epochs", "l2"):
+    for key in (
+        "test/acc",
+        "test/loss",
+        "val/acc",
+        "val/acc_best",
+        "train/acc",
+        "train/loss",
+        "train_time_s",
+        "features_time_s",
+        "params_total",
+        "params_trainable",
+        "epochs",
+        "l2",
+    ):
         assert key in metrics, key
     record = json.loads((probe_dir / "run_info.json").read_text())["linear_probe"]
     assert record["l2_grid"] == [0.001, 0.1, 10.0] and record["l2"] == metrics["l2"]
@@ -170,8 +204,18 @@ def test_linear_probe_run_writes_the_usual_metrics_and_a_checkpoint_other_runs_l
 
     # A later run starts from the probe's run dir, with L2-SP towards those weights: penalty logged.
     follow = tmp_path / "follow"
-    result = cli([*tiny_run(), *_data(cifar10_root), f"backbone.weights={probe_dir}", "regularizer=l2sp",
-                  "optimizer.lr=0.001", f"hydra.run.dir={follow}"], tmp_path, torch_home)
+    result = cli(
+        [
+            *tiny_run(),
+            *_data(cifar10_root),
+            f"backbone.weights={probe_dir}",
+            "regularizer=l2sp",
+            "optimizer.lr=0.001",
+            f"hydra.run.dir={follow}",
+        ],
+        tmp_path,
+        torch_home,
+    )
     assert result.returncode == 0, result.stderr
     followed = json.loads((follow / "metrics.json").read_text())
     assert followed["train/penalty"] > 0 and "test/acc" in followed
@@ -192,18 +236,40 @@ class KillMidEpoch:
         return _Kill()
 
 
-LP_FT = [*tiny_run(), "mode=lp_ft", "mode.l2_grid=[0.01,1]", "trainer.max_epochs=2", "trainer.deterministic=true",
-         "optimizer.lr=0.001", "seed=3", "+callbacks.kill._target_=test_methods.KillMidEpoch"]
+LP_FT = [
+    *tiny_run(),
+    "mode=lp_ft",
+    "mode.l2_grid=[0.01,1]",
+    "trainer.max_epochs=2",
+    "trainer.deterministic=true",
+    "optimizer.lr=0.001",
+    "seed=3",
+    "+callbacks.kill._target_=test_methods.KillMidEpoch",
+]
 
 
 def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar10_root, torch_home, tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     whole = tmp_path / "whole"
-    assert cli([*LP_FT, *_data(cifar10_root), f"hydra.run.dir={whole}"], tmp_path, torch_home, **env).returncode == 0
+    assert (
+        cli([*LP_FT, *_data(cifar10_root), f"hydra.run.dir={whole}"], tmp_path, torch_home, **env).returncode
+        == 0
+    )
     killed_dir = tmp_path / "killed"
-    killed = cli([*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}"], tmp_path, torch_home, KILL_AT="1,2", **env)
+    killed = cli(
+        [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}"],
+        tmp_path,
+        torch_home,
+        KILL_AT="1,2",
+        **env,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = cli([*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}", "ckpt_path=last"], tmp_path, torch_home, **env)
+    resumed = cli(
+        [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}", "ckpt_path=last"],
+        tmp_path,
+        torch_home,
+        **env,
+    )
     assert resumed.returncode == 0, resumed.stderr
     log = (killed_dir / "train.log").read_text()
     assert log.count("linear probe: L2") == 1  # solved once, before the kill
@@ -214,23 +280,43 @@ def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar1
         return {k: v for k, v in metrics.items() if not k.endswith("time_s")}
 
     assert without_time(killed_dir) == without_time(whole)
-    probe = {k: v for k, v in json.loads((whole / "run_info.json").read_text())["linear_probe"].items() if k != "solve_time_s"}
-    kept = {k: v for k, v in json.loads((killed_dir / "run_info.json").read_text())["linear_probe"].items() if k != "solve_time_s"}
+    probe = {
+        k: v
+        for k, v in json.loads((whole / "run_info.json").read_text())["linear_probe"].items()
+        if k != "solve_time_s"
+    }
+    kept = {
+        k: v
+        for k, v in json.loads((killed_dir / "run_info.json").read_text())["linear_probe"].items()
+        if k != "solve_time_s"
+    }
     assert kept == probe  # restored from the checkpoint: run_info.json did not exist when the run was killed
 
 
 MEANINGLESS = [
-    (["mode=linear_probe", "head=mlp"], "mode=linear_probe solves for a linear head (logistic regression), but head=mlp;"),
+    (
+        ["mode=linear_probe", "head=mlp"],
+        "mode=linear_probe solves for a linear head (logistic regression), but head=mlp;",
+    ),
     (["mode=lp_ft", "head=mlp"], "mode=lp_ft solves for a linear head"),
-    (["mode=linear_probe", "data.augment=true"], "mode=linear_probe fits on the backbone's features computed once"),
+    (
+        ["mode=linear_probe", "data.augment=true"],
+        "mode=linear_probe fits on the backbone's features computed once",
+    ),
     (["mode=linear_probe", "ckpt_path=last"], "mode=linear_probe solves in one go"),
     (["mode=linear_probe", "regularizer=l2sp"], "regularizer=l2sp with mode=linear_probe"),
-    (["mode=scratch", "regularizer=l2sp"], "regularizer=l2sp pulls the backbone towards its pretrained weights, but mode=scratch"),
+    (
+        ["mode=scratch", "regularizer=l2sp"],
+        "regularizer=l2sp pulls the backbone towards its pretrained weights, but mode=scratch",
+    ),
     (["mode=finetune", "backbone.weights=none", "regularizer=l2sp"], "backbone.weights=none is random init"),
     (["mode=frozen", "regularizer=bss"], "regularizer=bss with mode=frozen"),
     (["mode=finetune", "regularizer=bss", "regularizer.k=0"], "regularizer.k=0 must be an integer >= 1"),
     (["mode=linear_probe", "mode.l2_grid=[]"], "mode.l2_grid=[] must be a non-empty list"),
-    (["mode=linear_probe", "mode.l2_grid=0.1"], "mode.l2_grid=0.1 must be a non-empty list"),  # one number, not a list
+    (
+        ["mode=linear_probe", "mode.l2_grid=0.1"],
+        "mode.l2_grid=0.1 must be a non-empty list",
+    ),  # one number, not a list
     (["mode=lp_ft", "mode.l2_grid=0.1"], "mode.l2_grid=0.1 must be a non-empty list"),
 ]
 
@@ -238,6 +324,7 @@ MEANINGLESS = [
 @pytest.mark.parametrize("overrides, message", MEANINGLESS)
 def test_meaningless_method_combinations_are_refused_before_anything_is_built(overrides, message, tmp_path):
     from conftest import compose_config
+
     from transferlab.build import check_config
 
     with pytest.raises(UserError, match=re.escape(message)):
@@ -245,12 +332,18 @@ def test_meaningless_method_combinations_are_refused_before_anything_is_built(ov
 
 
 @pytest.mark.parametrize("overrides, message", [MEANINGLESS[0], MEANINGLESS[5], MEANINGLESS[10]])
-def test_meaningless_method_combinations_are_one_line_exit_2(overrides, message, cifar10_root, torch_home, tmp_path):
+def test_meaningless_method_combinations_are_one_line_exit_2(
+    overrides, message, cifar10_root, torch_home, tmp_path
+):
     run_dir = tmp_path / "run"
-    result = cli([*tiny_run(), *_data(cifar10_root), *overrides, f"hydra.run.dir={run_dir}"], tmp_path, torch_home)
+    result = cli(
+        [*tiny_run(), *_data(cifar10_root), *overrides, f"hydra.run.dir={run_dir}"], tmp_path, torch_home
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("transferlab: error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("transferlab: error: ") and message in lines[0], (
+        result.stderr
+    )
     assert not (run_dir / "checkpoints").exists()
 
 

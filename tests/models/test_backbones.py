@@ -8,12 +8,12 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from torch import nn
-
 from conftest import REPO, compose_config
 from fakedata import write_torchvision_weights
-from transferlab.utils.errors import UserError
+from torch import nn
+
 from transferlab.models import TransferModule, torchvision_backbone, truncated_resnet, vgg_blocks
+from transferlab.utils.errors import UserError
 
 BACKBONE_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "backbone").glob("*.yaml"))
 
@@ -35,7 +35,10 @@ def _layer_types(module: nn.Module) -> list[str]:
 # ---- every config, stages ------------------------------------------------------------------
 @pytest.mark.parametrize("name", BACKBONE_CONFIGS)
 def test_every_backbone_config_builds_with_features_and_stages(name, tmp_path):
-    named = {"torchvision": ["backbone.name=resnet18"], "timm": ["backbone.name=resnet10t", "backbone.weights=none"]}
+    named = {
+        "torchvision": ["backbone.name=resnet18"],
+        "timm": ["backbone.name=resnet10t", "backbone.weights=none"],
+    }
     overrides = [f"backbone={name}", *named.get(name, [])]
     _, backbone = _instantiate(overrides, tmp_path)
     assert backbone.out_features > 0 and backbone.stages
@@ -53,7 +56,8 @@ def test_stages_are_the_natural_blocks():
 
 def test_cnn_small_with_mlp_head_has_the_study_parameter_count(tmp_path):
     cfg, backbone = _instantiate(
-        ["backbone=cnn_small", "head=mlp", "head.hidden=256", "head.batchnorm=false", "data=cifar100"], tmp_path
+        ["backbone=cnn_small", "head=mlp", "head.hidden=256", "head.batchnorm=false", "data=cifar100"],
+        tmp_path,
     )
     head = hydra.utils.instantiate(cfg.head, in_features=backbone.out_features, num_classes=100)
     model = TransferModule(backbone, head, num_classes=100)
@@ -65,12 +69,14 @@ def test_cnn_small_with_mlp_head_has_the_study_parameter_count(tmp_path):
 def test_torchvision_by_name_cuts_after_the_global_pool(name, features, tmp_path):
     import torchvision.models as tvm
 
-    _, backbone = _instantiate(["backbone=torchvision", f"backbone.name={name}", "backbone.weights=none"], tmp_path)
+    _, backbone = _instantiate(
+        ["backbone=torchvision", f"backbone.name={name}", "backbone.weights=none"], tmp_path
+    )
     assert backbone.out_features == features
     assert isinstance(backbone.body.classifier, nn.Identity)  # the whole classifier is gone
     # Same numbers as the torchvision model's own features -> avgpool, with the same weights.
     reference = tvm.get_model(name, weights=None)
-    reference.load_state_dict({k[len("body."):]: v for k, v in backbone.state_dict().items()}, strict=False)
+    reference.load_state_dict({k[len("body.") :]: v for k, v in backbone.state_dict().items()}, strict=False)
     reference.eval(), backbone.eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -83,7 +89,9 @@ def test_torchvision_by_name_loads_imagenet_weights_without_the_classifier(torch
     pretrained = _pretrained(torch_home, "mobilenet_v3_small")
     backbone = torchvision_backbone("mobilenet_v3_small", weights="imagenet")
     state = backbone.state_dict()
-    assert all(torch.equal(state["body." + k], v) for k, v in pretrained.items() if not k.startswith("classifier."))
+    assert all(
+        torch.equal(state["body." + k], v) for k, v in pretrained.items() if not k.startswith("classifier.")
+    )
     assert any(k.startswith("classifier.") for k in pretrained) and not any("classifier" in k for k in state)
     assert "IMAGENET1K" in backbone.weights_source and backbone.normalization["name"] == "imagenet"
 
@@ -92,7 +100,9 @@ def test_classifier_layers_before_the_first_linear_are_kept():
     convnext = torchvision_backbone("convnext_tiny", weights="none")
     assert _layer_types(convnext.body.classifier) == ["LayerNorm2d", "Flatten"]  # its features are normalized
     squeezenet = torchvision_backbone("squeezenet1_1", weights="none")
-    assert _layer_types(squeezenet.body.classifier) == ["AdaptiveAvgPool2d"]  # pooled, the 1x1 conv classifier gone
+    assert _layer_types(squeezenet.body.classifier) == [
+        "AdaptiveAvgPool2d"
+    ]  # pooled, the 1x1 conv classifier gone
     assert squeezenet.out_features == 512
 
 
@@ -110,7 +120,11 @@ def test_cifar_stem_replaces_the_first_conv_and_warns_with_pretrained_weights(to
     assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1)
     assert isinstance(backbone.body.maxpool, nn.Identity)
     state = backbone.state_dict()
-    assert all(torch.equal(state["body." + k], v) for k, v in pretrained.items() if not k.startswith(("fc.", "conv1.")))
+    assert all(
+        torch.equal(state["body." + k], v)
+        for k, v in pretrained.items()
+        if not k.startswith(("fc.", "conv1."))
+    )
     # Without pretrained weights nothing is thrown away, so there is nothing to warn about.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -136,7 +150,15 @@ def test_cifar_stem_is_for_resnets_only():
 def test_vgg_blocks_default_is_conv_bn_conv_maxpool_dropout(tmp_path):
     _, backbone = _instantiate(["backbone=vgg_blocks"], tmp_path)
     body = backbone.body
-    assert _layer_types(body.conv1) == ["Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "MaxPool2d", "Dropout"]
+    assert _layer_types(body.conv1) == [
+        "Conv2d",
+        "ReLU",
+        "BatchNorm2d",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Dropout",
+    ]
     assert [getattr(body, f"conv{i}")[0].out_channels for i in (1, 2, 3)] == [32, 64, 128]
     assert _layer_types(body.dense1) == ["Linear", "ReLU", "Dropout"]
     assert body.dense1[0].in_features == 128 * 4 * 4 and backbone.out_features == 128
@@ -146,9 +168,18 @@ def test_vgg_blocks_default_is_conv_bn_conv_maxpool_dropout(tmp_path):
 @pytest.mark.parametrize(
     "block, types",
     [
-        ("bn-conv-bn-conv-maxpool-dropout", ["BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "MaxPool2d", "Dropout"]),
-        ("conv-bn-conv-bn-maxpool", ["Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]),
-        ("conv-dropout-conv-dropout-maxpool", ["Conv2d", "ReLU", "Dropout", "Conv2d", "ReLU", "Dropout", "MaxPool2d"]),
+        (
+            "bn-conv-bn-conv-maxpool-dropout",
+            ["BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "MaxPool2d", "Dropout"],
+        ),
+        (
+            "conv-bn-conv-bn-maxpool",
+            ["Conv2d", "ReLU", "BatchNorm2d", "Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"],
+        ),
+        (
+            "conv-dropout-conv-dropout-maxpool",
+            ["Conv2d", "ReLU", "Dropout", "Conv2d", "ReLU", "Dropout", "MaxPool2d"],
+        ),
         ("[conv,maxpool]", ["Conv2d", "ReLU", "MaxPool2d"]),
     ],
 )
@@ -167,8 +198,13 @@ def test_vgg_blocks_conv_block_variants(block, types, tmp_path):
     ],
 )
 def test_vgg_blocks_dense_block_variants_sizes_and_dropout(block, types, tmp_path):
-    overrides = ["backbone=vgg_blocks", f"backbone.dense_block={block}", "backbone.dense_sizes=[64,32]",
-                 "backbone.channels=[8,16]", "backbone.dropout=0.4"]
+    overrides = [
+        "backbone=vgg_blocks",
+        f"backbone.dense_block={block}",
+        "backbone.dense_sizes=[64,32]",
+        "backbone.channels=[8,16]",
+        "backbone.dropout=0.4",
+    ]
     _, backbone = _instantiate(overrides, tmp_path)
     assert _layer_types(backbone.body.dense1) == types and _layer_types(backbone.body.dense2) == types
     assert backbone.body.dense1[0].in_features == 16 * 8 * 8 and backbone.out_features == 32
@@ -186,13 +222,23 @@ def test_vgg_blocks_rejects_unknown_layers():
 def test_truncated_resnet50_keeps_stem_layer1_layer2_minus_dropped_blocks(torch_home, tmp_path):
     pretrained = _pretrained(torch_home, "resnet50")
     _, backbone = _instantiate(["backbone=truncated_resnet", "backbone.drop_layer2_blocks=[3]"], tmp_path)
-    assert [name for name, _ in backbone.body.named_children()] == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
+    assert [name for name, _ in backbone.body.named_children()] == [
+        "conv1",
+        "bn1",
+        "relu",
+        "maxpool",
+        "layer1",
+        "layer2",
+    ]
     assert list(backbone.body.layer2._modules) == ["0", "1", "2"]
     assert backbone.out_features == 512 and isinstance(backbone.pool, nn.AdaptiveAvgPool2d)
     state = backbone.state_dict()
-    assert state.keys() == {"body." + k for k in pretrained if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))
-                            and not k.startswith("layer2.3.")}
-    assert all(torch.equal(v, pretrained[k[len("body."):]]) for k, v in state.items())
+    assert state.keys() == {
+        "body." + k
+        for k in pretrained
+        if k.startswith(("conv1.", "bn1.", "layer1.", "layer2.")) and not k.startswith("layer2.3.")
+    }
+    assert all(torch.equal(v, pretrained[k[len("body.") :]]) for k, v in state.items())
 
 
 def test_truncated_resnet_takes_its_tensors_from_a_full_resnet_checkpoint(tmp_path):
@@ -200,7 +246,13 @@ def test_truncated_resnet_takes_its_tensors_from_a_full_resnet_checkpoint(tmp_pa
     path = tmp_path / "cifar10_resnet50.ckpt"
     state = {"backbone." + k: v for k, v in full.state_dict().items()}
     state["head.0.weight"] = torch.zeros(10, 2048)
-    torch.save({"state_dict": state, "transferlab": {"data": {"normalization": "cifar", "mean": [0.5] * 3, "std": [0.25] * 3}}}, path)
+    torch.save(
+        {
+            "state_dict": state,
+            "transferlab": {"data": {"normalization": "cifar", "mean": [0.5] * 3, "std": [0.25] * 3}},
+        },
+        path,
+    )
 
     backbone = truncated_resnet("resnet50", weights=str(path), cifar_stem=True, drop_layer2_blocks=[3])
     own = backbone.state_dict()

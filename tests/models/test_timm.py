@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose_config, run_training, tiny_run
-from transferlab.utils.errors import UserError
+
+from transferlab.data.normalization import describe_weights, resolve_normalization
 from transferlab.models import efficientnet_lite, timm_backbone
 from transferlab.models import weights as W
-from transferlab.data.normalization import describe_weights, resolve_normalization
+from transferlab.utils.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,10 +89,14 @@ def test_missing_package_says_which_pip_install_gives_it(monkeypatch):
 
 def test_lite_weights_normalization_follows_the_pretrained_config():
     backbone = efficientnet_lite("lite0", weights="imagenet")
-    resolved = resolve_normalization(None, describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked"))
+    resolved = resolve_normalization(
+        None, describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked")
+    )
     assert resolved.mean == (0.5, 0.5, 0.5) and resolved.std == (0.5, 0.5, 0.5)
     scratch = efficientnet_lite("lite0", weights="none")
-    resolved = resolve_normalization(None, describe_weights(scratch), dataset_stats=lambda: ((0.4,) * 3, (0.2,) * 3))
+    resolved = resolve_normalization(
+        None, describe_weights(scratch), dataset_stats=lambda: ((0.4,) * 3, (0.2,) * 3)
+    )
     assert resolved.mean == (0.4,) * 3 and "random init" in resolved.reason
 
 
@@ -152,7 +156,9 @@ def test_a_published_file_name_carries_its_normalization(torch_home, tmp_path):
     renamed = tmp_path / "my_weights.pth"
     renamed.write_bytes(published.read_bytes())
     unknown = torchvision_backbone("resnet18", weights=str(renamed))
-    resolved = resolve_normalization(None, describe_weights(unknown), dataset_stats=lambda: ((0.4,) * 3, (0.2,) * 3))
+    resolved = resolve_normalization(
+        None, describe_weights(unknown), dataset_stats=lambda: ((0.4,) * 3, (0.2,) * 3)
+    )
     assert resolved.mean == (0.4,) * 3 and "does not say" in resolved.reason
 
 
@@ -160,8 +166,15 @@ def test_a_published_file_name_carries_its_normalization(torch_home, tmp_path):
 @pytest.mark.parametrize("mode", ["frozen", "partial"])
 def test_lite0_trains_with_real_weights(mode, cifar10_root, tmp_path):
     extra = ["mode.frozen_stages=3"] if mode == "partial" else []
-    overrides = ["backbone=efficientnet_lite0", f"mode={mode}", *extra, f"data.root={cifar10_root}", *tiny_run({"backbone": None}),
-                 "trainer.limit_train_batches=2", "test=false"]
+    overrides = [
+        "backbone=efficientnet_lite0",
+        f"mode={mode}",
+        *extra,
+        f"data.root={cifar10_root}",
+        *tiny_run({"backbone": None}),
+        "trainer.limit_train_batches=2",
+        "test=false",
+    ]
     metrics = run_training(overrides, tmp_path)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["transferlab"]["data"]["mean"] == [0.5, 0.5, 0.5]
@@ -171,7 +184,9 @@ def test_lite0_trains_with_real_weights(mode, cifar10_root, tmp_path):
 def test_lite0_layer_decay_gives_one_group_per_stage(cifar10_root, tmp_path):
     import hydra
 
-    cfg = compose_config(["backbone=efficientnet_lite0", "model.layer_decay=0.5", "backbone.weights=none"], tmp_path)
+    cfg = compose_config(
+        ["backbone=efficientnet_lite0", "model.layer_decay=0.5", "backbone.weights=none"], tmp_path
+    )
     backbone = hydra.utils.instantiate(cfg.backbone, image_size=32)
     from transferlab.models import TransferModule, linear_head
 

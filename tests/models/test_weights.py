@@ -7,12 +7,12 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-
 from conftest import compose_config, run_training, tiny_run
+
 from transferlab.data.cifar import CIFAR10DataModule, CIFAR100DataModule
-from transferlab.utils.errors import UserError
-from transferlab.models import cnn_small, torchvision_backbone
 from transferlab.data.normalization import describe_weights, resolve_normalization
+from transferlab.models import cnn_small, torchvision_backbone
+from transferlab.utils.errors import UserError
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
 
@@ -25,7 +25,7 @@ def _file(torch_home: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _body(backbone) -> dict[str, torch.Tensor]:
-    return {k[len("body."):]: v for k, v in backbone.state_dict().items()}
+    return {k[len("body.") :]: v for k, v in backbone.state_dict().items()}
 
 
 # ---- ImageNet weights ---------------------------------------------------------------------
@@ -40,7 +40,9 @@ def test_imagenet_and_the_explicit_enum_name_load_the_same_file(torch_home):
 
 
 def test_unknown_weights_name_lists_the_choices():
-    with pytest.raises(UserError, match="IMAGENET1K_V9.*choose one of imagenet, none, IMAGENET1K_V1, IMAGENET1K_V2"):
+    with pytest.raises(
+        UserError, match="IMAGENET1K_V9.*choose one of imagenet, none, IMAGENET1K_V1, IMAGENET1K_V2"
+    ):
         torchvision_backbone("resnet50", weights="IMAGENET1K_V9")
 
 
@@ -69,7 +71,9 @@ def test_safetensors_file_loads(tmp_path):
     source = cnn_small(weights="none")
     path = tmp_path / "cnn.safetensors"
     safetensors.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    assert all(torch.equal(v, source.state_dict()[k]) for k, v in cnn_small(weights=str(path)).state_dict().items())
+    assert all(
+        torch.equal(v, source.state_dict()[k]) for k, v in cnn_small(weights=str(path)).state_dict().items()
+    )
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -87,13 +91,21 @@ def test_architecture_mismatch_lists_the_first_missing_and_unexpected_keys(torch
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     path = tmp_path / "cnn.pt"
     torch.save(cnn_small(weights="none").state_dict(), path)
-    with pytest.raises(UserError, match=r"body.0.0.weight has shape \(16, 3, 3, 3\) in the file but \(8, 3, 3, 3\) in the model"):
+    with pytest.raises(
+        UserError,
+        match=r"body.0.0.weight has shape \(16, 3, 3, 3\) in the file but \(8, 3, 3, 3\) in the model",
+    ):
         cnn_small(channels=(8, 32, 64, 128, 512), weights=str(path))
 
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "no such file"), ([1, 2], "holds a list"), ({"a": 1}, "not a state dict"), (b"junk", "not a readable")],
+    [
+        (None, "no such file"),
+        ([1, 2], "holds a list"),
+        ({"a": 1}, "not a state dict"),
+        (b"junk", "not a readable"),
+    ],
 )
 def test_unusable_weights_files_are_user_errors(content, message, tmp_path):
     path = tmp_path / "weights.pth"
@@ -118,44 +130,80 @@ def cifar10_checkpoint(cifar10_root, tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_training(["backbone=cnn_small", "head=mlp", f"data.root={cifar10_root}", *tiny_run({"backbone": None}),
-                      "trainer.limit_train_batches=2", "data.normalization=cifar", "test=false"], run_dir)
+        run_training(
+            [
+                "backbone=cnn_small",
+                "head=mlp",
+                f"data.root={cifar10_root}",
+                *tiny_run({"backbone": None}),
+                "trainer.limit_train_batches=2",
+                "data.normalization=cifar",
+                "test=false",
+            ],
+            run_dir,
+        )
     finally:
         torch.set_num_threads(threads)
     return run_dir / "checkpoints" / "last.ckpt"
 
 
 @pytest.mark.parametrize("target", ["cifar100", "cifar10_subset"])
-def test_checkpoint_backbone_carries_to_a_new_task_with_a_new_head(target, cifar10_checkpoint, cifar10_root, cifar100_root, tmp_path):
+def test_checkpoint_backbone_carries_to_a_new_task_with_a_new_head(
+    target, cifar10_checkpoint, cifar10_root, cifar100_root, tmp_path
+):
     source = torch.load(cifar10_checkpoint, map_location="cpu", weights_only=False)
-    source_backbone = {k[len("backbone."):]: v for k, v in source["state_dict"].items() if k.startswith("backbone.")}
+    source_backbone = {
+        k[len("backbone.") :]: v for k, v in source["state_dict"].items() if k.startswith("backbone.")
+    }
     if target == "cifar100":
         data, num_classes = ["data=cifar100", f"data.root={cifar100_root}", "data.val_size=100"], 100
     else:
         data, num_classes = [f"data.root={cifar10_root}", "data.classes=[cat,dog]"], 2
-    overrides = ["backbone=cnn_small", "head=mlp", f"backbone.weights={cifar10_checkpoint}", *tiny_run({"backbone": None}), *data,
-                 "trainer.limit_train_batches=1", "test=false"]
+    overrides = [
+        "backbone=cnn_small",
+        "head=mlp",
+        f"backbone.weights={cifar10_checkpoint}",
+        *tiny_run({"backbone": None}),
+        *data,
+        "trainer.limit_train_batches=1",
+        "test=false",
+    ]
 
     # At the start: the backbone is the checkpoint's, bit for bit (BatchNorm statistics too).
-    backbone = hydra.utils.instantiate(compose_config(overrides, tmp_path / "compose").backbone, image_size=32)
+    backbone = hydra.utils.instantiate(
+        compose_config(overrides, tmp_path / "compose").backbone, image_size=32
+    )
     assert backbone.state_dict().keys() == source_backbone.keys()
     assert all(torch.equal(v, source_backbone[k]) for k, v in backbone.state_dict().items())
     # ... and the data would be normalized like the checkpoint's run: CIFAR-10 statistics.
-    resolved = resolve_normalization(None, describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked"))
-    assert list(resolved.mean) == list(CIFAR10DataModule.dataset_mean) == source["transferlab"]["data"]["mean"]
+    resolved = resolve_normalization(
+        None, describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked")
+    )
+    assert (
+        list(resolved.mean) == list(CIFAR10DataModule.dataset_mean) == source["transferlab"]["data"]["mean"]
+    )
     assert list(resolved.mean) != list(CIFAR100DataModule.dataset_mean)
 
     run_training([*overrides, "mode=frozen"], tmp_path / "run")
-    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    trained = torch.load(
+        tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     state = trained["state_dict"]
     assert state["head.3.weight"].shape == (num_classes, 256)  # a new head for the new classes
-    assert all(torch.equal(state["backbone." + k], v) for k, v in source_backbone.items())  # frozen: unchanged
+    assert all(
+        torch.equal(state["backbone." + k], v) for k, v in source_backbone.items()
+    )  # frozen: unchanged
     assert trained["transferlab"]["data"]["mean"] == source["transferlab"]["data"]["mean"]
     assert trained["transferlab"]["num_classes"] == num_classes
 
 
 def test_explicit_normalization_wins_over_the_checkpoint_with_a_warning(cifar10_checkpoint):
     backbone = cnn_small(weights=str(cifar10_checkpoint))
-    with pytest.warns(UserWarning, match=r"data.normalization=imagenet but the backbone weights .* were trained with mean=\[0.4914"):
-        resolved = resolve_normalization("imagenet", describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked"))
+    with pytest.warns(
+        UserWarning,
+        match=r"data.normalization=imagenet but the backbone weights .* were trained with mean=\[0.4914",
+    ):
+        resolved = resolve_normalization(
+            "imagenet", describe_weights(backbone), dataset_stats=lambda: pytest.fail("not asked")
+        )
     assert resolved.name == "imagenet" and resolved.mean == (0.485, 0.456, 0.406)

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import cli
-from transferlab.utils.errors import UserError
+
 from transferlab.rank import scores as S
+from transferlab.utils.errors import UserError
 
 # The hand example: 6 images, 2 classes, 2-dim features, already centered (column means 0).
 #   class 0: (3, 1), (1, 1), (2, -2)      class mean (2, 0)
@@ -246,12 +246,22 @@ def test_backbone_entries():
     from transferlab.rank.__main__ import Entry, backbone_entries
 
     assert backbone_entries("cnn_small") == [Entry("cnn_small", "cnn_small", {})]
-    assert [e.label for e in backbone_entries(["cnn_small", "efficientnet_lite0"])] == ["cnn_small", "efficientnet_lite0"]
-    mapped = backbone_entries(["cnn_small", {"backbone": "cnn_small", "weights": "/runs/a.ckpt", "label": "mine"}])
+    assert [e.label for e in backbone_entries(["cnn_small", "efficientnet_lite0"])] == [
+        "cnn_small",
+        "efficientnet_lite0",
+    ]
+    mapped = backbone_entries(
+        ["cnn_small", {"backbone": "cnn_small", "weights": "/runs/a.ckpt", "label": "mine"}]
+    )
     assert mapped[1] == Entry("mine", "cnn_small", {"weights": "/runs/a.ckpt"})
-    for value, message in [([], "names no backbone"), (None, "names no backbone"), (["efficientnet_lite9"], "did you mean"),
-                           (["cnn_small", "cnn_small"], "listed twice"), ([3], "not a backbone name"),
-                           ([{"weights": "x"}], "names no backbone")]:
+    for value, message in [
+        ([], "names no backbone"),
+        (None, "names no backbone"),
+        (["efficientnet_lite9"], "did you mean"),
+        (["cnn_small", "cnn_small"], "listed twice"),
+        ([3], "not a backbone name"),
+        ([{"weights": "x"}], "names no backbone"),
+    ]:
         with pytest.raises(UserError, match=message):
             backbone_entries(value)
 
@@ -263,9 +273,13 @@ def test_entry_settings_are_checked():
 
     cnn = OmegaConf.create({"_target_": "transferlab.models.cnn_small", "channels": [16], "weights": "none"})
     assert with_settings(Entry("a", "cnn_small", {"weights": "/x.ckpt"}), cnn).weights == "/x.ckpt"
-    with pytest.raises(UserError, match="wieghts is not a setting of backbone cnn_small; did you mean weights"):
+    with pytest.raises(
+        UserError, match="wieghts is not a setting of backbone cnn_small; did you mean weights"
+    ):
         with_settings(Entry("a", "cnn_small", {"wieghts": "/x.ckpt"}), cnn)
-    timm = OmegaConf.create({"_target_": "transferlab.models.timm_backbone", "name": "???", "weights": "imagenet"})
+    timm = OmegaConf.create(
+        {"_target_": "transferlab.models.timm_backbone", "name": "???", "weights": "imagenet"}
+    )
     with pytest.raises(UserError, match="timm needs backbone.name"):
         with_settings(Entry("timm", "timm", {}), timm)
     assert with_settings(Entry("t", "timm", {"name": "resnet10t"}), timm).name == "resnet10t"
@@ -279,29 +293,65 @@ def save_cnn_small_checkpoint(path) -> None:
     backbone = cnn_small(image_size=32)
     model = TransferModule(backbone, linear_head(backbone.out_features, 10), num_classes=10)
     path.parent.mkdir(parents=True)
-    torch.save({"state_dict": model.state_dict(), "transferlab": {"backbone": "cnn_small", "num_classes": 10}}, path)
+    torch.save(
+        {"state_dict": model.state_dict(), "transferlab": {"backbone": "cnn_small", "num_classes": 10}}, path
+    )
 
 
 def test_rank_command(cifar10_root, torch_home, tmp_path):
     """cnn_small (random init: LEEP/NCE n/a) and efficientnet_lite0 (real weights, its ImageNet head)
     at a small image size; then the same run dir again is refused and left as it was."""
     run_dir = tmp_path / "rank"
-    trained = tmp_path / "source run" / "last.ckpt"  # a network from an earlier run, given as an entry with settings
+    trained = (
+        tmp_path / "source run" / "last.ckpt"
+    )  # a network from an earlier run, given as an entry with settings
     save_cnn_small_checkpoint(trained)
     backbones = f"rank.backbones=[cnn_small,efficientnet_lite0,{{backbone:cnn_small,weights:'{trained}',label:earlier_run}}]"
-    args = [backbones, f"data.root={cifar10_root}", "data.download=false",
-            "data.val_size=50", "data.fewshot.per_class=6", f"hydra.run.dir={run_dir}"]
+    args = [
+        backbones,
+        f"data.root={cifar10_root}",
+        "data.download=false",
+        "data.val_size=50",
+        "data.fewshot.per_class=6",
+        f"hydra.run.dir={run_dir}",
+    ]
     result = cli(args, tmp_path, torch_home, module="transferlab.rank", OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((run_dir / "rank.csv").open()))
-    assert list(rows[0]) == ["backbone", "weights", "features", "images", "classes", "logme", "h_score", "leep", "nce",
-                             "rank_logme", "rank_h_score", "rank_leep", "rank_nce", "features_time_s", "scores_time_s", "note"]
+    assert list(rows[0]) == [
+        "backbone",
+        "weights",
+        "features",
+        "images",
+        "classes",
+        "logme",
+        "h_score",
+        "leep",
+        "nce",
+        "rank_logme",
+        "rank_h_score",
+        "rank_leep",
+        "rank_nce",
+        "features_time_s",
+        "scores_time_s",
+        "note",
+    ]
     small, lite, earlier = rows
-    assert (small["backbone"], lite["backbone"], earlier["backbone"]) == ("cnn_small", "efficientnet_lite0", "earlier_run")
-    assert str(trained) in earlier["weights"] and earlier["leep"] == "nan" and "no source classifier" in earlier["note"]
+    assert (small["backbone"], lite["backbone"], earlier["backbone"]) == (
+        "cnn_small",
+        "efficientnet_lite0",
+        "earlier_run",
+    )
+    assert (
+        str(trained) in earlier["weights"]
+        and earlier["leep"] == "nan"
+        and "no source classifier" in earlier["note"]
+    )
     assert earlier["logme"] != small["logme"]  # other weights, other features
     assert small["images"] == lite["images"] == "60" and lite["features"] == "1280"
-    assert small["leep"] == small["nce"] == "nan" and small["rank_leep"] == "" and "random init" in small["note"]
+    assert (
+        small["leep"] == small["nce"] == "nan" and small["rank_leep"] == "" and "random init" in small["note"]
+    )
     assert float(lite["leep"]) <= 0 and float(lite["nce"]) <= 0 and lite["rank_leep"] == "1"
     for row in rows:
         assert math.isfinite(float(row["logme"])) and 0 <= float(row["h_score"]) <= 9
@@ -310,6 +360,7 @@ def test_rank_command(cifar10_root, torch_home, tmp_path):
     assert "| cnn_small |" in (run_dir / "rank.md").read_text()
     # the features scored are the ones a frozen training run uses: its cache key finds the ranking's file
     from conftest import compose_config
+
     from transferlab.build import build_backbone, build_datamodule
     from transferlab.data.features import feature_keys, features_folder
 
@@ -331,8 +382,14 @@ def test_a_random_init_backbone_is_the_same_network_wherever_it_stands(cifar10_r
     """Random init comes from the seed, as in a training run: listed twice (with a label) it scores the
     same, where before each build drew new random numbers and the ranking changed with the order."""
     run_dir = tmp_path / "rank"
-    args = ["rank.backbones=[{backbone:vgg_blocks,label:first},cnn_small,{backbone:cnn_small,label:again}]",
-            f"data.root={cifar10_root}", "data.download=false", "data.val_size=50", "data.fewshot.per_class=6", f"hydra.run.dir={run_dir}"]
+    args = [
+        "rank.backbones=[{backbone:vgg_blocks,label:first},cnn_small,{backbone:cnn_small,label:again}]",
+        f"data.root={cifar10_root}",
+        "data.download=false",
+        "data.val_size=50",
+        "data.fewshot.per_class=6",
+        f"hydra.run.dir={run_dir}",
+    ]
     result = cli(args, tmp_path, torch_home, module="transferlab.rank", OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr
     first, small, again = list(csv.DictReader((run_dir / "rank.csv").open()))
@@ -342,21 +399,44 @@ def test_a_random_init_backbone_is_the_same_network_wherever_it_stands(cifar10_r
 
 # (id, arguments, the message's text); each a real process: one line, exit 2, nothing written
 BAD_INPUT = [
-    ("unknown", ["rank.backbones=[cnn_small,efficientnet_lite9]"], "'efficientnet_lite9' is not a backbone; did you mean efficientnet_lite"),
+    (
+        "unknown",
+        ["rank.backbones=[cnn_small,efficientnet_lite9]"],
+        "'efficientnet_lite9' is not a backbone; did you mean efficientnet_lite",
+    ),
     ("empty", ["rank.backbones=[]"], "rank.backbones=[] names no backbone"),
-    ("not-a-list", ["rank.backbones=cnn_small,efficientnet_lite0"], "is not a list; write the backbones in brackets"),
+    (
+        "not-a-list",
+        ["rank.backbones=cnn_small,efficientnet_lite0"],
+        "is not a list; write the backbones in brackets",
+    ),
     ("needs-a-name", ["rank.backbones=[timm]"], "timm needs backbone.name"),
     ("sweep", ["-m", "rank.backbones=[cnn_small]"], "runs one ranking per command (no -m)"),
-    ("fails-to-build", ["rank.backbones=[efficientnet_lite0,cnn_small]", "data.image_size=16"],
-     "rank.backbones: cnn_small cannot be built: data.image_size=16 is too small"),
+    (
+        "fails-to-build",
+        ["rank.backbones=[efficientnet_lite0,cnn_small]", "data.image_size=16"],
+        "rank.backbones: cnn_small cannot be built: data.image_size=16 is too small",
+    ),
 ]
 
 
-@pytest.mark.parametrize("args, message", [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT])
+@pytest.mark.parametrize(
+    "args, message", [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT]
+)
 def test_rank_bad_input(args, message, cifar10_root, torch_home, tmp_path, transferlab_cache):
     run_dir = tmp_path / "rank"
-    result = cli([*args, f"data.root={cifar10_root}", "data.download=false", "data.val_size=50", f"hydra.run.dir={run_dir}"],
-                 tmp_path, torch_home, module="transferlab.rank")
+    result = cli(
+        [
+            *args,
+            f"data.root={cifar10_root}",
+            "data.download=false",
+            "data.val_size=50",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+        torch_home,
+        module="transferlab.rank",
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("transferlab: error: ") and message in lines[0], lines

@@ -8,10 +8,10 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from transferlab.utils.errors import UserError
+from transferlab.rank.table import SCORES
 from transferlab.report.agreement import agreement, match_runs, read_rank_table, write_agreement
 from transferlab.report.runs import Run
-from transferlab.rank.table import SCORES
+from transferlab.utils.errors import UserError
 
 
 def rank_csv(path, rows):
@@ -33,11 +33,19 @@ def test_rows_match_runs_by_option_or_by_the_checkpoint_they_read_and_tau_is_ken
     rows = [
         {"backbone": "a", "weights": "pkg a", "logme": 1.0, "h_score": 3.0, "leep": -1.0, "nce": "nan"},
         {"backbone": "b", "weights": "pkg b", "logme": 2.0, "h_score": 1.0, "leep": -2.0, "nce": "nan"},
-        {"backbone": "animals", "weights": f"{source}/checkpoints/best-epoch006.ckpt", "logme": 3.0, "h_score": 2.0, "leep": "nan", "nce": "nan"},
+        {
+            "backbone": "animals",
+            "weights": f"{source}/checkpoints/best-epoch006.ckpt",
+            "logme": 3.0,
+            "h_score": 2.0,
+            "leep": "nan",
+            "nce": "nan",
+        },
     ]
     table = rank_csv(tmp_path / "rank.csv", rows)
     runs = [
-        run(tmp_path, "a0", "a", "imagenet", 0.50), run(tmp_path, "a1", "a", "imagenet", 0.40),  # mean 0.45
+        run(tmp_path, "a0", "a", "imagenet", 0.50),
+        run(tmp_path, "a1", "a", "imagenet", 0.40),  # mean 0.45
         run(tmp_path, "b0", "b", "imagenet", 0.60),
         run(tmp_path, "s0", "vgg_blocks", source, 0.70),
         run(tmp_path, "c0", "c", "imagenet", 0.99),  # not ranked: ignored
@@ -61,6 +69,9 @@ def test_a_file_that_is_not_a_ranking_or_matches_no_run_is_one_line(tmp_path):
         read_rank_table(rank_csv(tmp_path / "other.csv", []))
     with pytest.raises(UserError, match="cannot read it"):
         read_rank_table(tmp_path / "missing.csv")
-    table = rank_csv(tmp_path / "rank.csv", [{"backbone": "a", "weights": "x", "logme": 1, "h_score": 1, "leep": 1, "nce": 1}])
+    table = rank_csv(
+        tmp_path / "rank.csv",
+        [{"backbone": "a", "weights": "x", "logme": 1, "h_score": 1, "leep": 1, "nce": 1}],
+    )
     with pytest.raises(UserError, match="none of its backbones"):
         write_agreement(table, [run(tmp_path, "b0", "b", "imagenet", 0.5)], tmp_path)

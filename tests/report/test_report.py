@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import JOB, cli_env, tiny_run
 from omegaconf import OmegaConf
 
-from conftest import JOB, cli_env, tiny_run
 from transferlab import report
 from transferlab.report import compare, figures
 from transferlab.report.curves import read_curves
@@ -38,7 +38,15 @@ CURVE_TAGS = ("train/loss", "train/acc", "val/loss", "val/acc")
 def sweep_dir(tmp_path_factory, cifar10_root, torch_home) -> Path:
     work = tmp_path_factory.mktemp("report")
     sweep = work / "sweep"
-    command = [sys.executable, "-m", "transferlab", "-m", *SWEEP, f"data.root={cifar10_root}", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "-m",
+        "transferlab",
+        "-m",
+        *SWEEP,
+        f"data.root={cifar10_root}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     # Module fixtures run before the autouse one that points TRANSFERLAB_CACHE at a temp dir.
     env = cli_env(torch_home, TRANSFERLAB_CACHE=str(work / "cache"))
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
@@ -63,7 +71,10 @@ def _csv_rows(folder: Path) -> list[dict[str, str]]:
 
 
 def _job_dirs(sweep: Path) -> list[Path]:
-    return sorted((p for p in sweep.iterdir() if (p / "metrics.json").is_file()), key=lambda p: int(p.name.split("_")[0]))
+    return sorted(
+        (p for p in sweep.iterdir() if (p / "metrics.json").is_file()),
+        key=lambda p: int(p.name.split("_")[0]),
+    )
 
 
 # ---- finding runs --------------------------------------------------------------------------
@@ -125,10 +136,16 @@ def test_markdown_has_mean_std_interval_and_n_over_two_seeds(sweep_report):
     assert header in grouped
     for mode in ("frozen", "finetune"):
         for k in ("2", "4"):
-            accuracies = [_metrics(r["run_dir"])["test/acc"] for r in rows if (r["mode"], r["data.fewshot.per_class"]) == (mode, k)]
+            accuracies = [
+                _metrics(r["run_dir"])["test/acc"]
+                for r in rows
+                if (r["mode"], r["data.fewshot.per_class"]) == (mode, k)
+            ]
             mean, std = statistics.fmean(accuracies), statistics.stdev(accuracies)
             half = t.ppf(0.975, 1) * std / 2**0.5  # two seeds: t(0.975, 1) = 12.7
-            expected = f"{100 * mean:.1f} ± {100 * std:.1f} [{100 * (mean - half):.1f}, {100 * (mean + half):.1f}]"
+            expected = (
+                f"{100 * mean:.1f} ± {100 * std:.1f} [{100 * (mean - half):.1f}, {100 * (mean + half):.1f}]"
+            )
             line = next(line for line in grouped.splitlines() if line.startswith(f"| {mode} | {k} |"))
             cells = [c.strip() for c in line.strip("|").split("|")]
             assert cells[2] == "2"  # n
@@ -142,10 +159,18 @@ def test_grouped_table_numbers(sweep_dir):
     assert keys == ["mode", "data.fewshot.per_class", "seed"]
     table = compare.grouped_table(runs, keys)
     assert [(r["mode"], r["data.fewshot.per_class"], r["n"]) for r in table] == [
-        ("frozen", "2", 2), ("frozen", "4", 2), ("finetune", "2", 2), ("finetune", "4", 2)
+        ("frozen", "2", 2),
+        ("frozen", "4", 2),
+        ("finetune", "2", 2),
+        ("finetune", "4", 2),
     ]
     for row in table:
-        accuracies = [r.metrics["test/acc"] for r in runs if (r.setting("mode"), r.setting("data.fewshot.per_class")) == (row["mode"], row["data.fewshot.per_class"])]
+        accuracies = [
+            r.metrics["test/acc"]
+            for r in runs
+            if (r.setting("mode"), r.setting("data.fewshot.per_class"))
+            == (row["mode"], row["data.fewshot.per_class"])
+        ]
         assert row["test/acc mean"] == pytest.approx(statistics.fmean(accuracies))
         assert row["test/acc std"] == pytest.approx(statistics.stdev(accuracies))
 
@@ -179,7 +204,8 @@ def test_sample_efficiency_has_one_line_per_mode_with_seed_spread(sweep_dir):
 
 def test_no_sample_efficiency_when_the_fewshot_size_is_the_same(sweep_dir, tmp_path):
     same_size = [
-        str(p) for p in _job_dirs(sweep_dir)
+        str(p)
+        for p in _job_dirs(sweep_dir)
         if "data.fewshot.per_class=2" in (p / ".hydra" / "overrides.yaml").read_text()
     ]
     assert len(same_size) == 4
@@ -208,10 +234,16 @@ def test_frozen_runs_count_their_feature_extraction_in_the_time_column(sweep_rep
         assert f"| {float(row['time_s']):.1f} |" in line
 
 
-@pytest.mark.parametrize("value, shown", [
-    ("0.0012345678901234", "0.001235"), ("2.3456789012e-05", "2.346e-05"), ("0.5", "0.5"),
-    ("123456789", "123456789"), ("frozen", "frozen"),
-])
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("0.0012345678901234", "0.001235"),
+        ("2.3456789012e-05", "2.346e-05"),
+        ("0.5", "0.5"),
+        ("123456789", "123456789"),
+        ("frozen", "frozen"),
+    ],
+)
 def test_settings_are_rounded_for_reading(value, shown):
     assert compare.readable(value) == shown
 
@@ -227,7 +259,45 @@ def test_seeds_of_a_setting_are_one_mean_line_with_a_min_max_band():
     assert band == [(1, 2.0, 1.0, 3.0), (2, pytest.approx(0.6), 0.5, 0.7)]
 
 
-@pytest.mark.parametrize("epochs", [[1], [1, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]])
+@pytest.mark.parametrize(
+    "epochs",
+    [
+        [1],
+        [1, 2],
+        [
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+            7,
+            8,
+            9,
+            10,
+            11,
+            12,
+            13,
+            14,
+            15,
+            16,
+            17,
+            18,
+            19,
+            20,
+            21,
+            22,
+            23,
+            24,
+            25,
+            26,
+            27,
+            28,
+            29,
+            30,
+        ],
+    ],
+)
 def test_the_epoch_axis_shows_no_epoch_that_did_not_happen(epochs):
     plt = figures._pyplot()
     fig, ax = plt.subplots()
@@ -254,7 +324,9 @@ def test_the_curves_figure_has_one_line_per_setting(sweep_dir, monkeypatch):
     runs = report.load_runs([sweep_dir])
     figures.plot_curves(runs, compare.differing_overrides(runs), sweep_dir.parent / "curves_probe.png")
     per_panel = len(drawn) // 4
-    assert sorted(drawn[:per_panel]) == sorted(f"mode={m} per_class={k} (2 seeds)" for m in ("frozen", "finetune") for k in (2, 4))
+    assert sorted(drawn[:per_panel]) == sorted(
+        f"mode={m} per_class={k} (2 seeds)" for m in ("frozen", "finetune") for k in (2, 4)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +334,18 @@ def probe_sweep_dir(tmp_path_factory, cifar10_root, torch_home) -> Path:
     """A sweep mixing a mode that trains no epoch (linear_probe: one L-BFGS solve) with one that does."""
     work = tmp_path_factory.mktemp("probe_report")
     sweep = work / "sweep"
-    command = [sys.executable, "-m", "transferlab", "-m", "mode=linear_probe,finetune", "backbone=cnn_small", *tiny_run(JOB),
-               "callbacks.progress_bar=null", f"data.root={cifar10_root}", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "-m",
+        "transferlab",
+        "-m",
+        "mode=linear_probe,finetune",
+        "backbone=cnn_small",
+        *tiny_run(JOB),
+        "callbacks.progress_bar=null",
+        f"data.root={cifar10_root}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     env = cli_env(torch_home, TRANSFERLAB_CACHE=str(work / "cache"))
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -282,7 +364,14 @@ def test_a_run_without_epochs_is_a_labelled_level_not_a_point_at_epoch_one(probe
 
         monkeypatch.setattr(plt.Axes, name, recording)
     original_legend = plt.Figure.legend
-    monkeypatch.setattr(plt.Figure, "legend", lambda fig, handles, labels, **kw: (legends.append(list(labels)), original_legend(fig, handles, labels, **kw))[1])
+    monkeypatch.setattr(
+        plt.Figure,
+        "legend",
+        lambda fig, handles, labels, **kw: (
+            legends.append(list(labels)),
+            original_legend(fig, handles, labels, **kw),
+        )[1],
+    )
     runs = report.load_runs([probe_sweep_dir])
 
     figures.plot_curves(runs, compare.differing_overrides(runs), probe_sweep_dir / "curves.png")
@@ -290,15 +379,23 @@ def test_a_run_without_epochs_is_a_labelled_level_not_a_point_at_epoch_one(probe
     assert set(drawn) == {"mode=finetune"}  # the probe is never drawn as an epoch curve
     assert set(levels) == {"mode=linear_probe (no epochs: one solve)"}  # its validation loss and accuracy
     assert len(levels) == 2
-    assert legends == [["mode=finetune", "mode=linear_probe (no epochs: one solve)"]]  # every mark drawn is named
+    assert legends == [
+        ["mode=finetune", "mode=linear_probe (no epochs: one solve)"]
+    ]  # every mark drawn is named
 
 
 def _finished_run(folder: Path, max_epochs: int, epochs: int, resumed_to: list[int]) -> Path:
     """A run dir as a command with trainer.max_epochs=`max_epochs` leaves it, then resumed with each of `resumed_to`."""
     (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "overrides.yaml").write_text(f"- trainer.max_epochs={max_epochs}\n- seed={len(resumed_to)}\n")
-    (folder / ".hydra" / "config.yaml").write_text(f"seed: {len(resumed_to)}\ntrainer:\n  max_epochs: {max_epochs}\n")
-    (folder / "metrics.json").write_text(json.dumps({"val/acc_best": 0.5, "test/acc": 0.5, "epochs": epochs, "train_time_s": 1.0}))
+    (folder / ".hydra" / "overrides.yaml").write_text(
+        f"- trainer.max_epochs={max_epochs}\n- seed={len(resumed_to)}\n"
+    )
+    (folder / ".hydra" / "config.yaml").write_text(
+        f"seed: {len(resumed_to)}\ntrainer:\n  max_epochs: {max_epochs}\n"
+    )
+    (folder / "metrics.json").write_text(
+        json.dumps({"val/acc_best": 0.5, "test/acc": 0.5, "epochs": epochs, "train_time_s": 1.0})
+    )
     resumes = [{"ckpt_path": "last", "max_epochs": budget, "longer_budget": True} for budget in resumed_to]
     (folder / "run_info.json").write_text(json.dumps({"seed": 0, "resumes": resumes}))
     return folder
@@ -355,7 +452,9 @@ def test_event_files_hold_final_metrics_and_hparams_for_the_hparams_tab(sweep_di
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content), sorted(content)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {"val/acc_best", "test/acc"} <= {m.name.tag for m in experiment.metric_infos}
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]
+    ).session_start_info
     assert start.hparams["mode.name"].string_value == "frozen"
     assert start.hparams["seed"].number_value == 0
     assert start.hparams["data.fewshot.per_class"].number_value == 2
@@ -397,7 +496,9 @@ def test_long_legend_labels_are_wrapped_to_fit_the_figure():
     labels = ["mode=frozen " + "x" * 200, "mode=finetune"]
     wrapped, columns, lines = figures.legend_layout(labels, line_chars=80)
     assert columns == 1
-    assert all(len(line) <= 80 - figures.LEGEND_SAMPLE_CHARS for label in wrapped for line in label.splitlines())
+    assert all(
+        len(line) <= 80 - figures.LEGEND_SAMPLE_CHARS for label in wrapped for line in label.splitlines()
+    )
     assert lines == wrapped[0].count("\n") + 2
 
 
@@ -413,10 +514,22 @@ def _job_like(source: Path, target: Path) -> Path:
 
 # (job folder, what it left besides .hydra/, the status and error the report must show)
 UNFINISHED_CASES = [
-    ("8_mode=frozen,seed=9", {"failed.json": json.dumps({"error": "data.fewshot.per_class=900 is too large\nsecond line", "exit_code": 2})},
-     "failed", "data.fewshot.per_class=900 is too large"),
-    ("9_mode=finetune,seed=9", {"error.txt": "\nTraceback (most recent call last):\n  File x\nRuntimeError: boom\n"},
-     "failed", "Traceback (most recent call last):"),
+    (
+        "8_mode=frozen,seed=9",
+        {
+            "failed.json": json.dumps(
+                {"error": "data.fewshot.per_class=900 is too large\nsecond line", "exit_code": 2}
+            )
+        },
+        "failed",
+        "data.fewshot.per_class=900 is too large",
+    ),
+    (
+        "9_mode=finetune,seed=9",
+        {"error.txt": "\nTraceback (most recent call last):\n  File x\nRuntimeError: boom\n"},
+        "failed",
+        "Traceback (most recent call last):",
+    ),
     ("10_mode=frozen,seed=8", {}, "unfinished", "still running, or killed"),
 ]
 
@@ -433,7 +546,9 @@ def sweep_with_failures(sweep_dir, tmp_path_factory) -> Path:
         shutil.copytree(job, sweep / job.name)
     for name, records, _, _ in UNFINISHED_CASES:
         job = _job_like(finished[2], sweep / name)
-        (job / ".hydra" / "overrides.yaml").write_text(f"- mode={name.split('mode=')[1].split(',')[0]}\n- seed={name[-1]}\n")
+        (job / ".hydra" / "overrides.yaml").write_text(
+            f"- mode={name.split('mode=')[1].split(',')[0]}\n- seed={name[-1]}\n"
+        )
         for record, text in records.items():
             (job / record).write_text(text)
     return sweep
@@ -447,8 +562,14 @@ def report_of_failures(sweep_with_failures) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
-@pytest.mark.parametrize("name, records, status, error", UNFINISHED_CASES, ids=[c[2] + ":" + ",".join(c[1]) for c in UNFINISHED_CASES])
-def test_failed_and_unfinished_jobs_are_listed(name, records, status, error, sweep_with_failures, report_of_failures):
+@pytest.mark.parametrize(
+    "name, records, status, error",
+    UNFINISHED_CASES,
+    ids=[c[2] + ":" + ",".join(c[1]) for c in UNFINISHED_CASES],
+)
+def test_failed_and_unfinished_jobs_are_listed(
+    name, records, status, error, sweep_with_failures, report_of_failures
+):
     assert report_of_failures.returncode == 0, report_of_failures.stderr[-3000:]
     seed = name[-1]
     line = next((text for text in report_of_failures.stdout.splitlines() if name in text), None)
@@ -475,7 +596,9 @@ def test_the_command_writes_nothing_to_stderr_when_it_succeeds(report_of_failure
     assert report_of_failures.returncode == 0 and report_of_failures.stderr == ""
 
 
-def test_a_sweep_where_no_job_finished_lists_them_and_fails(sweep_with_failures, tmp_path, capsys, monkeypatch):
+def test_a_sweep_where_no_job_finished_lists_them_and_fails(
+    sweep_with_failures, tmp_path, capsys, monkeypatch
+):
     import shutil
 
     monkeypatch.delenv("TRANSFERLAB_DEBUG", raising=False)
@@ -495,9 +618,17 @@ def test_a_sweep_where_no_job_finished_lists_them_and_fails(sweep_with_failures,
 # ---- runs whose metrics.json cannot be trusted ---------------------------------------------
 # (job folder, what its metrics.json becomes, what the failed line must say)
 BROKEN_METRICS = [
-    ("5_broken=truncated", lambda text: text[: len(text) // 2], "metrics.json is not valid JSON: remove the run or rerun it"),
+    (
+        "5_broken=truncated",
+        lambda text: text[: len(text) // 2],
+        "metrics.json is not valid JSON: remove the run or rerun it",
+    ),
     ("6_broken=word", lambda text: json.dumps({**json.loads(text), "test/acc": "high"}), "test/acc='high'"),
-    ("7_broken=nan", lambda text: json.dumps({**json.loads(text), "val/acc_best": float("nan")}), "val/acc_best=nan"),
+    (
+        "7_broken=nan",
+        lambda text: json.dumps({**json.loads(text), "val/acc_best": float("nan")}),
+        "val/acc_best=nan",
+    ),
 ]
 
 
@@ -521,7 +652,9 @@ def report_of_broken_runs(sweep_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, corrupt, reason", BROKEN_METRICS, ids=[c[0] for c in BROKEN_METRICS])
-def test_a_broken_metrics_file_lists_its_run_as_failed_and_reports_the_rest(report_of_broken_runs, name, corrupt, reason):
+def test_a_broken_metrics_file_lists_its_run_as_failed_and_reports_the_rest(
+    report_of_broken_runs, name, corrupt, reason
+):
     sweep, out, err = report_of_broken_runs
     assert err == ""
     line = next((text for text in out.splitlines() if name in text), None)
@@ -558,7 +691,9 @@ def _disk_full_at_the_csv(monkeypatch):
     [(_read_only_probe, "Read-only file system"), (_disk_full_at_the_csv, "No space left on device")],
     ids=["read-only", "full-while-writing"],
 )
-def test_an_unwritable_report_folder_is_one_line_naming_out(sweep_dir, tmp_path, capsys, monkeypatch, make_unwritable, reason):
+def test_an_unwritable_report_folder_is_one_line_naming_out(
+    sweep_dir, tmp_path, capsys, monkeypatch, make_unwritable, reason
+):
     monkeypatch.delenv("TRANSFERLAB_DEBUG", raising=False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     make_unwritable(monkeypatch)
@@ -567,19 +702,28 @@ def test_an_unwritable_report_folder_is_one_line_naming_out(sweep_dir, tmp_path,
         report.main([str(sweep_dir), "--out", str(out_dir)])
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"transferlab: error: cannot write the report to {out_dir} ({reason}); pick another folder with --out"]
+    assert lines == [
+        f"transferlab: error: cannot write the report to {out_dir} ({reason}); pick another folder with --out"
+    ]
 
 
 def test_a_read_only_sweep_dir_is_one_line_through_the_command(sweep_dir, tmp_path):
     """A real read-only bind mount of the sweep dir (needs root to mount)."""
     mount_point = tmp_path / "read_only"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(sweep_dir), str(mount_point)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(sweep_dir), str(mount_point)], capture_output=True
+    )
     if mounted.returncode != 0:
         pytest.skip("cannot make a read-only bind mount here (not root)")
     try:
-        done = subprocess.run([sys.executable, "-m", "transferlab.report", str(mount_point)],
-                              capture_output=True, text=True, timeout=300, env=cli_env(Path(".")))
+        done = subprocess.run(
+            [sys.executable, "-m", "transferlab.report", str(mount_point)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=cli_env(Path(".")),
+        )
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
     assert done.returncode == 2, done.stderr[-3000:]

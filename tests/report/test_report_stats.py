@@ -42,7 +42,9 @@ def _composed(overrides: tuple[str, ...]):
     return _COMPOSED[overrides]
 
 
-def fake_run(folder: Path, overrides: list[str], metrics: dict, seed: int = 0, fewshot_seed: int | None = None) -> Path:
+def fake_run(
+    folder: Path, overrides: list[str], metrics: dict, seed: int = 0, fewshot_seed: int | None = None
+) -> Path:
     """A finished run's folder as `python -m transferlab` leaves it, without training: the config is
     the one these overrides compose to, with `seed` (and `data.fewshot.seed`) set."""
     config, choices = _composed(tuple(overrides))
@@ -55,7 +57,9 @@ def fake_run(folder: Path, overrides: list[str], metrics: dict, seed: int = 0, f
     (folder / ".hydra").mkdir(parents=True)
     OmegaConf.save(config, folder / ".hydra" / "config.yaml")
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(given))
-    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    (folder / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}})
+    )
     (folder / "metrics.json").write_text(json.dumps({"epochs": 1, "train_time_s": 1.0, **metrics}))
     return folder
 
@@ -80,7 +84,9 @@ def test_t_interval_for_two_and_three_seeds():
     assert (low, high) == pytest.approx((0.52 - 12.706204736 * 0.02, 0.52 + 12.706204736 * 0.02), abs=1e-9)
     # n = 3: mean 0.2, std 0.1, t(0.975, 2) = 4.30265273
     low, high = stats.t_interval([0.1, 0.2, 0.3])
-    assert (low, high) == pytest.approx((0.2 - 4.30265273 * 0.1 / math.sqrt(3), 0.2 + 4.30265273 * 0.1 / math.sqrt(3)), abs=1e-8)
+    assert (low, high) == pytest.approx(
+        (0.2 - 4.30265273 * 0.1 / math.sqrt(3), 0.2 + 4.30265273 * 0.1 / math.sqrt(3)), abs=1e-8
+    )
     values = [0.61, 0.58, 0.66, 0.60]
     mean, sem = statistics.fmean(values), statistics.stdev(values) / 2
     assert stats.t_interval(values) == pytest.approx(t.interval(0.95, 3, loc=mean, scale=sem))
@@ -116,7 +122,9 @@ def test_paired_t_test_on_a_small_table():
     assert result.n_pairs == 4 and result.test == "paired t-test"
     assert result.mean_diff == pytest.approx(0.0225)
     assert result.p_value == pytest.approx(2 * t.sf(mean / sem, 3))
-    assert (result.low, result.high) == pytest.approx((mean - t.ppf(0.975, 3) * sem, mean + t.ppf(0.975, 3) * sem))
+    assert (result.low, result.high) == pytest.approx(
+        (mean - t.ppf(0.975, 3) * sem, mean + t.ppf(0.975, 3) * sem)
+    )
 
 
 def test_sign_flip_test_is_exact_on_three_pairs():
@@ -124,7 +132,9 @@ def test_sign_flip_test_is_exact_on_three_pairs():
     assert stats.sign_flip_p([0.01, 0.02, 0.03]) == pytest.approx(0.25)
     # (0.03, -0.01, 0.02), sum 0.04: the sums +-0.06 and +-0.04 are as far from 0 -> 4/8.
     assert stats.sign_flip_p([0.03, -0.01, 0.02]) == pytest.approx(0.5)
-    assert stats.smallest_sign_flip_p(3) == 0.25 and stats.smallest_sign_flip_p(6) < 0.05 < stats.smallest_sign_flip_p(5)
+    assert stats.smallest_sign_flip_p(3) == 0.25 and stats.smallest_sign_flip_p(
+        6
+    ) < 0.05 < stats.smallest_sign_flip_p(5)
     result = stats.paired_difference([0.6, 0.7, 0.8], [0.59, 0.68, 0.77], test="permutation")
     assert result.p_value == pytest.approx(0.25) and result.test == "sign-flip permutation (exact)"
 
@@ -149,7 +159,9 @@ def test_crossover_of_two_straight_lines_is_where_algebra_says():
     assert (result.low, result.high) == pytest.approx((math.exp(4), math.exp(4)))
     assert result.share_crossing == 1.0 and result.a_overtakes is True and result.n_seeds == 3
     # the same lines over 100-1000 images: they would cross at 54.6, outside the range -> no crossing
-    far = stats.crossover([100, 300, 1000], np.array([0.1 + 0.05 * math.log(x) + shift for x in (100, 300, 1000)]), b)
+    far = stats.crossover(
+        [100, 300, 1000], np.array([0.1 + 0.05 * math.log(x) + shift for x in (100, 300, 1000)]), b
+    )
     assert far.n_cross is None and far.a_above is True and far.share_crossing == 0.0
     parallel = stats.crossover(sizes, a, a + 0.01)
     assert parallel.n_cross is None and parallel.a_above is False
@@ -170,8 +182,12 @@ def sample_sweep(tmp_path_factory) -> Path:
         for mode, (intercept, slope) in LINES.items():
             for seed, shift in SEED_SHIFT.items():
                 acc = intercept + slope * math.log(per_class) + shift
-                fake_run(sweep / f"{job}_x", ["experiment=lite0_finetune", f"mode={mode}", f"data.fewshot.per_class={per_class}"],
-                         {"val/acc_best": acc + 0.01, "test/acc": acc, "val/acc": 0.2, "train/acc": 0.9}, seed=seed)
+                fake_run(
+                    sweep / f"{job}_x",
+                    ["experiment=lite0_finetune", f"mode={mode}", f"data.fewshot.per_class={per_class}"],
+                    {"val/acc_best": acc + 0.01, "test/acc": acc, "val/acc": 0.2, "train/acc": 0.9},
+                    seed=seed,
+                )
                 job += 1
     report.main([str(sweep)])
     return sweep
@@ -202,7 +218,9 @@ def test_report_csv_carries_each_settings_interval(sample_sweep):
 
 def test_paired_differences_with_their_verdict(sample_sweep):
     rows = [r for r in read_csv(sample_sweep / "paired.csv") if r["metric"] == "test/acc"]
-    assert [(r["a"], r["b"], r["data.fewshot.per_class"]) for r in rows] == [("finetune", "frozen", k) for k in ("10", "50", "250")]
+    assert [(r["a"], r["b"], r["data.fewshot.per_class"]) for r in rows] == [
+        ("finetune", "frozen", k) for k in ("10", "50", "250")
+    ]
     for row in rows:
         k = int(row["data.fewshot.per_class"])
         # the seed shifts both arms alike: every pair differs by the same amount, no spread to test
@@ -211,7 +229,10 @@ def test_paired_differences_with_their_verdict(sample_sweep):
     text = (sample_sweep / "report.md").read_text()
     paired = section(text, "Paired differences")
     assert "uncorrected" in paired and "Not paired" not in paired
-    assert "**finetune − frozen** (per_class=250), test/acc: +7.6 points [+7.6, +7.6], with 3 seeds: no p-value" in paired
+    assert (
+        "**finetune − frozen** (per_class=250), test/acc: +7.6 points [+7.6, +7.6], with 3 seeds: no p-value"
+        in paired
+    )
 
 
 def test_crossover_in_the_report_and_on_the_figure(sample_sweep):
@@ -220,24 +241,41 @@ def test_crossover_in_the_report_and_on_the_figure(sample_sweep):
     row = rows[0]
     assert (row["a"], row["b"]) == ("finetune", "frozen")
     assert float(row["n_cross"]) == pytest.approx(math.exp(4))
-    assert float(row["ci95_low"]) == pytest.approx(math.exp(4)) and float(row["ci95_high"]) == pytest.approx(math.exp(4))
+    assert float(row["ci95_low"]) == pytest.approx(math.exp(4)) and float(row["ci95_high"]) == pytest.approx(
+        math.exp(4)
+    )
     assert float(row["share_crossing"]) == 1.0 and row["reason"] == ""
     text = (sample_sweep / "report.md").read_text()
-    assert "finetune overtakes frozen at about 55 images per class [55, 55]" in section(text, "Where the curves cross")
+    assert "finetune overtakes frozen at about 55 images per class [55, 55]" in section(
+        text, "Where the curves cross"
+    )
     assert (sample_sweep / "sample_efficiency.png").stat().st_size > 20_000
 
 
 def test_curves_that_do_not_cross_inside_the_sizes_say_so(tmp_path):
-    for job, (per_class, mode, seed) in enumerate((k, m, s) for k in (100, 300, 1000) for m in LINES for s in (0, 1)):
+    for job, (per_class, mode, seed) in enumerate(
+        (k, m, s) for k in (100, 300, 1000) for m in LINES for s in (0, 1)
+    ):
         intercept, slope = LINES[mode]
         acc = intercept + slope * math.log(per_class) + SEED_SHIFT[seed]
-        fake_run(tmp_path / "sweep" / f"{job}_x", ["experiment=lite0_finetune", f"mode={mode}", f"data.fewshot.per_class={per_class}"],
-                 {"test/acc": acc}, seed=seed)
+        fake_run(
+            tmp_path / "sweep" / f"{job}_x",
+            ["experiment=lite0_finetune", f"mode={mode}", f"data.fewshot.per_class={per_class}"],
+            {"test/acc": acc},
+            seed=seed,
+        )
     report.main([str(tmp_path / "sweep")])
     row = read_csv(tmp_path / "sweep" / "crossover.csv")[0]
-    assert row["n_cross"] == "" and row["reason"] == "no crossing between 100 and 1000 images per class (fitted lines, no extrapolation)"
+    assert (
+        row["n_cross"] == ""
+        and row["reason"]
+        == "no crossing between 100 and 1000 images per class (fitted lines, no extrapolation)"
+    )
     text = (tmp_path / "sweep" / "report.md").read_text()
-    assert "the curves of finetune and frozen do not cross between 100 and 1000 images per class (finetune stays above frozen)" in text
+    assert (
+        "the curves of finetune and frozen do not cross between 100 and 1000 images per class (finetune stays above frozen)"
+        in text
+    )
 
 
 def test_runs_pair_across_two_sweep_dirs_that_spell_one_config_differently(tmp_path):
@@ -245,10 +283,19 @@ def test_runs_pair_across_two_sweep_dirs_that_spell_one_config_differently(tmp_p
     first, second = tmp_path / "presets", tmp_path / "spelled"
     for seed, acc in enumerate((0.50, 0.53, 0.51)):
         fake_run(first / f"{seed}_x", ["experiment=lite0_l2sp"], {"test/acc": acc}, seed=seed)
-        fake_run(second / f"{seed}_x", ["experiment=lite0_finetune", "mode=frozen", "regularizer=l2sp", "optimizer.weight_decay=0"],
-                 {"test/acc": acc - 0.02 - 0.01 * seed}, seed=seed)
+        fake_run(
+            second / f"{seed}_x",
+            ["experiment=lite0_finetune", "mode=frozen", "regularizer=l2sp", "optimizer.weight_decay=0"],
+            {"test/acc": acc - 0.02 - 0.01 * seed},
+            seed=seed,
+        )
     # not a partner: weight decay on, which L2-SP's preset turns off
-    fake_run(second / "9_x", ["experiment=lite0_finetune", "mode=frozen", "regularizer=l2sp"], {"test/acc": 0.4}, seed=0)
+    fake_run(
+        second / "9_x",
+        ["experiment=lite0_finetune", "mode=frozen", "regularizer=l2sp"],
+        {"test/acc": 0.4},
+        seed=0,
+    )
     out = tmp_path / "report"
     report.main([str(first), str(second), "--out", str(out)])
     rows = read_csv(out / "paired.csv")
@@ -260,22 +307,46 @@ def test_runs_pair_across_two_sweep_dirs_that_spell_one_config_differently(tmp_p
 
 
 def test_runs_without_a_partner_are_listed_not_failed(tmp_path, capsys):
-    fake_run(tmp_path / "sweep" / "0_x", ["experiment=lite0_finetune", "mode=frozen"], {"test/acc": 0.5}, seed=0)
-    fake_run(tmp_path / "sweep" / "1_x", ["experiment=lite0_finetune", "mode=finetune"], {"test/acc": 0.6}, seed=0)
-    fake_run(tmp_path / "sweep" / "2_x", ["experiment=lite0_finetune", "mode=finetune"], {"test/acc": 0.6}, seed=5)
-    fake_run(tmp_path / "sweep" / "3_x", ["experiment=lite0_finetune", "mode=finetune", "optimizer.lr=0.1"], {"test/acc": 0.6}, seed=0)
+    fake_run(
+        tmp_path / "sweep" / "0_x", ["experiment=lite0_finetune", "mode=frozen"], {"test/acc": 0.5}, seed=0
+    )
+    fake_run(
+        tmp_path / "sweep" / "1_x", ["experiment=lite0_finetune", "mode=finetune"], {"test/acc": 0.6}, seed=0
+    )
+    fake_run(
+        tmp_path / "sweep" / "2_x", ["experiment=lite0_finetune", "mode=finetune"], {"test/acc": 0.6}, seed=5
+    )
+    fake_run(
+        tmp_path / "sweep" / "3_x",
+        ["experiment=lite0_finetune", "mode=finetune", "optimizer.lr=0.1"],
+        {"test/acc": 0.6},
+        seed=0,
+    )
     report.main([str(tmp_path / "sweep")])
     unpaired = section((tmp_path / "sweep" / "report.md").read_text(), "Not paired")
     assert "2 runs have no partner" in unpaired
     assert "| 2 | mode=finetune | no run of another mode has seed=5 and data.fewshot.seed=5 |" in unpaired
-    assert "| 3 | mode=finetune | differs from 0 (mode=frozen, same seeds) in optimizer.lr (0.1 vs 0.003) |" in unpaired
+    assert (
+        "| 3 | mode=finetune | differs from 0 (mode=frozen, same seeds) in optimizer.lr (0.1 vs 0.003) |"
+        in unpaired
+    )
     assert [r["n_pairs"] for r in read_csv(tmp_path / "sweep" / "paired.csv")] == ["1"]
 
 
 def test_permutation_test_says_when_5_percent_cannot_be_reached(tmp_path):
     for seed in range(3):
-        fake_run(tmp_path / "s" / f"{2 * seed}_x", ["experiment=lite0_finetune", "mode=frozen"], {"test/acc": 0.50 + 0.01 * seed}, seed=seed)
-        fake_run(tmp_path / "s" / f"{2 * seed + 1}_x", ["experiment=lite0_finetune"], {"test/acc": 0.52 + 0.02 * seed}, seed=seed)
+        fake_run(
+            tmp_path / "s" / f"{2 * seed}_x",
+            ["experiment=lite0_finetune", "mode=frozen"],
+            {"test/acc": 0.50 + 0.01 * seed},
+            seed=seed,
+        )
+        fake_run(
+            tmp_path / "s" / f"{2 * seed + 1}_x",
+            ["experiment=lite0_finetune"],
+            {"test/acc": 0.52 + 0.02 * seed},
+            seed=seed,
+        )
     report.main([str(tmp_path / "s"), "--paired-test", "permutation"])
     row = next(r for r in read_csv(tmp_path / "s" / "paired.csv") if r["metric"] == "test/acc")
     assert float(row["p_value"]) == pytest.approx(0.25) and row["test"] == "sign-flip permutation (exact)"
@@ -285,8 +356,13 @@ def test_permutation_test_says_when_5_percent_cannot_be_reached(tmp_path):
 
 def test_few_shot_seeds_are_repeats_and_the_interval_says_which_variance(tmp_path):
     for job, fewshot_seed in enumerate((0, 1, 2)):
-        fake_run(tmp_path / "s" / f"{job}_x", ["experiment=lite0_finetune", "data.fewshot.per_class=10"],
-                 {"test/acc": 0.3 + 0.01 * job}, seed=0, fewshot_seed=fewshot_seed)
+        fake_run(
+            tmp_path / "s" / f"{job}_x",
+            ["experiment=lite0_finetune", "data.fewshot.per_class=10"],
+            {"test/acc": 0.3 + 0.01 * job},
+            seed=0,
+            fewshot_seed=fewshot_seed,
+        )
     runs = load_runs([tmp_path / "s"])
     keys = compare.differing_overrides(runs)
     assert keys == ["data.fewshot.seed"]
@@ -298,30 +374,48 @@ def test_few_shot_seeds_are_repeats_and_the_interval_says_which_variance(tmp_pat
 
 
 def test_a_single_seed_shows_its_value_and_empty_interval_cells(tmp_path):
-    fake_run(tmp_path / "s" / "0_x", ["experiment=lite0_finetune", "mode=frozen"], {"test/acc": 0.541}, seed=0)
+    fake_run(
+        tmp_path / "s" / "0_x", ["experiment=lite0_finetune", "mode=frozen"], {"test/acc": 0.541}, seed=0
+    )
     fake_run(tmp_path / "s" / "1_x", ["experiment=lite0_finetune"], {"test/acc": 0.60}, seed=0)
     fake_run(tmp_path / "s" / "2_x", ["experiment=lite0_finetune"], {"test/acc": 0.62}, seed=1)
     report.main([str(tmp_path / "s")])
     rows = {r["run"]: r for r in read_csv(tmp_path / "s" / "report.csv")}
     assert rows["0"]["n"] == "1" and float(rows["0"]["test/acc_mean"]) == 0.541
-    assert rows["0"]["test/acc_std"] == rows["0"]["test/acc_ci95_low"] == rows["0"]["test/acc_ci95_high"] == ""
+    assert (
+        rows["0"]["test/acc_std"] == rows["0"]["test/acc_ci95_low"] == rows["0"]["test/acc_ci95_high"] == ""
+    )
     assert "| frozen | 1 | 54.1 (1 seed) | 1.0 |" in (tmp_path / "s" / "report.md").read_text()
 
 
 # ---- labels ------------------------------------------------------------------------------------
 def test_legends_name_an_arm_by_what_varies_or_by_the_users_label(tmp_path):
-    for job, (experiment, per_class) in enumerate((e, k) for e in ("lite0_frozen", "lite0_finetune") for k in (10, 50)):
-        fake_run(tmp_path / "a" / f"{job}_x", [f"experiment={experiment}", f"data.fewshot.per_class={per_class}"], {"test/acc": 0.5})
+    for job, (experiment, per_class) in enumerate(
+        (e, k) for e in ("lite0_frozen", "lite0_finetune") for k in (10, 50)
+    ):
+        fake_run(
+            tmp_path / "a" / f"{job}_x",
+            [f"experiment={experiment}", f"data.fewshot.per_class={per_class}"],
+            {"test/acc": 0.5},
+        )
     runs = load_runs([tmp_path / "a"])
     keys = compare.differing_overrides(runs)
     assert keys == ["experiment", "data.fewshot.per_class"]  # experiment differs, mode only follows it
     assert list(compare.sample_efficiency_points(runs, keys)) == ["mode=frozen", "mode=finetune"]
     assert compare.setting_keys(runs, keys) == ["mode", "data.fewshot.per_class"]
     for job, label in enumerate(("ft-plain", "ft-l2sp")):
-        fake_run(tmp_path / "b" / f"{job}_x", ["experiment=lite0_finetune", "data.fewshot.per_class=10", f"label={label}"]
-                 + (["regularizer=l2sp"] if label == "ft-l2sp" else []), {"test/acc": 0.5})
-        fake_run(tmp_path / "b" / f"{job + 2}_x", ["experiment=lite0_finetune", "data.fewshot.per_class=50", f"label={label}"]
-                 + (["regularizer=l2sp"] if label == "ft-l2sp" else []), {"test/acc": 0.6})
+        fake_run(
+            tmp_path / "b" / f"{job}_x",
+            ["experiment=lite0_finetune", "data.fewshot.per_class=10", f"label={label}"]
+            + (["regularizer=l2sp"] if label == "ft-l2sp" else []),
+            {"test/acc": 0.5},
+        )
+        fake_run(
+            tmp_path / "b" / f"{job + 2}_x",
+            ["experiment=lite0_finetune", "data.fewshot.per_class=50", f"label={label}"]
+            + (["regularizer=l2sp"] if label == "ft-l2sp" else []),
+            {"test/acc": 0.6},
+        )
     runs = load_runs([tmp_path / "b"])
     keys = compare.differing_overrides(runs)
     assert list(compare.sample_efficiency_points(runs, keys)) == ["ft-plain", "ft-l2sp"]
@@ -340,15 +434,21 @@ def test_a_run_from_before_label_existed_resumes_with_one():
 
 
 # ---- bad flags ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, message", [
-    (["--ci", "bca"], "--ci bca: choose one of t, bootstrap"),
-    (["--bootstrap-seed", "-1"], "--bootstrap-seed -1: give a whole number"),
-    (["--bootstrap-seed", "one"], "--bootstrap-seed one: give a whole number"),
-    (["--arms", "modee"], "--arms modee: no run has a setting modee"),
-    (["--arms", "seed"], "--arms seed: seed is a seed"),
-    (["--paired-test", "wilcoxon"], "--paired-test wilcoxon: choose one of t, permutation"),
-], ids=["ci", "negative-seed", "word-seed", "unknown-arm", "seed-arm", "paired-test"])
-def test_bad_flag_values_are_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, flags, message):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ci", "bca"], "--ci bca: choose one of t, bootstrap"),
+        (["--bootstrap-seed", "-1"], "--bootstrap-seed -1: give a whole number"),
+        (["--bootstrap-seed", "one"], "--bootstrap-seed one: give a whole number"),
+        (["--arms", "modee"], "--arms modee: no run has a setting modee"),
+        (["--arms", "seed"], "--arms seed: seed is a seed"),
+        (["--paired-test", "wilcoxon"], "--paired-test wilcoxon: choose one of t, permutation"),
+    ],
+    ids=["ci", "negative-seed", "word-seed", "unknown-arm", "seed-arm", "paired-test"],
+)
+def test_bad_flag_values_are_one_line_before_anything_is_written(
+    tmp_path, capsys, monkeypatch, flags, message
+):
     monkeypatch.delenv("TRANSFERLAB_DEBUG", raising=False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     fake_run(tmp_path / "s" / "0_x", ["experiment=lite0_finetune"], {"test/acc": 0.5})
@@ -386,9 +486,20 @@ def test_rank_agreement_reports_the_weighted_tau_beside_tau_b(tmp_path):
     with open(tmp_path / "rank.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["backbone", "weights", *SCORES])
         writer.writeheader()
-        writer.writerows({"backbone": b, "weights": "pkg", "logme": v, "h_score": v, "leep": "nan", "nce": "nan"} for b, v in logme.items())
-    runs = [Run(tmp_path / b, {}, OmegaConf.create({"backbone": {"weights": "imagenet"}}), {"test/acc": acc}, choices={"backbone": b})
-            for b, acc in accuracy.items()]
+        writer.writerows(
+            {"backbone": b, "weights": "pkg", "logme": v, "h_score": v, "leep": "nan", "nce": "nan"}
+            for b, v in logme.items()
+        )
+    runs = [
+        Run(
+            tmp_path / b,
+            {},
+            OmegaConf.create({"backbone": {"weights": "imagenet"}}),
+            {"test/acc": acc},
+            choices={"backbone": b},
+        )
+        for b, acc in accuracy.items()
+    ]
     _, text = write_agreement(tmp_path / "rank.csv", runs, tmp_path)
     expected = weightedtau(list(logme.values()), list(accuracy.values())).statistic
     row = next(line for line in text.splitlines() if line.startswith("| **weighted tau"))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli, tiny_run
+
 from transferlab.run import confusion
 from transferlab.store.rundir import RunDir
 
@@ -22,8 +22,16 @@ def scratch_run(tmp_path_factory, cifar10_root, torch_home):
     """A tiny scratch run of a backbone whose config asks for ImageNet weights, warnings shown as a user sees them."""
     work = tmp_path_factory.mktemp("per_class")
     run_dir = work / "run"
-    args = [*tiny_run(), "backbone=resnet18", "mode=scratch", "optimizer=adamw", "head=mlp",
-            f"data.root={cifar10_root}", "data.download=false", f"hydra.run.dir={run_dir}"]
+    args = [
+        *tiny_run(),
+        "backbone=resnet18",
+        "mode=scratch",
+        "optimizer=adamw",
+        "head=mlp",
+        f"data.root={cifar10_root}",
+        "data.download=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     done = cli(args, work, torch_home, PYTHONWARNINGS="default", TRANSFERLAB_CACHE=str(work / "cache"))
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, done
@@ -73,7 +81,9 @@ def test_tensorboard_has_the_confusion_matrix_image_and_the_named_components(scr
     image = events.Images(confusion.TENSORBOARD_TAG)[-1]
     assert image.width > 300 and image.height > 300
     content = events.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]
+    ).session_start_info
     shown = {key: value.string_value for key, value in start.hparams.items()}
     assert shown["optimizer.name"] == "AdamW"
     assert shown["scheduler.name"] == "CosineAnnealingLR"
@@ -98,8 +108,17 @@ def test_the_console_has_no_tips_or_deprecation_noise_and_one_md5_warning(scratc
 
 def test_a_run_without_test_writes_no_per_class_results(tmp_path, cifar10_root, torch_home):
     run_dir = tmp_path / "run"
-    done = cli([*tiny_run(), "test=false", f"data.root={cifar10_root}", "data.download=false", f"hydra.run.dir={run_dir}"],
-               tmp_path, torch_home)
+    done = cli(
+        [
+            *tiny_run(),
+            "test=false",
+            f"data.root={cifar10_root}",
+            "data.download=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+        torch_home,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "val/acc_best" in metrics and not any(key.startswith("test/") for key in metrics)
@@ -112,11 +131,14 @@ def test_a_class_without_test_images_has_no_accuracy_rather_than_nan():
     assert confusion.accuracy_per_class(matrix) == [0.75, None, 0.8]
 
 
-@pytest.mark.parametrize("recorded, expected", [
-    ({"class_names": ["cat", "dog"]}, ["cat", "dog"]),
-    ({"class_names": ["cat"]}, ["0", "1"]),  # a mismatch is not trusted
-    ({}, ["0", "1"]),
-])
+@pytest.mark.parametrize(
+    "recorded, expected",
+    [
+        ({"class_names": ["cat", "dog"]}, ["cat", "dog"]),
+        ({"class_names": ["cat"]}, ["0", "1"]),  # a mismatch is not trusted
+        ({}, ["0", "1"]),
+    ],
+)
 def test_class_names_come_from_what_the_model_recorded(recorded, expected):
     class Model:
         data_info = recorded

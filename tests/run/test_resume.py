@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli as run_cli
+from conftest import run_training
 from lightning.pytorch.callbacks import Callback
 
-from conftest import cli as run_cli, run_training
-from transferlab.callbacks.guards import SeedEachEpoch
-from transferlab.callbacks.guards import AtomicCheckpointIO
+from transferlab.callbacks.guards import AtomicCheckpointIO, SeedEachEpoch
 from transferlab.utils.errors import UserError
 
 TESTS = Path(__file__).resolve().parent
@@ -77,7 +77,9 @@ def test_failed_save_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_half_then_fail)
-    with pytest.raises(UserError, match="no space left on"):  # one line naming the folder (transferlab.store.files)
+    with pytest.raises(
+        UserError, match="no space left on"
+    ):  # one line naming the folder (transferlab.store.files)
         checkpoint_io.save_checkpoint({"epoch": 1, "weights": torch.zeros(4)}, target)
 
     assert target.read_bytes() == before
@@ -108,7 +110,9 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(cifar10_root, 
 
     first_config = (run_dir / ".hydra" / "config.yaml").read_text()
 
-    resumed = cli([data, *RESUMABLE, *kill, "ckpt_path=last", f"hydra.run.dir={run_dir}"], tmp_path, torch_home)
+    resumed = cli(
+        [data, *RESUMABLE, *kill, "ckpt_path=last", f"hydra.run.dir={run_dir}"], tmp_path, torch_home
+    )
     assert resumed.returncode == 0, resumed.stderr
 
     assert metrics_without_time(run_dir) == metrics_without_time(tmp_path / "uninterrupted")
@@ -122,7 +126,12 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(cifar10_root, 
 
 
 def test_epoch_seeds_differ_between_neighbouring_seeds_epochs_and_ranks():
-    seeds = {SeedEachEpoch(seed).epoch_seed(epoch, rank) for seed in range(4) for epoch in range(4) for rank in range(2)}
+    seeds = {
+        SeedEachEpoch(seed).epoch_seed(epoch, rank)
+        for seed in range(4)
+        for epoch in range(4)
+        for rank in range(2)
+    }
     assert len(seeds) == 32
 
 
@@ -141,7 +150,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar10_root,
     # Epoch 0 trains normally; the step scheduler then multiplies the learning rate by 1e30.
     explode = ["trainer.max_epochs=2", "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=1e30"]
     run_dir = tmp_path / "run"
-    small = ["backbone=cnn_small", "trainer.accelerator=cpu", "data.val_size=50", "data.batch_size=32", "callbacks.progress_bar=null"]
+    small = [
+        "backbone=cnn_small",
+        "trainer.accelerator=cpu",
+        "data.val_size=50",
+        "data.batch_size=32",
+        "callbacks.progress_bar=null",
+    ]
     args = [f"data.root={cifar10_root}", *small, *explode, f"hydra.run.dir={run_dir}"]
     result = cli(args, tmp_path, torch_home)
 
@@ -160,15 +175,25 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar10_root,
 # ---- resume in place: never mix two experiments, never rewrite a finished run ----------------------
 #: a short run through the command line (so that its .hydra/config.yaml exists): 2 epochs of 2 batches
 SHORT = [
-    "backbone=cnn_small", "trainer.accelerator=cpu", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "data.val_size=20", "data.batch_size=16",
+    "backbone=cnn_small",
+    "trainer.accelerator=cpu",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "data.val_size=20",
+    "data.batch_size=16",
     "callbacks.progress_bar=null",
 ]
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
     """Every file under `folder` (a new file, such as a .hydra/resume-* config, shows as a new key)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
@@ -189,15 +214,31 @@ def finished(tmp_path_factory, cifar10_root, torch_home) -> tuple[Path, list[str
 
 # (id, overrides added to the run's own, what the one line must say)
 RESUME_REFUSALS = [
-    ("learning-rate", ["optimizer.lr=0.1"], "settings that change the experiment: optimizer.lr (0.01 -> 0.1)"),
-    ("fewshot-and-seed", ["data.fewshot.per_class=5", "seed=3"], "data.fewshot.per_class (None -> 5), seed (0 -> 3)"),
+    (
+        "learning-rate",
+        ["optimizer.lr=0.1"],
+        "settings that change the experiment: optimizer.lr (0.01 -> 0.1)",
+    ),
+    (
+        "fewshot-and-seed",
+        ["data.fewshot.per_class=5", "seed=3"],
+        "data.fewshot.per_class (None -> 5), seed (0 -> 3)",
+    ),
     ("classes", ["data.classes=[cat,dog]"], "data.classes (None -> ['cat', 'dog'])"),
-    ("max-epochs-lowered", ["trainer.max_epochs=1"], "trainer.max_epochs=1 is lower than the run's 2; a resume may only raise it"),
+    (
+        "max-epochs-lowered",
+        ["trainer.max_epochs=1"],
+        "trainer.max_epochs=1 is lower than the run's 2; a resume may only raise it",
+    ),
 ]
 
 
-@pytest.mark.parametrize("extra, expected", [c[1:] for c in RESUME_REFUSALS], ids=[c[0] for c in RESUME_REFUSALS])
-def test_resume_that_changes_the_experiment_is_refused_and_writes_nothing(extra, expected, finished, torch_home):
+@pytest.mark.parametrize(
+    "extra, expected", [c[1:] for c in RESUME_REFUSALS], ids=[c[0] for c in RESUME_REFUSALS]
+)
+def test_resume_that_changes_the_experiment_is_refused_and_writes_nothing(
+    extra, expected, finished, torch_home
+):
     run_dir, args = finished
     before = file_hashes(run_dir)
     result = cli([*args, *extra, "ckpt_path=last"], run_dir.parent, torch_home)
@@ -208,7 +249,11 @@ def test_resume_that_changes_the_experiment_is_refused_and_writes_nothing(extra,
 
 
 # settings that change no trained number may differ (RESUME_MAY_CHANGE in transferlab/run/resume.py)
-@pytest.mark.parametrize("extra", [[], ["data.num_workers=1", "data.eval_batch_size=7", "test=true"]], ids=["same", "allowed-changes"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["data.num_workers=1", "data.eval_batch_size=7", "test=true"]],
+    ids=["same", "allowed-changes"],
+)
 def test_finished_run_resumed_with_nothing_to_do_is_a_no_op(extra, finished, torch_home):
     run_dir, args = finished
     before = file_hashes(run_dir)
@@ -243,7 +288,9 @@ def test_resume_tests_an_untested_run_then_trains_a_longer_budget(cifar10_root, 
     assert metrics["train_time_s"] > first["train_time_s"]
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["seed"] == 0 and info["resumed_from"] is None  # how the run began stays
-    assert [(r["from_epoch"], r["max_epochs"], r["longer_budget"], r["tested_only"]) for r in info["resumes"]] == [
+    assert [
+        (r["from_epoch"], r["max_epochs"], r["longer_budget"], r["tested_only"]) for r in info["resumes"]
+    ] == [
         (1, 1, False, True),
         (1, 2, True, False),
     ]
@@ -253,18 +300,29 @@ def test_resume_tests_an_untested_run_then_trains_a_longer_budget(cifar10_root, 
 def checkpoint_state(path: Path, monitored: bool) -> dict:
     """The ModelCheckpoint state in a checkpoint: the best-by-val/acc one, or the last-epoch one."""
     callbacks = torch.load(path, map_location="cpu", weights_only=False)["callbacks"]
-    return next(s for k, s in callbacks.items() if k.startswith("ModelCheckpoint") and bool(s.get("monitor")) == monitored)
+    return next(
+        s
+        for k, s in callbacks.items()
+        if k.startswith("ModelCheckpoint") and bool(s.get("monitor")) == monitored
+    )
 
 
 def test_moved_run_dir_resumes_with_its_best_checkpoint(cifar10_root, torch_home, tmp_path):
     # A high constant rate: the validation accuracy jumps around, so a forgotten best score shows.
     args = [f"data.root={cifar10_root}", *SHORT, "optimizer.lr=0.2", "scheduler=none"]
-    assert cli([*args, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, torch_home).returncode == 0
+    assert (
+        cli(
+            [*args, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, torch_home
+        ).returncode
+        == 0
+    )
     before_move = checkpoint_state(tmp_path / "run" / "checkpoints" / "last.ckpt", monitored=True)
     (tmp_path / "run").rename(tmp_path / "moved")
     moved = tmp_path / "moved"
 
-    resumed = cli([*args, "trainer.max_epochs=5", "ckpt_path=last", f"hydra.run.dir={moved}"], tmp_path, torch_home)
+    resumed = cli(
+        [*args, "trainer.max_epochs=5", "ckpt_path=last", f"hydra.run.dir={moved}"], tmp_path, torch_home
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "dirpath has changed" not in resumed.stderr
     best = checkpoint_state(moved / "checkpoints" / "last.ckpt", monitored=True)
@@ -272,7 +330,9 @@ def test_moved_run_dir_resumes_with_its_best_checkpoint(cifar10_root, torch_home
     # the one before it was replaced (one best file), and the test used it.
     assert float(best["best_model_score"]) >= float(before_move["best_model_score"])
     assert Path(best["best_model_path"]).parent == moved / "checkpoints"
-    assert [p.name for p in (moved / "checkpoints").glob("best-*.ckpt")] == [Path(best["best_model_path"]).name]
+    assert [p.name for p in (moved / "checkpoints").glob("best-*.ckpt")] == [
+        Path(best["best_model_path"]).name
+    ]
     metrics = json.loads((moved / "metrics.json").read_text())
     assert metrics["val/acc_best"] == pytest.approx(float(best["best_model_score"]))
 
@@ -283,43 +343,69 @@ def test_best_checkpoint_of_a_moved_run_is_found_next_to_last(tmp_path):
     (tmp_path / "new").mkdir()
     for name in ("best-epoch001.ckpt", "last.ckpt"):
         (tmp_path / "new" / name).write_bytes(b"")
-    state = {"monitor": "val/acc", "dirpath": "/gone/checkpoints", "best_model_path": "/gone/checkpoints/best-epoch001.ckpt"}
-    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}}, tmp_path / "new" / "last.ckpt")
+    state = {
+        "monitor": "val/acc",
+        "dirpath": "/gone/checkpoints",
+        "best_model_path": "/gone/checkpoints/best-epoch001.ckpt",
+    }
+    torch.save(
+        {"callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}}, tmp_path / "new" / "last.ckpt"
+    )
     assert recorded_best(tmp_path / "new" / "last.ckpt") == tmp_path / "new" / "best-epoch001.ckpt"
 
 
 def test_a_checkpoint_from_before_the_learning_rate_ratios_moved_to_the_model_still_resumes(tmp_path):
     """Checkpoints record their config; the ratios were mode.* settings (model.* interpolated them)."""
+    from conftest import compose_config
     from omegaconf import OmegaConf
 
-    from conftest import compose_config
     from transferlab.run.resume import config_changes
 
     current = compose_config(["mode=gradual"], tmp_path)
     before_the_move = OmegaConf.to_container(current, resolve=False)
     before_the_move["mode"].update(backbone_lr_ratio=0.1, layer_decay=None)
-    before_the_move["model"].update(backbone_lr_ratio="${mode.backbone_lr_ratio}", layer_decay="${mode.layer_decay}")
+    before_the_move["model"].update(
+        backbone_lr_ratio="${mode.backbone_lr_ratio}", layer_decay="${mode.layer_decay}"
+    )
     assert config_changes(OmegaConf.create(before_the_move), current) == []
     before_the_move["mode"]["backbone_lr_ratio"] = 0.5
-    assert config_changes(OmegaConf.create(before_the_move), current) == ["model.backbone_lr_ratio (0.5 -> 0.1)"]
+    assert config_changes(OmegaConf.create(before_the_move), current) == [
+        "model.backbone_lr_ratio (0.5 -> 0.1)"
+    ]
 
 
 # (id, overrides added to the finished run's own, what the one line must say)
 FOREIGN_RESUME_REFUSALS = [
-    ("lr-valsize-seed", ["optimizer.lr=0.5", "data.val_size=100", "seed=7"], "data.val_size (20 -> 100), optimizer.lr (0.01 -> 0.5)"),
+    (
+        "lr-valsize-seed",
+        ["optimizer.lr=0.5", "data.val_size=100", "seed=7"],
+        "data.val_size (20 -> 100), optimizer.lr (0.01 -> 0.5)",
+    ),
     ("optimizer", ["optimizer=adamw"], "optimizer._target_ (torch.optim.SGD -> torch.optim.AdamW)"),
 ]
 
 
-@pytest.mark.parametrize("extra, expected", [c[1:] for c in FOREIGN_RESUME_REFUSALS], ids=[c[0] for c in FOREIGN_RESUME_REFUSALS])
-def test_resuming_another_runs_checkpoint_in_a_new_dir_compares_with_its_config(extra, expected, finished, torch_home, tmp_path):
+@pytest.mark.parametrize(
+    "extra, expected", [c[1:] for c in FOREIGN_RESUME_REFUSALS], ids=[c[0] for c in FOREIGN_RESUME_REFUSALS]
+)
+def test_resuming_another_runs_checkpoint_in_a_new_dir_compares_with_its_config(
+    extra, expected, finished, torch_home, tmp_path
+):
     run_dir, args = finished
     before = file_hashes(run_dir)
     ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
-    result = cli([*args, ckpt, "trainer.max_epochs=3", *extra, f"hydra.run.dir={tmp_path / 'new'}"], tmp_path, torch_home)
+    result = cli(
+        [*args, ckpt, "trainer.max_epochs=3", *extra, f"hydra.run.dir={tmp_path / 'new'}"],
+        tmp_path,
+        torch_home,
+    )
     assert result.returncode == 2, result.stderr
     line = one_line(result)
-    assert line.startswith("transferlab: error: ") and "settings that change the experiment" in line and expected in line
+    assert (
+        line.startswith("transferlab: error: ")
+        and "settings that change the experiment" in line
+        and expected in line
+    )
     assert file_hashes(run_dir) == before
 
 
@@ -329,7 +415,9 @@ def logged_learning_rates(run_dir: Path) -> list[float]:
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     (tag,) = [t for t in events.Tags()["scalars"] if t.startswith("lr-") and t.endswith("head")]
-    by_step = {e.step: e.value for e in events.Scalars(tag)}  # a resumed epoch's value replaces nothing: steps differ
+    by_step = {
+        e.step: e.value for e in events.Scalars(tag)
+    }  # a resumed epoch's value replaces nothing: steps differ
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -352,9 +440,9 @@ def test_raised_budget_stretches_the_cosine_schedule(cifar10_root, torch_home, t
 
 def test_a_checkpoint_from_before_the_regularizer_group_still_resumes(tmp_path):
     """Runs trained before `regularizer` existed trained without a penalty: regularizer=none."""
+    from conftest import compose_config
     from omegaconf import OmegaConf
 
-    from conftest import compose_config
     from transferlab.run.resume import config_changes
 
     current = compose_config(["backbone=cnn_small"], tmp_path)
@@ -362,27 +450,37 @@ def test_a_checkpoint_from_before_the_regularizer_group_still_resumes(tmp_path):
     del before_the_group["regularizer"]
     assert config_changes(OmegaConf.create(before_the_group), current) == []
     with_penalty = compose_config(["backbone=cnn_small", "regularizer=l2sp"], tmp_path)
-    assert "regularizer.name (none -> l2sp)" in config_changes(OmegaConf.create(before_the_group), with_penalty)
+    assert "regularizer.name (none -> l2sp)" in config_changes(
+        OmegaConf.create(before_the_group), with_penalty
+    )
 
 
-@pytest.mark.parametrize("mode", ["frozen", "linear_probe", "lp_ft", "finetune", "scratch", "partial", "gradual"])
+@pytest.mark.parametrize(
+    "mode", ["frozen", "linear_probe", "lp_ft", "finetune", "scratch", "partial", "gradual"]
+)
 def test_a_checkpoint_from_before_the_layout_move_still_resumes(mode, tmp_path):
     """Runs made before the layers move recorded `transferlab.callbacks.*` targets (and
     `transferlab.regularizers.*`) and modes without their stated facts: they compare under the
     current targets, with the facts their mode's name meant."""
+    from conftest import compose_config
     from omegaconf import OmegaConf
 
-    from conftest import compose_config
     from transferlab.run.resume import config_changes
 
-    current = compose_config([f"mode={mode}", "regularizer=l2sp" if mode != "linear_probe" else "regularizer=none"], tmp_path)
+    current = compose_config(
+        [f"mode={mode}", "regularizer=l2sp" if mode != "linear_probe" else "regularizer=none"], tmp_path
+    )
     before = OmegaConf.to_container(current, resolve=False)
     for fact in ("backbone_fixed", "head_solve"):
         del before["mode"][fact]
     if "callback" in before["mode"]:
-        before["mode"]["callback"]["_target_"] = before["mode"]["callback"]["_target_"].replace("transferlab.methods.modes.", "transferlab.callbacks.")
+        before["mode"]["callback"]["_target_"] = before["mode"]["callback"]["_target_"].replace(
+            "transferlab.methods.modes.", "transferlab.callbacks."
+        )
     if before["regularizer"].get("_target_"):
-        before["regularizer"]["_target_"] = before["regularizer"]["_target_"].replace("transferlab.methods.regularizers.", "transferlab.regularizers.")
+        before["regularizer"]["_target_"] = before["regularizer"]["_target_"].replace(
+            "transferlab.methods.regularizers.", "transferlab.regularizers."
+        )
     assert config_changes(OmegaConf.create(before), current) == []
     other = compose_config(["mode=frozen" if mode != "frozen" else "mode=finetune"], tmp_path)
     assert any(change.startswith("mode.") for change in config_changes(OmegaConf.create(before), other))

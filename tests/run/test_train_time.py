@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose_config, tiny_run
 
 
@@ -21,6 +20,8 @@ def test_testing_the_best_checkpoint_does_not_change_the_training_time(cifar10_r
     clock = next(c for c in built.trainer.callbacks if isinstance(c, TrainingClock))
     trained = clock.total()
     best = torch.load(built.trainer.checkpoint_callback.best_model_path, weights_only=False)
-    assert best["callbacks"]["TrainingClock"]["train_time_s"] > 0  # the restore this test is about has a time to restore
+    assert (
+        best["callbacks"]["TrainingClock"]["train_time_s"] > 0
+    )  # the restore this test is about has a time to restore
     test_best(built.trainer, built.model, built.datamodule)
     assert clock.total() == pytest.approx(trained)

@@ -14,11 +14,20 @@ from transferlab.utils.errors import UserError
 
 def test_a_run_dir_names_the_files_of_the_layout_the_readme_shows(tmp_path):
     run = RunDir(tmp_path)
-    assert run.config == tmp_path / ".hydra" / "config.yaml" and run.overrides == tmp_path / ".hydra" / "overrides.yaml"
+    assert (
+        run.config == tmp_path / ".hydra" / "config.yaml"
+        and run.overrides == tmp_path / ".hydra" / "overrides.yaml"
+    )
     assert run.metrics == tmp_path / "metrics.json" and run.run_info == tmp_path / "run_info.json"
-    assert run.last == tmp_path / "checkpoints" / "last.ckpt" and run.probe == tmp_path / "checkpoints" / "best-lbfgs.ckpt"
+    assert (
+        run.last == tmp_path / "checkpoints" / "last.ckpt"
+        and run.probe == tmp_path / "checkpoints" / "best-lbfgs.ckpt"
+    )
     assert run.fewshot_indices.name == "fewshot_indices.json" and run.failed.name == "failed.json"
-    assert (run.confusion_csv.name, run.confusion_png.name) == ("confusion_matrix.csv", "confusion_matrix.png")
+    assert (run.confusion_csv.name, run.confusion_png.name) == (
+        "confusion_matrix.csv",
+        "confusion_matrix.png",
+    )
 
 
 def test_a_run_dir_that_holds_a_run_refuses_a_second_fresh_run(tmp_path):
@@ -66,10 +75,19 @@ def test_a_run_dir_stands_for_the_best_checkpoint_its_last_checkpoint_records(tm
         RunDir(tmp_path / "run").best_checkpoint("backbone.weights")
     for epoch in (2, 10):  # a stale best file of another run beside the real one
         torch.save({"state_dict": {}}, folder / f"best-epoch{epoch:03d}.ckpt")
-    assert RunDir(tmp_path / "run").best_checkpoint("backbone.weights").name == "best-epoch010.ckpt"  # by epoch, not by text
+    assert (
+        RunDir(tmp_path / "run").best_checkpoint("backbone.weights").name == "best-epoch010.ckpt"
+    )  # by epoch, not by text
     # last.ckpt records the best from a run dir that has since been moved: its file here is the answer.
-    state = {"monitor": "val/acc", "best_model_path": "/elsewhere/checkpoints/best-epoch002.ckpt", "dirpath": "/elsewhere/checkpoints"}
-    torch.save({"state_dict": {}, "callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}}, folder / "last.ckpt")
+    state = {
+        "monitor": "val/acc",
+        "best_model_path": "/elsewhere/checkpoints/best-epoch002.ckpt",
+        "dirpath": "/elsewhere/checkpoints",
+    }
+    torch.save(
+        {"state_dict": {}, "callbacks": {"ModelCheckpoint{'monitor': 'val/acc'}": state}},
+        folder / "last.ckpt",
+    )
     assert RunDir(tmp_path / "run").best_checkpoint("backbone.weights").name == "best-epoch002.ckpt"
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli, cli_env, run_training, tiny_run
+
 from transferlab.callbacks.guards import AtomicCheckpointIO
-from transferlab.store import files
 from transferlab.data import features
+from transferlab.store import files
 from transferlab.store.files import write_atomically
-from transferlab.utils.errors import UserError
 from transferlab.store.rundir import RunDir
+from transferlab.utils.errors import UserError
 
 #: a process id that cannot exist (above Linux's largest pid_max, 2**22)
 DEAD_PID = 99999999
@@ -80,7 +80,11 @@ def test_unwritable_cache_folder_is_refused_before_extraction(cifar10_root, torc
     assert result.returncode == 2, result.stderr[-3000:]
     lines = nonempty_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("transferlab: error: feature cache folder"), lines
-    assert "not writable" in lines[0] and "TRANSFERLAB_CACHE" in lines[0] and "data.cache_features=false" in lines[0]
+    assert (
+        "not writable" in lines[0]
+        and "TRANSFERLAB_CACHE" in lines[0]
+        and "data.cache_features=false" in lines[0]
+    )
     assert "computing the backbone features" not in result.stdout
     assert not (tmp_path / "run" / "metrics.json").exists()
 
@@ -94,7 +98,9 @@ def test_cache_folder_without_room_is_refused_before_extraction(cifar10_root, tm
     monkeypatch.setattr(features, "extract_features", _no_extraction)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage._replace(free=1000))
-    with pytest.raises(UserError, match=r"has 0\.0 MiB free but the features of this run need .* TRANSFERLAB_CACHE"):
+    with pytest.raises(
+        UserError, match=r"has 0\.0 MiB free but the features of this run need .* TRANSFERLAB_CACHE"
+    ):
         run_training([f"data.root={cifar10_root}", *FROZEN_SMALL], tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
@@ -116,7 +122,9 @@ def test_a_full_disk_during_the_cache_write_keeps_the_run_going(cifar10_root, tm
 
     monkeypatch.setattr(torch, "save", save)
     with caplog.at_level("WARNING"):
-        full = run_training([f"data.root={cifar10_root}", *FROZEN_SMALL, "trainer.deterministic=true"], tmp_path / "full")
+        full = run_training(
+            [f"data.root={cifar10_root}", *FROZEN_SMALL, "trainer.deterministic=true"], tmp_path / "full"
+        )
     assert "could not write the feature cache" in caplog.text and "No space left on device" in caplog.text
     # no temp file (the killed one removed before the space check), no half-written cache file
     assert list((cache / "features").iterdir()) == []
@@ -125,11 +133,15 @@ def test_a_full_disk_during_the_cache_write_keeps_the_run_going(cifar10_root, tm
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(_fd_path(fd)) or real_fsync(fd))
-    plain = run_training([f"data.root={cifar10_root}", *FROZEN_SMALL, "trainer.deterministic=true"], tmp_path / "plain")
+    plain = run_training(
+        [f"data.root={cifar10_root}", *FROZEN_SMALL, "trainer.deterministic=true"], tmp_path / "plain"
+    )
     assert full["test/loss"] == pytest.approx(plain["test/loss"], abs=1e-6)
     assert len(list((cache / "features").glob("*.pt"))) == 3
     if Path("/proc/self/fd").is_dir():  # where a file descriptor's path can be read back
-        assert sum(".pt.tmp-" in path for path in synced) == 3  # each cache file reached the disk before its rename
+        assert (
+            sum(".pt.tmp-" in path for path in synced) == 3
+        )  # each cache file reached the disk before its rename
 
 
 def _fd_path(fd: int) -> str:
@@ -151,7 +163,9 @@ FOLDER_STATES = [
 ]
 
 
-@pytest.mark.parametrize("files, holds", FOLDER_STATES, ids=[",".join(f) or "empty" for f, _ in FOLDER_STATES])
+@pytest.mark.parametrize(
+    "files, holds", FOLDER_STATES, ids=[",".join(f) or "empty" for f, _ in FOLDER_STATES]
+)
 def test_a_folder_holds_a_run_when_it_has_results_or_a_complete_checkpoint(files, holds, tmp_path):
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +197,10 @@ def test_a_run_killed_during_its_first_save_can_be_restarted_and_resumed(cifar10
     _as_killed_during_first_save(run_dir)
     resumed = cli([*args, "ckpt_path=last"], tmp_path, torch_home)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "holds no complete checkpoint" in resumed.stdout and "starting the run from the beginning" in resumed.stdout
+    assert (
+        "holds no complete checkpoint" in resumed.stdout
+        and "starting the run from the beginning" in resumed.stdout
+    )
     assert resumed.stdout.count("holds no complete checkpoint") == 1
     assert (run_dir / "metrics.json").is_file()
 
@@ -210,19 +227,31 @@ def test_a_full_run_dir_at_the_checkpoint_save_is_one_line(cifar10_root, torch_h
     args = [f"data.root={cifar10_root}", *FROZEN_SMALL, f"hydra.run.dir={run_dir}"]
     result = subprocess.run(
         [sys.executable, "-c", CLI_WITH_FULL_RUN_DIR, *args],
-        cwd=tmp_path, env=cli_env(torch_home), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=cli_env(torch_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = nonempty_lines(result.stderr)
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
-    assert lines[0].startswith(f"transferlab: error: no space left on {checkpoints} while writing checkpoint {checkpoints}/")
-    assert lines[0].endswith("(No space left on device); free space (or choose another hydra.run.dir) and resume with ckpt_path=last")
+    assert lines[0].startswith(
+        f"transferlab: error: no space left on {checkpoints} while writing checkpoint {checkpoints}/"
+    )
+    assert lines[0].endswith(
+        "(No space left on device); free space (or choose another hydra.run.dir) and resume with ckpt_path=last"
+    )
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
 @pytest.mark.parametrize(
     "error, words",
-    [(errno.ENOSPC, "no space left on"), (errno.EDQUOT, "disk quota exceeded on"), (errno.EROFS, "read-only file system at")],
+    [
+        (errno.ENOSPC, "no space left on"),
+        (errno.EDQUOT, "disk quota exceeded on"),
+        (errno.EROFS, "read-only file system at"),
+    ],
     ids=["full", "quota", "read-only"],
 )
 def test_storage_errors_at_a_checkpoint_save_become_one_user_error(tmp_path, monkeypatch, error, words):
@@ -230,19 +259,24 @@ def test_storage_errors_at_a_checkpoint_save_become_one_user_error(tmp_path, mon
 
     def failing_save(obj, f, *args, **kwargs):
         f.write(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from OSError(error, os.strerror(error))
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+        ) from OSError(error, os.strerror(error))
 
     monkeypatch.setattr(torch, "save", failing_save)
     target = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(UserError) as caught:
         AtomicCheckpointIO().save_checkpoint({"state": 1}, target)
-    assert str(caught.value).startswith(f"{words} {target.parent} while writing checkpoint {target} ({os.strerror(error)}); ")
+    assert str(caught.value).startswith(
+        f"{words} {target.parent} while writing checkpoint {target} ({os.strerror(error)}); "
+    )
     assert list(target.parent.iterdir()) == []
     monkeypatch.setattr(torch, "save", real_save)
 
 
 def test_other_errors_at_a_checkpoint_save_keep_their_traceback(tmp_path, monkeypatch):
     """A bug is not the user's to fix: it is not turned into a one-line UserError."""
+
     def buggy_save(obj, f, *args, **kwargs):
         raise OSError(errno.EBADF, "Bad file descriptor")
 

@@ -7,7 +7,6 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import REPO, cli_env
 
 
@@ -16,8 +15,21 @@ def wheel_site(tmp_path_factory):
     pytest.importorskip("hatchling")
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = out.glob("transferlab-*.whl")
     site = out / "site"
@@ -37,13 +49,21 @@ def test_installed_copy_composes_from_another_folder(wheel_site, torch_home, tmp
     env = cli_env(torch_home, PYTHONPATH=str(site))
     result = subprocess.run(
         [sys.executable, "-c", "import transferlab.config as r; print(r.__file__); print(r.config_dir())"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     module_file, conf = result.stdout.split()
     assert module_file.startswith(str(site)) and conf == str(site / "transferlab" / "conf")
     result = subprocess.run(
         [sys.executable, "-m", "transferlab", "experiment=vgg_frozen", "--cfg", "job"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "name: vgg11_bn" in result.stdout and "name: frozen" in result.stdout

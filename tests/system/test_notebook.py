@@ -27,7 +27,13 @@ def _kernel_for_this_python(jupyter_dir: Path) -> None:
 
 
 def _outputs(notebook, kind: str) -> list:
-    return [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs if kind in out.get("data", {})]
+    return [
+        out
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if kind in out.get("data", {})
+    ]
 
 
 def test_notebook_is_stored_without_outputs():
@@ -53,7 +59,9 @@ def test_notebook_runs_a_sweep_and_shows_table_and_curves(tmp_path, cifar10_root
     work.mkdir()
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(notebook, kernel_name=KERNEL_NAME, timeout=240, resources={"metadata": {"path": str(work)}})
+    client = NotebookClient(
+        notebook, kernel_name=KERNEL_NAME, timeout=240, resources={"metadata": {"path": str(work)}}
+    )
     client.execute()
 
     sweeps = list((work / "outputs" / "compare_modes").iterdir())

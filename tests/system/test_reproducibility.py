@@ -9,9 +9,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import run_training
 
 import transferlab
-from conftest import run_training
 
 #: two short epochs with every source of randomness on: shuffling, augmentation, dropout
 SEEDED = [
@@ -62,7 +62,9 @@ def test_run_info_records_seed_versions_and_commit(runs):
         assert info["versions"][package] == metadata.version(package)
     checkout = Path(transferlab.__file__).resolve().parents[1]  # where the code that ran lives
     if (checkout / ".git").exists():
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True
+        ).stdout.strip()
         assert info["git_commit"] == head
         assert isinstance(info["git_dirty"], bool)
     else:  # an installed copy: no commit rather than some unrelated repository's

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import cli_env, tiny_run
 
 TINY = tiny_run({"head": "linear", "data.batch_size": 16})
@@ -16,9 +15,21 @@ TINY = tiny_run({"head": "linear", "data.batch_size": 16})
 def test_ddp_two_cpu_processes_write_one_set_of_outputs(cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "transferlab", "trainer=ddp", "trainer.devices=2", *TINY,
-         f"data.root={cifar10_root}", f"hydra.run.dir={run_dir}"],
-        env=cli_env(torch_home), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "transferlab",
+            "trainer=ddp",
+            "trainer.devices=2",
+            *TINY,
+            f"data.root={cifar10_root}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        env=cli_env(torch_home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -36,9 +47,23 @@ def test_submitit_local_launcher_runs_one_job_per_run(cifar10_root, torch_home, 
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "-m", "transferlab", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-         "mode=frozen,scratch", *TINY, f"data.root={cifar10_root}", f"hydra.sweep.dir={sweep}"],
-        env=cli_env(torch_home), cwd=tmp_path, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "transferlab",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            "mode=frozen,scratch",
+            *TINY,
+            f"data.root={cifar10_root}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env=cli_env(torch_home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
@@ -50,12 +75,28 @@ def test_optuna_search_runs_trials_and_reports_the_best(cifar10_root, torch_home
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "search"
     result = subprocess.run(
-        [sys.executable, "-m", "transferlab", "-m", "experiment=vgg_blocks_scratch", "hparams_search=vgg_blocks_optuna",
-         "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", "backbone.channels=[8,16]",
-         "backbone.dense_sizes=[16]", "trainer.limit_train_batches=2", "data.augment=false",
-         *[t for t in TINY if not t.startswith(("backbone=", "head="))],
-         f"data.root={cifar10_root}", f"hydra.sweep.dir={sweep}"],
-        env=cli_env(torch_home), cwd=tmp_path, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "transferlab",
+            "-m",
+            "experiment=vgg_blocks_scratch",
+            "hparams_search=vgg_blocks_optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            "backbone.channels=[8,16]",
+            "backbone.dense_sizes=[16]",
+            "trainer.limit_train_batches=2",
+            "data.augment=false",
+            *[t for t in TINY if not t.startswith(("backbone=", "head="))],
+            f"data.root={cifar10_root}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env=cli_env(torch_home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = [p for p in sweep.iterdir() if (p / "metrics.json").is_file()]

@@ -39,7 +39,9 @@ class StopOnNonFiniteLoss(Callback):
         self.check_every_n_steps = max(1, int(check_every_n_steps))
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, epoch, loss) not checked yet
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         self._pending.append((trainer.global_step + 1, trainer.current_epoch, loss.detach()))
         if len(self._pending) >= self.check_every_n_steps:
             self._check(trainer)
@@ -141,7 +143,9 @@ class CheckpointFitsModel(Callback):
         if path is None:
             return
         checkpoint = read_checkpoint(path, "ckpt_path")
-        problem = class_difference(_recorded_classes(checkpoint), getattr(pl_module, "data_info", {}).get("class_names"))
+        problem = class_difference(
+            _recorded_classes(checkpoint), getattr(pl_module, "data_info", {}).get("class_names")
+        )
         problem = problem or state_dict_difference(checkpoint.get("state_dict", {}), pl_module.state_dict())
         if problem:
             raise UserError(
@@ -151,7 +155,7 @@ class CheckpointFitsModel(Callback):
 
 
 def _provenance(checkpoint: dict) -> str:
-    """" (trained with backbone X on D)" from transferlab's record in the checkpoint, if it has one."""
+    """ " (trained with backbone X on D)" from transferlab's record in the checkpoint, if it has one."""
     meta = transferlab_record(checkpoint)
     backbone, dataset = meta.get("backbone"), (meta.get("data") or {}).get("dataset")
     if not backbone:
@@ -232,7 +236,11 @@ class ScheduleFollowsBudget(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for config, t_max in zip(trainer.lr_scheduler_configs, self._configured):
             scheduler = config.scheduler
-            if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and t_max and scheduler.T_max != t_max:
+            if (
+                isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+                and t_max
+                and scheduler.T_max != t_max
+            ):
                 stretch_cosine(scheduler, int(t_max))
 
 

@@ -34,13 +34,17 @@ def check_folder_writable(out: Path, flag: str) -> None:
     line before the model is loaded and every image classified, not after."""
     existing = next(p for p in [out.absolute().parent, *out.absolute().parent.parents] if p.exists())
     if not existing.is_dir():
-        raise UserError(f"cannot write {flag} {out}: {existing} is a file, not a folder; choose another {flag}")
+        raise UserError(
+            f"cannot write {flag} {out}: {existing} is a file, not a folder; choose another {flag}"
+        )
     try:
         with tempfile.TemporaryFile(dir=existing) as probe:
             probe.write(b"probe")
             probe.flush()
     except OSError as error:
-        raise UserError(f"cannot write {flag} {out} ({error.strerror or type(error).__name__} at {existing}); choose another {flag}") from None
+        raise UserError(
+            f"cannot write {flag} {out} ({error.strerror or type(error).__name__} at {existing}); choose another {flag}"
+        ) from None
 
 
 def check_not_an_input(out: Path, flag: str, inputs: Sequence[Path]) -> None:
@@ -49,4 +53,6 @@ def check_not_an_input(out: Path, flag: str, inputs: Sequence[Path]) -> None:
         return
     for path in inputs:
         if path.exists() and out.samefile(path):
-            raise UserError(f"{flag} {out} would overwrite {path}, which this command reads; choose another {flag}")
+            raise UserError(
+                f"{flag} {out} would overwrite {path}, which this command reads; choose another {flag}"
+            )

@@ -12,8 +12,8 @@ from __future__ import annotations
 import difflib
 import os
 import tempfile
-from pathlib import Path
 from datetime import datetime
+from pathlib import Path
 from typing import Sequence
 
 from hydra._internal.utils import get_args_parser
@@ -28,7 +28,20 @@ from transferlab.store.rundir import RunDir, ensure_writable, resumes
 from transferlab.utils.errors import UserError, first_line
 
 #: Hydra flags that print something and exit without running a job
-NO_JOB_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--resolve", "-p", "--package"}
+NO_JOB_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+    "--resolve",
+    "-p",
+    "--package",
+}
 
 
 def check_command_line(argv: Sequence[str]) -> None:
@@ -46,7 +59,9 @@ def check_command_line(argv: Sequence[str]) -> None:
     run_dir = overrides.get("hydra.run.dir")
     if run_dir is None and overrides.get("ckpt_path") == "last":
         # The default run dir is new for every command: `last` would look in an empty folder.
-        raise UserError("ckpt_path=last resumes the run in hydra.run.dir; add hydra.run.dir=<the run's folder>")
+        raise UserError(
+            "ckpt_path=last resumes the run in hydra.run.dir; add hydra.run.dir=<the run's folder>"
+        )
     if run_dir is None:
         _check_default_outputs_writable()
     elif "${" not in run_dir:  # an interpolation is only known once Hydra resolves it
@@ -68,10 +83,14 @@ def check_flags_before_overrides(argv: Sequence[str]) -> None:
         return  # a flag's own mistake (--cfg foo): argparse's message names it
     if not unread:
         return
-    first_override = next((i for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
+    first_override = next(
+        (i for i, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv)
+    )
     late = [arg for arg in argv[first_override:] if arg.startswith("-") and "=" not in arg]
     if late:
-        raise UserError(f"put {late[0]} before the overrides: python -m transferlab {late[0]} ... key=value ...")
+        raise UserError(
+            f"put {late[0]} before the overrides: python -m transferlab {late[0]} ... key=value ..."
+        )
     raise UserError(f"unrecognized arguments: {' '.join(unread)} (see python -m transferlab --help)")
 
 
@@ -145,7 +164,9 @@ def _compose_or_refuse(config_name: str, overrides: Sequence[str]) -> DictConfig
         cause = error.__cause__
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
             raise _unknown_key(str(cause.full_key), config_name, overrides) from None
-        raise UserError(f"{' '.join(first_line(error).split())} (in the overrides {' '.join(overrides)})") from None
+        raise UserError(
+            f"{' '.join(first_line(error).split())} (in the overrides {' '.join(overrides)})"
+        ) from None
     except Exception as error:  # a value of the wrong type for a typed node, ...
         raise UserError(f"the overrides do not compose: {first_line(error)}") from None
 
@@ -202,7 +223,11 @@ def _check_sweep_dir(sweep_dir: str | None, resuming: bool) -> None:
         return  # the default sweep dir is new for every command (it ends in microseconds)
     folder = Path(sweep_dir)
     _check_creatable(folder, "hydra.sweep.dir")
-    if folder.is_dir() and not resuming and any(RunDir(job).holds_run() for job in folder.iterdir() if job.is_dir()):
+    if (
+        folder.is_dir()
+        and not resuming
+        and any(RunDir(job).holds_run() for job in folder.iterdir() if job.is_dir())
+    ):
         raise UserError(f"hydra.sweep.dir={folder} already holds runs; pick a new hydra.sweep.dir")
 
 
@@ -233,7 +258,9 @@ def _check_default_outputs_writable() -> None:
     while not existing.exists():
         existing = existing.parent
     if not os.access(existing, os.W_OK):
-        raise UserError(f"{existing} is not writable, so the run cannot save its outputs there; run from a writable folder or set hydra.run.dir")
+        raise UserError(
+            f"{existing} is not writable, so the run cannot save its outputs there; run from a writable folder or set hydra.run.dir"
+        )
 
 
 # ---- a resume in place, before Hydra ---------------------------------------------------------
@@ -269,7 +296,12 @@ def resume_overrides(argv: Sequence[str]) -> list[str]:
     """
     overrides = command_line_overrides(argv)
     run_dir = overrides.get("hydra.run.dir")
-    if is_sweep(argv) or not resumes(overrides.get("ckpt_path")) or run_dir is None or "hydra.output_subdir" in overrides:
+    if (
+        is_sweep(argv)
+        or not resumes(overrides.get("ckpt_path"))
+        or run_dir is None
+        or "hydra.output_subdir" in overrides
+    ):
         return []
     if not RunDir(run_dir).config.is_file():
         return []

@@ -64,7 +64,11 @@ def job_failures_handled() -> Iterator[None]:
         else:
             message, exit_code = " ".join(str(cause).split()), cause.exit_code
         log.error("transferlab: error: %s", message)  # the job's log (train.log in its folder)
-        record = {"error": message, "exit_code": exit_code, "overrides": list(HydraConfig.get().overrides.task)}
+        record = {
+            "error": message,
+            "exit_code": exit_code,
+            "overrides": list(HydraConfig.get().overrides.task),
+        }
         RunDir(job_dir).failed.write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -87,8 +91,11 @@ def exit_if_jobs_failed() -> None:
     jobs = [d for d in sorted(sweep_dir.iterdir()) if (d / ".hydra").is_dir()]
     failed = [str(d) for d in jobs if RunDir(d).failed.is_file()]
     if failed:
-        print(f"transferlab: error: {len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)} (see failed.json in each)",
-              file=sys.stderr, flush=True)
+        print(
+            f"transferlab: error: {len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)} (see failed.json in each)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(1)
 
 
@@ -147,6 +154,7 @@ def job_dirname(settings: dict[str, str], limit: int = NAME_LIMIT) -> str:
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
     """`data.fewshot.per_class` -> `per_class`, `backbone.name` -> `backbone`, unless two keys would meet."""
+
     def short(key: str) -> str:
         parts = key.split(".")
         return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]

@@ -8,4 +8,10 @@ from transferlab.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARD
 from transferlab.data.datamodule import TensorImageDataModule
 from transferlab.data.imagefolder import ImageFolderDataModule
 
-__all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "CIFARDataModule", "ImageFolderDataModule", "TensorImageDataModule"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CIFARDataModule",
+    "ImageFolderDataModule",
+    "TensorImageDataModule",
+]

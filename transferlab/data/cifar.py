@@ -30,7 +30,6 @@ from transferlab.utils.network import fail_fast_when_offline
 log = logging.getLogger(__name__)
 
 
-
 class CIFARDataModule(TensorImageDataModule):
     """Shared reader for the two CIFAR datasets; subclasses name files and label keys."""
 
@@ -89,7 +88,9 @@ class CIFARDataModule(TensorImageDataModule):
         Also called by `transferlab.data.datamodule.check_data_root` before anything is built.
         """
         if root.exists() and not root.is_dir():
-            raise UserError(f"data.root={root} is a file; point data.root at the folder that contains {cls.folder}/")
+            raise UserError(
+                f"data.root={root} is a file; point data.root at the folder that contains {cls.folder}/"
+            )
         entries = _visible_entries(root)
         if not entries or (root / cls.folder).is_dir() or (root / cls.archive).is_file():
             return
@@ -100,7 +101,9 @@ class CIFARDataModule(TensorImageDataModule):
                 f"data.root={root} is the dataset folder itself; set data.root={root.parent} "
                 f"(the folder that contains {cls.folder}/)"
             )
-        refused_download = " (data.download=true does not download into a folder of unrelated files)" if download else ""
+        refused_download = (
+            " (data.download=true does not download into a folder of unrelated files)" if download else ""
+        )
         raise UserError(
             f"data.root={root} exists but holds no {cls.name} ({cls.folder}/ or {cls.archive}){refused_download}; "
             f"point data.root at the folder that contains {cls.folder}/, or at a new or empty folder with data.download=true"
@@ -184,7 +187,9 @@ class CIFARDataModule(TensorImageDataModule):
         path = folder / self.meta_file
         meta = self._load_pickle(path)
         if self.names_key not in meta:
-            raise UserError(f"{path} has no {self.names_key!r}; replace it with the official {self.meta_file} file")
+            raise UserError(
+                f"{path} has no {self.names_key!r}; replace it with the official {self.meta_file} file"
+            )
         return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[self.names_key]]
 
     def _read_batch(self, path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +203,9 @@ class CIFARDataModule(TensorImageDataModule):
                 f"{path} is not a {self.name} batch file ({type(e).__name__}: {e}); replace it with the official file"
             ) from None
         if len(data) != len(label):
-            raise UserError(f"{path} holds {len(data)} images but {len(label)} labels; replace it with the official file")
+            raise UserError(
+                f"{path} holds {len(data)} images but {len(label)} labels; replace it with the official file"
+            )
         bad = (label < 0) | (label >= num_classes)
         if bad.any():
             raise UserError(
@@ -234,8 +241,13 @@ class CIFARDataModule(TensorImageDataModule):
                 f"cannot read {path} ({type(e).__name__}: {_first_line(e)}); {self._replace_hint(path)}"
             ) from None
         if not isinstance(entry, dict):
-            raise UserError(f"{path} holds a {type(entry).__name__}, not a CIFAR dict; {self._replace_hint(path)}")
-        return {key.decode("latin1") if isinstance(key, bytes) else str(key): value for key, value in entry.items()}
+            raise UserError(
+                f"{path} holds a {type(entry).__name__}, not a CIFAR dict; {self._replace_hint(path)}"
+            )
+        return {
+            key.decode("latin1") if isinstance(key, bytes) else str(key): value
+            for key, value in entry.items()
+        }
 
     def _replace_hint(self, path: Path) -> str:
         archive = self.root / self.archive

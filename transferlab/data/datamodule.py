@@ -29,8 +29,6 @@ from transferlab.utils.errors import UserError
 log = logging.getLogger(__name__)
 
 
-
-
 class TensorDataset(Dataset):
     """(image, label) pairs from in-memory tensors; fetches whole batches in one indexing op."""
 
@@ -90,7 +88,9 @@ class TensorImageDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.download = download
         self.image_size = int(image_size)
-        self.normalization = normalization  # requested; None follows the weights (transferlab.data.normalization)
+        self.normalization = (
+            normalization  # requested; None follows the weights (transferlab.data.normalization)
+        )
         self.weights = weights  # what the backbone's weights say of their preprocessing; None = random init
         self.val_size = int(val_size)
         self.split_seed = split_seed
@@ -134,9 +134,19 @@ class TensorImageDataModule(L.LightningDataModule):
             raise UserError(f"data.image_size={self.image_size} must be a positive integer")
         if self.val_size < 0:
             raise UserError(f"data.val_size={self.val_size} must be >= 0")
-        if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, numbers.Integral) or self.crop_padding < 0:
-            raise UserError(f"data.crop_padding={self.crop_padding!r} must be an integer >= 0 (pixels added around an image before a random crop)")
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, numbers.Integral) or self.num_workers < 0:
+        if (
+            isinstance(self.crop_padding, bool)
+            or not isinstance(self.crop_padding, numbers.Integral)
+            or self.crop_padding < 0
+        ):
+            raise UserError(
+                f"data.crop_padding={self.crop_padding!r} must be an integer >= 0 (pixels added around an image before a random crop)"
+            )
+        if (
+            isinstance(self.num_workers, bool)
+            or not isinstance(self.num_workers, numbers.Integral)
+            or self.num_workers < 0
+        ):
             raise UserError(
                 f"data.num_workers={self.num_workers!r} must be an integer >= 0 (0 loads batches in the main process)"
             )
@@ -170,7 +180,11 @@ class TensorImageDataModule(L.LightningDataModule):
         log.info("normalization: mean=%s std=%s, %s", list(self.mean), list(self.std), resolved.reason)
         log.info(
             "%s: %d train / %d val / %d test images, %d classes",
-            self.name, len(train), len(val), len(test), self.num_classes,
+            self.name,
+            len(train),
+            len(val),
+            len(test),
+            self.num_classes,
         )
 
     def load_splits(self) -> tuple[Split, Split | None, Split, list[str]]:
@@ -193,9 +207,7 @@ class TensorImageDataModule(L.LightningDataModule):
         seed = self.seed if seed is None else int(seed)
         idx = fewshot_indices(train.labels, self.class_names, per_class, fraction, seed)
         train = train.take(idx)
-        counts = {
-            name: int((train.labels == c).sum()) for c, name in enumerate(self.class_names)
-        }
+        counts = {name: int((train.labels == c).sum()) for c, name in enumerate(self.class_names)}
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             record = {"indices": train.positions.tolist(), "per_class": counts}

@@ -21,10 +21,9 @@ import torch
 from rich.progress import track
 from torch import nn
 
-from transferlab.store.files import cache_root
-from transferlab.store.files import remove_orphaned_temp_files, write_atomically
-from transferlab.data.subsets import Split
 from transferlab.data.datamodule import TensorImageDataModule
+from transferlab.data.subsets import Split
+from transferlab.store.files import cache_root, remove_orphaned_temp_files, write_atomically
 from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,10 +33,6 @@ FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 #: room for a cache file's own structure (zip records, pickled keys) beyond its tensors
 FILE_OVERHEAD_BYTES = 64 << 10
-
-
-
-
 
 
 def feature_splits(
@@ -59,14 +54,22 @@ def feature_splits(
     if unknown or not names:
         raise ValueError(f"feature_splits: names must be some of {SPLITS}, got {names}")
     splits = {name: getattr(datamodule, name) for name in names}
-    paths = {name: features_folder() / f"{key}.pt" for name, key in feature_keys(backbone, datamodule).items()}
+    paths = {
+        name: features_folder() / f"{key}.pt" for name, key in feature_keys(backbone, datamodule).items()
+    }
     features = {name: _load(paths[name], splits[name]) for name in names} if use_disk else {}
     missing = [name for name in names if features.get(name) is None]
     if use_disk and missing:
-        remove_orphaned_temp_files(features_folder())  # a killed write's leftover must not count as used space
+        remove_orphaned_temp_files(
+            features_folder()
+        )  # a killed write's leftover must not count as used space
         check_cache_folder(features_folder(), _feature_bytes(backbone, [splits[name] for name in missing]))
     for name in missing:
-        log.info("computing the backbone features of the %s split (%d images): not in the cache", name, len(splits[name]))
+        log.info(
+            "computing the backbone features of the %s split (%d images): not in the cache",
+            name,
+            len(splits[name]),
+        )
         features[name] = extract_features(backbone, datamodule, splits[name], device)
         if use_disk:  # after a failed write, the rest stays in memory too
             use_disk = _save(paths[name], features[name], splits[name])
@@ -89,7 +92,9 @@ def check_cache_folder(folder: Path, needed_bytes: int) -> None:
             pass
         free = shutil.disk_usage(folder).free
     except OSError as e:
-        raise UserError(f"feature cache folder {folder} is not writable ({e.strerror or type(e).__name__}); {remedy}") from None
+        raise UserError(
+            f"feature cache folder {folder} is not writable ({e.strerror or type(e).__name__}); {remedy}"
+        ) from None
     if free < needed_bytes:
         raise UserError(
             f"feature cache folder {folder} has {_megabytes(free)} free but the features of this run need "
@@ -119,7 +124,9 @@ def extract_features(
     batch = datamodule.eval_batch_size
     starts = range(0, len(split), batch)
     try:
-        for start in _progress(starts, f"{getattr(backbone, 'name', 'backbone')} features, {len(split)} images"):
+        for start in _progress(
+            starts, f"{getattr(backbone, 'name', 'backbone')} features, {len(split)} images"
+        ):
             images = split.images[start : start + batch]
             if not isinstance(images, torch.Tensor):
                 images = images.load()
@@ -221,7 +228,9 @@ def _load(path: Path, split: Split) -> torch.Tensor | None:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
         features, labels = record["features"], record["labels"]
-        valid = record.get("key") == key and features.shape[0] == len(split) and torch.equal(labels, split.labels)
+        valid = (
+            record.get("key") == key and features.shape[0] == len(split) and torch.equal(labels, split.labels)
+        )
     except Exception as e:  # a truncated or foreign file
         log.warning("feature cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)
         return None
@@ -246,7 +255,8 @@ def _save(path: Path, features: torch.Tensor, split: Split) -> bool:
         log.warning(
             "could not write the feature cache %s (%s); this run goes on with its features in memory, later "
             "runs compute them again (TRANSFERLAB_CACHE moves the cache to a folder with room)",
-            path, e.strerror or type(e).__name__,
+            path,
+            e.strerror or type(e).__name__,
         )
         return False
     return True

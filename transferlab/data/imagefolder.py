@@ -20,15 +20,20 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image as tv_decode
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as tv_decode
 from torchvision.transforms.v2 import functional as F
 
-from transferlab.store.files import cache_root
-from transferlab.store.files import write_atomically
 from transferlab.data import transforms as T
-from transferlab.data.subsets import Split
 from transferlab.data.datamodule import TensorImageDataModule
-from transferlab.data.subsets import check_two_classes, select_classes, stratified_counts, stratified_holdout
+from transferlab.data.subsets import (
+    Split,
+    check_two_classes,
+    select_classes,
+    stratified_counts,
+    stratified_holdout,
+)
+from transferlab.store.files import cache_root, write_atomically
 from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -86,7 +91,9 @@ def _decode_with_pil(path: Path) -> torch.Tensor:
             else:
                 array = np.asarray(im.convert("RGB"))
     except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
+        raise UserError(
+            f"cannot read image {path} ({type(e).__name__}); remove or replace the file"
+        ) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -101,7 +108,9 @@ def list_classes(folder: Path) -> dict[str, list[Path]]:
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise UserError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it")
+            raise UserError(
+                f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it"
+            )
         classes[class_dir.name] = files
     if not classes:
         raise UserError(f"{folder} has no class folders; expected {folder}/<class name>/<images>")
@@ -170,7 +179,9 @@ class ImageFolderDataModule(TensorImageDataModule):
         self._check_classes(names, self.root)
         self._check_held_out_sizes(files, names, carve_test=True, carve_val=True)
         everything = self._split_from(files, names)
-        rest, test = stratified_holdout(everything, self.test_size, self.split_seed + 1, "data.test_size", names)
+        rest, test = stratified_holdout(
+            everything, self.test_size, self.split_seed + 1, "data.test_size", names
+        )
         # val is carved by the base class from what is left, like CIFAR's.
         return rest, None, test, names
 
@@ -187,13 +198,17 @@ class ImageFolderDataModule(TensorImageDataModule):
                     f"every split needs the same class folders"
                 )
         self._check_classes(names, split_dirs["train"])
-        self._check_held_out_sizes(per_split["train"], names, carve_test="test" not in per_split, carve_val="val" not in per_split)
+        self._check_held_out_sizes(
+            per_split["train"], names, carve_test="test" not in per_split, carve_val="val" not in per_split
+        )
         train = self._split_from(per_split["train"], names)
         val = self._split_from(per_split["val"], names) if "val" in per_split else None
         if "test" in per_split:
             test = self._split_from(per_split["test"], names)
         else:
-            train, test = stratified_holdout(train, self.test_size, self.split_seed + 1, "data.test_size", names)
+            train, test = stratified_holdout(
+                train, self.test_size, self.split_seed + 1, "data.test_size", names
+            )
         return train, val, test, names
 
     def _check_classes(self, names: list[str], folder: Path) -> None:
@@ -201,7 +216,9 @@ class ImageFolderDataModule(TensorImageDataModule):
         check_two_classes(names, folder)
         select_classes(names, self.classes)
 
-    def _check_held_out_sizes(self, files: dict[str, list[Path]], names: list[str], carve_test: bool, carve_val: bool) -> None:
+    def _check_held_out_sizes(
+        self, files: dict[str, list[Path]], names: list[str], carve_test: bool, carve_val: bool
+    ) -> None:
         """The test and validation sets carved from the training images fit every class.
 
         The same counts `stratified_holdout` will draw, from the file counts alone: a refusal
@@ -272,7 +289,9 @@ def _read_cached_stats(path: Path):
     except FileNotFoundError:
         return None
     except OSError as e:
-        log.warning("cannot read the cached dataset statistics %s (%s); computing them again", path, e.strerror or e)
+        log.warning(
+            "cannot read the cached dataset statistics %s (%s); computing them again", path, e.strerror or e
+        )
         return None
     try:
         stats = json.loads(text)
@@ -290,4 +309,8 @@ def _write_cached_stats(path: Path, stats: dict) -> None:
     try:
         write_atomically(path, lambda f: f.write(json.dumps(stats).encode()))
     except OSError as e:
-        log.warning("cannot cache the dataset statistics in %s (%s); continuing without the cache", path.parent, e.strerror or e)
+        log.warning(
+            "cannot cache the dataset statistics in %s (%s); continuing without the cache",
+            path.parent,
+            e.strerror or e,
+        )

@@ -76,7 +76,9 @@ def resolve_normalization(
         "Set data.normalization=imagenet if they were trained on ImageNet with the usual mean/std",
         weights.get("source"),
     )
-    return Normalization("dataset", tuple(mean), tuple(std), f"the dataset's statistics ({weights.get('source')} does not say)")
+    return Normalization(
+        "dataset", tuple(mean), tuple(std), f"the dataset's statistics ({weights.get('source')} does not say)"
+    )
 
 
 def _named(name: str, dataset_stats: Callable[[], Stats]) -> Normalization:
@@ -85,7 +87,9 @@ def _named(name: str, dataset_stats: Callable[[], Stats]) -> Normalization:
     if name == "none":
         return Normalization("none", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "data.normalization=none")
     mean, std = dataset_stats()
-    return Normalization(name, tuple(mean), tuple(std), f"data.normalization={name}: the dataset's statistics")
+    return Normalization(
+        name, tuple(mean), tuple(std), f"data.normalization={name}: the dataset's statistics"
+    )
 
 
 def _weights_stats(weights: dict[str, Any] | None) -> Normalization | None:

@@ -16,6 +16,7 @@ from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Split:
     """A split held in memory. `positions` are indices into the official training/test order."""
@@ -31,9 +32,7 @@ class Split:
         return int(self.labels.shape[0])
 
 
-def select_classes(
-    names: Sequence[str], wanted: Sequence[str | int] | None
-) -> tuple[list[int], list[str]]:
+def select_classes(names: Sequence[str], wanted: Sequence[str | int] | None) -> tuple[list[int], list[str]]:
     """Resolve `data.classes` (names or indices) to (original class indices, names) in order."""
     check_two_classes(names, "the dataset")
     if wanted is None:
@@ -43,9 +42,7 @@ def select_classes(
         if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
             index = int(item)
             if not 0 <= index < len(names):
-                raise UserError(
-                    f"data.classes: class index {index} is out of range 0..{len(names) - 1}"
-                )
+                raise UserError(f"data.classes: class index {index} is out of range 0..{len(names) - 1}")
         elif item in names:
             index = list(names).index(item)
         else:
@@ -198,6 +195,10 @@ def fewshot_indices(
         # Every class keeps at least one image: the run trains on more than the fraction asked for.
         log.warning(
             "data.fewshot.fraction=%s rounds to fewer than 1 image per class (%d of %d classes, e.g. %r); "
-            "using 1 image in each", fraction, len(rounded_up), len(class_names), rounded_up[0],
+            "using 1 image in each",
+            fraction,
+            len(rounded_up),
+            len(class_names),
+            rounded_up[0],
         )
     return torch.cat(chosen).sort().values

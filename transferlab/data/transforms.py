@@ -18,9 +18,7 @@ def batch_flip_lr(images: torch.Tensor, generator: torch.Generator | None = None
     return torch.where(flip, images.flip(-1), images)
 
 
-def batch_crop(
-    images: torch.Tensor, padding: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def batch_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop of the original size from each image zero-padded by `padding` pixels.
 
     Same distribution as torchvision's `RandomCrop(size, padding=padding)`: every offset

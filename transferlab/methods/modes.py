@@ -135,7 +135,9 @@ class TransferMode(Callback):
         self._logged_counts = counts
         log.info("trainable parameters: %s of %s", f"{counts[0]:,}", f"{counts[1]:,}")
         for logger in trainer.loggers:
-            logger.log_metrics({"params/trainable": counts[0], "params/total": counts[1]}, step=trainer.global_step)
+            logger.log_metrics(
+                {"params/trainable": counts[0], "params/total": counts[1]}, step=trainer.global_step
+            )
 
 
 class TrainAll(TransferMode):
@@ -165,7 +167,9 @@ class FreezeStages(TransferMode):
     def frozen_modules(self, pl_module, epoch):
         stages = getattr(pl_module.backbone, "stages", None)
         if stages is None:
-            raise UserError(f"mode=partial needs a backbone with stages; {type(pl_module.backbone).__name__} has none")
+            raise UserError(
+                f"mode=partial needs a backbone with stages; {type(pl_module.backbone).__name__} has none"
+            )
         if self.frozen_stages > len(stages):
             raise UserError(
                 f"mode.frozen_stages={self.frozen_stages} but {getattr(pl_module.backbone, 'name', 'the backbone')} "
@@ -185,7 +189,11 @@ class GradualUnfreeze(TransferMode):
     """
 
     def __init__(
-        self, unfreeze_at_epoch: int = 1, warmup_epochs: int = 0, warmup_start: float = 0.1, train_bn: bool = False
+        self,
+        unfreeze_at_epoch: int = 1,
+        warmup_epochs: int = 0,
+        warmup_start: float = 0.1,
+        train_bn: bool = False,
     ):
         super().__init__(train_bn=train_bn)
         if int(unfreeze_at_epoch) < 0 or int(warmup_epochs) < 0:
@@ -289,9 +297,11 @@ class Mode:
 def facts_before_they_were_stated(name: Any) -> dict[str, Any]:
     """The facts of a built-in mode, for configs recorded before conf/mode/*.yaml stated them
     (run.resume compares an older run's config with them)."""
-    fixed, solve = {"frozen": (True, "none"), "linear_probe": (True, "instead_of_fit"), "lp_ft": (False, "before_fit")}.get(
-        str(name), (False, "none")
-    )
+    fixed, solve = {
+        "frozen": (True, "none"),
+        "linear_probe": (True, "instead_of_fit"),
+        "lp_ft": (False, "before_fit"),
+    }.get(str(name), (False, "none"))
     return {"backbone_fixed": fixed, "head_solve": solve}
 
 
@@ -304,14 +314,27 @@ def mode_facts(mode: Any) -> Mode:
             raise UserError(f"mode.{key}={value!r} must be true or false (conf/mode/{name}.yaml states it)")
     head_solve = mode.get("head_solve")
     if head_solve not in HEAD_SOLVES:
-        raise UserError(f"mode.head_solve={head_solve!r} must be one of {', '.join(HEAD_SOLVES)} (conf/mode/{name}.yaml)")
+        raise UserError(
+            f"mode.head_solve={head_solve!r} must be one of {', '.join(HEAD_SOLVES)} (conf/mode/{name}.yaml)"
+        )
     facts = Mode(name=name, head_solve=head_solve, **facts)
     if facts.head_solve == "instead_of_fit" and not facts.backbone_fixed:
-        raise UserError(f"mode={name}: head_solve=instead_of_fit trains no epoch, so its backbone is fixed; set mode.backbone_fixed=true")
+        raise UserError(
+            f"mode={name}: head_solve=instead_of_fit trains no epoch, so its backbone is fixed; set mode.backbone_fixed=true"
+        )
     if facts.fits and not mode.get("callback"):
-        raise UserError(f"mode={name} trains epochs but names no mode.callback (what trains in each epoch); add one, e.g. {TrainAll.__module__}.TrainAll")
-    if facts.backbone_fixed and facts.fits and str((mode.get("callback") or {}).get("_target_", "")).rsplit(".", 1)[-1] != FreezeBackbone.__name__:
-        raise UserError(f"mode={name}: backbone_fixed=true needs the callback that keeps it fixed ({FreezeBackbone.__module__}.FreezeBackbone)")
+        raise UserError(
+            f"mode={name} trains epochs but names no mode.callback (what trains in each epoch); add one, e.g. {TrainAll.__module__}.TrainAll"
+        )
+    if (
+        facts.backbone_fixed
+        and facts.fits
+        and str((mode.get("callback") or {}).get("_target_", "")).rsplit(".", 1)[-1]
+        != FreezeBackbone.__name__
+    ):
+        raise UserError(
+            f"mode={name}: backbone_fixed=true needs the callback that keeps it fixed ({FreezeBackbone.__module__}.FreezeBackbone)"
+        )
     return facts
 
 
@@ -332,5 +355,10 @@ def check_mode(mode: Any, max_epochs: int | None, weights: Any) -> Mode:
     weights = facts.starting_weights(weights)
     if not wants_weights(weights) and (facts.backbone_fixed or facts.solves_head):
         what = "the probe fits" if facts.solves_head else "the backbone is"
-        log.warning("mode=%s with random weights: %s a fixed random feature extractor (backbone.weights=%s)", facts.name, what, weights)
+        log.warning(
+            "mode=%s with random weights: %s a fixed random feature extractor (backbone.weights=%s)",
+            facts.name,
+            what,
+            weights,
+        )
     return facts

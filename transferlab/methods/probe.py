@@ -45,7 +45,6 @@ from transferlab.utils.numbers import as_number
 log = logging.getLogger("transferlab")
 
 
-
 @dataclass
 class ProbeResult:
     """The chosen head and how it was chosen (what run_info.json records)."""
@@ -74,17 +73,25 @@ class LinearProbe:
     std would give the head huge weights, which LP-FT's fine-tuning would then blow up.
     """
 
-    def __init__(self, l2_grid: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), max_iter: int = 500):
+    def __init__(
+        self,
+        l2_grid: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
+        max_iter: int = 500,
+    ):
         grid = list(l2_grid) if isinstance(l2_grid, Sequence) and not isinstance(l2_grid, str) else None
         if not grid or not all(_is_number(v) and v > 0 and math.isfinite(v) for v in grid):
-            raise UserError(f"mode.l2_grid={l2_grid!r} must be a non-empty list of positive numbers (e.g. [1e-6,1e-4,1e-2,1])")
+            raise UserError(
+                f"mode.l2_grid={l2_grid!r} must be a non-empty list of positive numbers (e.g. [1e-6,1e-4,1e-2,1])"
+            )
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise UserError(f"mode.max_iter={max_iter!r} must be an integer >= 1 (L-BFGS iterations per fit)")
         self.l2_grid = sorted(float(v) for v in grid)
         self.max_iter = max_iter
 
     # ---- one fit --------------------------------------------------------------------------
-    def fit(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, init=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def fit(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, init=None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(weight, bias, iterations) minimizing mean CE(x @ W.T + b, y) + l2 * ||W||^2."""
         weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
         bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
@@ -94,8 +101,13 @@ class LinearProbe:
         weight.requires_grad_(True)
         bias.requires_grad_(True)
         solver = torch.optim.LBFGS(
-            [weight, bias], lr=1.0, max_iter=self.max_iter, history_size=20, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-6, tolerance_change=1e-9,
+            [weight, bias],
+            lr=1.0,
+            max_iter=self.max_iter,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-6,
+            tolerance_change=1e-9,
         )
 
         def objective() -> torch.Tensor:
@@ -134,12 +146,19 @@ class LinearProbe:
         raw_weight, raw_bias = weight / scale, bias
         log.info(
             "linear probe: L2 %g chosen on validation (val acc %.4f; grid %s)",
-            best, accs[best], ", ".join(f"{l2:g}: {accs[l2]:.4f}" for l2 in self.l2_grid),
+            best,
+            accs[best],
+            ", ".join(f"{l2:g}: {accs[l2]:.4f}" for l2 in self.l2_grid),
         )
         return ProbeResult(
-            l2=best, l2_grid=self.l2_grid, val_acc=[accs[l2] for l2 in self.l2_grid],
-            val_loss=[losses[l2] for l2 in self.l2_grid], iterations=iterations,
-            solve_time_s=time.perf_counter() - started, weight=raw_weight.cpu(), bias=raw_bias.cpu(),
+            l2=best,
+            l2_grid=self.l2_grid,
+            val_acc=[accs[l2] for l2 in self.l2_grid],
+            val_loss=[losses[l2] for l2 in self.l2_grid],
+            iterations=iterations,
+            solve_time_s=time.perf_counter() - started,
+            weight=raw_weight.cpu(),
+            bias=raw_bias.cpu(),
         )
 
 
@@ -162,7 +181,9 @@ def check_probe(facts: Mode, mode: Any, head_target: str, ckpt_path: Any, caches
         return
     if not str(head_target).endswith("linear_head"):
         name = str(head_target).rsplit(".", 1)[-1].removesuffix("_head")
-        raise UserError(f"mode={facts.name} solves for a linear head (logistic regression), but head={name}; use head=linear")
+        raise UserError(
+            f"mode={facts.name} solves for a linear head (logistic regression), but head={name}; use head=linear"
+        )
     probe_from_config(mode)  # its own argument checks
     if facts.fits:
         return
@@ -179,7 +200,9 @@ def check_probe(facts: Mode, mode: Any, head_target: str, ckpt_path: Any, caches
 
 
 # ---- mode=linear_probe: a solve instead of a fit ------------------------------------------------
-def solve_instead_of_fit(trainer, model, datamodule, probe: LinearProbe, device: str, checkpoint: Path, test: bool) -> dict:
+def solve_instead_of_fit(
+    trainer, model, datamodule, probe: LinearProbe, device: str, checkpoint: Path, test: bool
+) -> dict:
     """Solve, validate, checkpoint, test; returns the metrics (written like any run's)."""
     freeze([model.backbone])  # the backbone never trains here; params_trainable counts the head
     result = solve_for_head(probe, datamodule.train, datamodule.val, datamodule.num_classes, device)
@@ -224,7 +247,9 @@ def _loss_and_accuracy(head: nn.Module, split) -> tuple[float, float]:
     head.eval()
     logits = head(split.images.float())
     head.train(was_training)
-    return F.cross_entropy(logits, split.labels).item(), (logits.argmax(1) == split.labels).float().mean().item()
+    return F.cross_entropy(logits, split.labels).item(), (
+        logits.argmax(1) == split.labels
+    ).float().mean().item()
 
 
 # ---- mode=lp_ft ---------------------------------------------------------------------------------
@@ -241,7 +266,9 @@ class ProbeRecord(Callback):
         self.record = dict(state_dict)
 
 
-def probe_head_before_fit(trainer, model, datamodule, probe: LinearProbe, device: str, use_disk: bool, resuming: bool) -> float:
+def probe_head_before_fit(
+    trainer, model, datamodule, probe: LinearProbe, device: str, use_disk: bool, resuming: bool
+) -> float:
     """LP-FT's first stage: the head solved on the pretrained backbone's features, before fit;
     returns the seconds the features took (`features_time_s`).
 
@@ -256,7 +283,9 @@ def probe_head_before_fit(trainer, model, datamodule, probe: LinearProbe, device
         log.info("mode=lp_ft resumed: the head comes from the checkpoint, the probe stage is not repeated")
         return 0.0
     started = time.perf_counter()
-    splits = feature_splits(model.backbone, datamodule, device=device, use_disk=use_disk, names=("train", "val"))
+    splits = feature_splits(
+        model.backbone, datamodule, device=device, use_disk=use_disk, names=("train", "val")
+    )
     features_time = time.perf_counter() - started
     result = solve_for_head(probe, splits["train"], splits["val"], datamodule.num_classes, device)
     set_linear_head(model.head, result.weight, result.bias)

@@ -18,7 +18,6 @@ training step; `TransferModule.training_step` adds it to the cross-entropy and l
 from __future__ import annotations
 
 import logging
-
 from typing import Any
 
 import hydra
@@ -31,6 +30,7 @@ from transferlab.models.weights import wants_weights
 from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
+
 
 class Regularizer:
     """A penalty on the model (and the batch's backbone features) added to the training loss."""
@@ -99,7 +99,9 @@ class BSS(Regularizer):
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise UserError(f"regularizer.eta={eta!r} must be a number >= 0")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise UserError(f"regularizer.k={k!r} must be an integer >= 1 (the number of smallest singular values)")
+            raise UserError(
+                f"regularizer.k={k!r} must be an integer >= 1 (the number of smallest singular values)"
+            )
         self.eta, self.k = float(eta), k
 
     def __call__(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,9 @@ def build_regularizer(settings: Any) -> Regularizer | None:
     configs from before the group)."""
     if not settings or settings.get("name", "none") == "none":
         return None
-    arguments = OmegaConf.masked_copy(settings, [key for key in settings if key != "name"])  # name: the option's label
+    arguments = OmegaConf.masked_copy(
+        settings, [key for key in settings if key != "name"]
+    )  # name: the option's label
     try:
         return hydra.utils.instantiate(arguments)
     except Exception as error:  # Hydra wraps the constructor's own refusal: pass that on as is
@@ -153,7 +157,10 @@ def check_regularizer(settings: Any, mode: Mode, weights: Any) -> None:
         if mode.backbone_fixed:
             # Allowed: the backbone never moves, so alpha's term is exactly 0 and what remains is the
             # paper's beta * ||w||^2 on the new head (an L2 penalty on it), still a well-defined method.
-            log.info("regularizer=l2sp with mode=%s: the backbone does not train, only the head's beta term applies", mode.name)
+            log.info(
+                "regularizer=l2sp with mode=%s: the backbone does not train, only the head's beta term applies",
+                mode.name,
+            )
     if name == "bss" and mode.backbone_fixed:
         raise UserError(
             f"regularizer=bss with mode={mode.name}: the backbone does not train, so a penalty on its features changes "

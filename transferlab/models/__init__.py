@@ -6,7 +6,13 @@ Imported by `methods`, `run`, `build` and the commands, and named by conf/backbo
 conf/model (`transferlab.models.<builder>`): the names below are the public face.
 """
 
-from transferlab.models.backbones import Backbone, cnn_small, torchvision_backbone, truncated_resnet, vgg_blocks
+from transferlab.models.backbones import (
+    Backbone,
+    cnn_small,
+    torchvision_backbone,
+    truncated_resnet,
+    vgg_blocks,
+)
 from transferlab.models.heads import linear_head, mlp_head
 from transferlab.models.module import TransferModule
 from transferlab.models.timm_backbones import efficientnet_lite, timm_backbone

@@ -53,7 +53,9 @@ DATA_KEYS = ("class_names", "image_size", "mean", "std")
 WEIGHT_DEPENDENT_ATTRIBUTES = ("body.transform_input",)
 
 
-def architecture_record(backbone_cfg: Any, head_cfg: Any, image_size: int, backbone: nn.Module, num_classes: int) -> dict:
+def architecture_record(
+    backbone_cfg: Any, head_cfg: Any, image_size: int, backbone: nn.Module, num_classes: int
+) -> dict:
     """How to rebuild a run's network without its config: the `backbone` and `head` config nodes
     (`_target_` and arguments, resolved) as `transferlab.build` instantiated them.
 
@@ -63,7 +65,11 @@ def architecture_record(backbone_cfg: Any, head_cfg: Any, image_size: int, backb
     """
     backbone_node = OmegaConf.to_container(backbone_cfg, resolve=True)
     head_node = OmegaConf.to_container(head_cfg, resolve=True)
-    attributes = {name: _attribute(backbone, name) for name in WEIGHT_DEPENDENT_ATTRIBUTES if _attribute(backbone, name) is not None}
+    attributes = {
+        name: _attribute(backbone, name)
+        for name in WEIGHT_DEPENDENT_ATTRIBUTES
+        if _attribute(backbone, name) is not None
+    }
     return {
         "backbone": {**backbone_node, "image_size": int(image_size), "weights": "none"},
         "head": {**head_node, "in_features": int(backbone.out_features), "num_classes": int(num_classes)},
@@ -84,7 +90,9 @@ def _set_attribute(module: nn.Module, dotted: str, value) -> None:
     setattr(module, name, value)
 
 
-def rebuild_arguments(path: str | os.PathLike, setting: str = "checkpoint_path") -> tuple[Path, dict[str, Any]]:
+def rebuild_arguments(
+    path: str | os.PathLike, setting: str = "checkpoint_path"
+) -> tuple[Path, dict[str, Any]]:
     """The checkpoint file behind `path` and the `TransferModule` arguments its record describes.
 
     The backbone and head are built with random init (the state dict loaded next fills them);
@@ -107,7 +115,9 @@ def rebuild_arguments(path: str | os.PathLike, setting: str = "checkpoint_path")
     data = record.get("data") or {}
     missing = [key for key in DATA_KEYS if not data.get(key)]
     if missing:
-        raise UserError(f"{setting}={file} does not record its images' {', '.join(missing)}; train it again with this version")
+        raise UserError(
+            f"{setting}={file} does not record its images' {', '.join(missing)}; train it again with this version"
+        )
     backbone = _instantiate(architecture["backbone"], file, "backbone")
     for name, value in (architecture.get("backbone_attributes") or {}).items():
         _set_attribute(backbone, name, value)
@@ -123,7 +133,8 @@ def rebuild_arguments(path: str | os.PathLike, setting: str = "checkpoint_path")
 
 def _is_architecture(architecture: Any) -> bool:
     return isinstance(architecture, dict) and all(
-        isinstance(architecture.get(part), dict) and "_target_" in architecture[part] for part in ("backbone", "head")
+        isinstance(architecture.get(part), dict) and "_target_" in architecture[part]
+        for part in ("backbone", "head")
     )
 
 
@@ -136,4 +147,6 @@ def _instantiate(node: dict, file: Path, part: str) -> nn.Module:
     except Exception as error:
         cause = user_error_behind(error)
         reason = str(cause) if cause is not None else f"{type(error).__name__}: {error}"
-        raise UserError(f"cannot rebuild the {part} that {file} records ({node.get('_target_')}): {reason}") from error
+        raise UserError(
+            f"cannot rebuild the {part} that {file} records ({node.get('_target_')}): {reason}"
+        ) from error

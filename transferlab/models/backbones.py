@@ -18,8 +18,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from transferlab.utils.errors import UserError
 from transferlab.models import weights as W
+from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class Backbone(nn.Module):
         return probe_features(self, image_size, self.name, "use a larger data.image_size (32 or 224)")
 
     # ---- weights -------------------------------------------------------------------------
-    def load_weights(self, loaded: W.LoadedWeights, torchvision_prefix: str = "", unused: Sequence[str] = ()) -> None:
+    def load_weights(
+        self, loaded: W.LoadedWeights, torchvision_prefix: str = "", unused: Sequence[str] = ()
+    ) -> None:
         """Load a state dict in transferlab form (`body.*`) or in the torchvision model's own form.
 
         Keys are compared in the torchvision model's names: `torchvision_prefix` is where
@@ -76,7 +78,13 @@ class Backbone(nn.Module):
         skipped = [k for k in state if k.startswith(tuple(unused))]
         if skipped:
             parts = ", ".join(sorted({k.split(".")[0] for k in skipped}))
-            log.info("%s: %d tensors of %s belong to parts it leaves out (%s); not used", self.name, len(skipped), loaded.source, parts)
+            log.info(
+                "%s: %d tensors of %s belong to parts it leaves out (%s); not used",
+                self.name,
+                len(skipped),
+                loaded.source,
+                parts,
+            )
         body_state = {
             ("body." + k[len(torchvision_prefix) :] if k.startswith(torchvision_prefix) else k): v
             for k, v in state.items()
@@ -157,7 +165,9 @@ def torchvision_backbone(
 
     backbone = Backbone(body, stages, image_size=image_size, pool=pool, name=name)
     if W.wants_weights(weights):
-        loaded = W.load_weights_file(weights) if W.is_path(weights) else W.load_torchvision_weights(name, weights)
+        loaded = (
+            W.load_weights_file(weights) if W.is_path(weights) else W.load_torchvision_weights(name, weights)
+        )
         if cifar_stem:
             loaded = _keep_fresh_stem(loaded, model.conv1, prefix)
         backbone.load_weights(loaded, torchvision_prefix=prefix, unused=unused)
@@ -187,9 +197,13 @@ def _cut_classifier(model: nn.Module, name: str) -> tuple[str, list[str]]:
     """
     attr = next((a for a in CLASSIFIER_ATTRS if isinstance(getattr(model, a, None), nn.Module)), None)
     if attr is None:
-        raise UserError(f"cannot find the classifier of torchvision model {name!r} (looked for {CLASSIFIER_ATTRS})")
+        raise UserError(
+            f"cannot find the classifier of torchvision model {name!r} (looked for {CLASSIFIER_ATTRS})"
+        )
     classifier = getattr(model, attr)
-    layers = list(classifier.named_children()) if isinstance(classifier, nn.Sequential) else [("", classifier)]
+    layers = (
+        list(classifier.named_children()) if isinstance(classifier, nn.Sequential) else [("", classifier)]
+    )
     kept, removed, past_features = [], [], False
     for child, layer in layers:
         past_features = past_features or isinstance(layer, WEIGHT_LAYERS)
@@ -245,9 +259,11 @@ def _natural_stages(model: nn.Module, classifier_attr: str) -> list[list[nn.Modu
     if all(hasattr(model, a) for a in ("conv1", "bn1", "layer1", "layer4")):  # ResNet family
         return [[model.conv1, model.bn1]] + [[getattr(model, f"layer{i}")] for i in range(1, 5)]
     features = getattr(model, "features", None)
-    children = list(features) if isinstance(features, nn.Sequential) else [
-        m for n, m in model.named_children() if n != classifier_attr
-    ]
+    children = (
+        list(features)
+        if isinstance(features, nn.Sequential)
+        else [m for n, m in model.named_children() if n != classifier_attr]
+    )
     # Activations and pools hold nothing to freeze; counting them would make stage numbers meaningless.
     return [[m] for m in children if any(True for _ in m.parameters())]
 
@@ -272,17 +288,26 @@ def truncated_resnet(
         _cifar_stem(model, name)
     dropped = _check_dropped_blocks(drop_layer2_blocks, len(model.layer2), name)
     # Blocks keep their original index as name, so `layer2.3.*` keys of the full network still fit.
-    layer2 = nn.Sequential(OrderedDict((str(i), block) for i, block in enumerate(model.layer2) if i not in dropped))
+    layer2 = nn.Sequential(
+        OrderedDict((str(i), block) for i, block in enumerate(model.layer2) if i not in dropped)
+    )
     body = nn.Sequential(
         OrderedDict(
-            conv1=model.conv1, bn1=model.bn1, relu=model.relu, maxpool=model.maxpool, layer1=model.layer1, layer2=layer2
+            conv1=model.conv1,
+            bn1=model.bn1,
+            relu=model.relu,
+            maxpool=model.maxpool,
+            layer1=model.layer1,
+            layer2=layer2,
         )
     )
     stages = [[model.conv1, model.bn1], [model.layer1], [layer2]]
     suffix = f"-drop{'_'.join(map(str, dropped))}" if dropped else ""
     backbone = Backbone(body, stages, image_size=image_size, pool="avg", name=f"{name}_layer2{suffix}")
     if W.wants_weights(weights):
-        loaded = W.load_weights_file(weights) if W.is_path(weights) else W.load_torchvision_weights(name, weights)
+        loaded = (
+            W.load_weights_file(weights) if W.is_path(weights) else W.load_torchvision_weights(name, weights)
+        )
         if cifar_stem:
             loaded = _keep_fresh_stem(loaded, model.conv1)
         unused = ("layer3.", "layer4.", "fc.", *(f"layer2.{i}." for i in dropped))
@@ -395,7 +420,10 @@ def _dense_block(layers: list[str], in_features: int, size: int, dropout: float)
 
 def _flat_size(convs: nn.Module, image_size: int) -> int:
     return probe_features(
-        convs, image_size, "these vgg_blocks (each maxpool halves it)", "use fewer blocks or a larger data.image_size"
+        convs,
+        image_size,
+        "these vgg_blocks (each maxpool halves it)",
+        "use fewer blocks or a larger data.image_size",
     )
 
 

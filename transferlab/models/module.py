@@ -10,11 +10,10 @@ from typing import Any, Callable, Iterator
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-
-from hydra.utils import instantiate
 
 from transferlab.models.architecture import rebuild_arguments
 from transferlab.store.rundir import current_run_config
@@ -187,7 +186,9 @@ class TransferModule(L.LightningModule):
         optimizer or scheduler has the same groups as the saved one.
         """
         lr = self.base_lr()
-        return [{"params": list(self.head.parameters()), "name": "head", "lr": lr}] + self._backbone_groups(lr)
+        return [{"params": list(self.head.parameters()), "name": "head", "lr": lr}] + self._backbone_groups(
+            lr
+        )
 
     def _backbone_groups(self, head_lr: float) -> list[dict]:
         """The backbone's parameters at `head_lr * backbone_lr_ratio`.
@@ -206,7 +207,9 @@ class TransferModule(L.LightningModule):
         per_stage = _split_by_stage(trainable, self.backbone)
         top = len(per_stage) - 1
         return [
-            _lr_group(f"backbone.stage{i}", params, head_lr, self.backbone_lr_ratio * self.layer_decay ** (top - i))
+            _lr_group(
+                f"backbone.stage{i}", params, head_lr, self.backbone_lr_ratio * self.layer_decay ** (top - i)
+            )
             for i, params in enumerate(per_stage)
             if params
         ]
@@ -216,7 +219,10 @@ class TransferModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}  # schedules are in epochs (T_max: ${trainer.max_epochs})
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }  # schedules are in epochs (T_max: ${trainer.max_epochs})
 
     # ---- checkpoints ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -238,14 +244,22 @@ class TransferModule(L.LightningModule):
         return self._recorded_config
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None, **kwargs):
+    def load_from_checkpoint(
+        cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None, **kwargs
+    ):
         """Lightning's `load_from_checkpoint`, standing alone: without `backbone`/`head`, the
         checkpoint's own record rebuilds them (no config, no network; `models.architecture`),
         and `checkpoint_path` may be a run dir (its best checkpoint)."""
-        if "backbone" not in kwargs and "head" not in kwargs and isinstance(checkpoint_path, (str, os.PathLike)):
+        if (
+            "backbone" not in kwargs
+            and "head" not in kwargs
+            and isinstance(checkpoint_path, (str, os.PathLike))
+        ):
             checkpoint_path, rebuilt = rebuild_arguments(checkpoint_path)
             kwargs = {**rebuilt, **kwargs}
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+        )
 
 
 def check_learning_rate_ratios(backbone_lr_ratio: float, layer_decay: float | None) -> None:
@@ -290,7 +304,9 @@ def check_components(optimizer_cfg: Any, scheduler_cfg: Any, head_cfg: Any) -> N
     """
     momentum = optimizer_cfg.get("momentum")
     if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
-        raise UserError(f"optimizer.momentum={momentum} must be in [0, 1) (0.9 is usual); at 1 or above the updates grow without bound")
+        raise UserError(
+            f"optimizer.momentum={momentum} must be in [0, 1) (0.9 is usual); at 1 or above the updates grow without bound"
+        )
     with _building("optimizer"):
         optimizer = instantiate(optimizer_cfg)([torch.zeros(1, requires_grad=True)])
     if scheduler_cfg:

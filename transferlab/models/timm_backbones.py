@@ -9,11 +9,12 @@ and the normalization its weights were trained with from its `pretrained_cfg`.
 from __future__ import annotations
 
 import logging
+
 from torch import nn
 
-from transferlab.utils.errors import UserError
 from transferlab.models import weights as W
 from transferlab.models.backbones import Backbone
+from transferlab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ def timm_backbone(name: str, weights: str | None = "imagenet", image_size: int =
     return backbone
 
 
-def efficientnet_lite(variant: str = "lite0", weights: str | None = "imagenet", image_size: int = 32) -> Backbone:
+def efficientnet_lite(
+    variant: str = "lite0", weights: str | None = "imagenet", image_size: int = 32
+) -> Backbone:
     """`backbone=efficientnet_lite0/1/2`: timm's `tf_efficientnet_liteN` ("same" padding).
 
     `weights=imagenet` reads the ImageNet state dict shipped by the
@@ -52,7 +55,9 @@ def efficientnet_lite(variant: str = "lite0", weights: str | None = "imagenet", 
         elif str(weights).lower() in ("imagenet", "default", "true"):
             loaded = W.load_efficientnet_lite_package(variant, _full_state_keys(name))
         else:
-            raise UserError(f"backbone.weights={weights!r}: efficientnet_{variant} takes imagenet, none or a file path")
+            raise UserError(
+                f"backbone.weights={weights!r}: efficientnet_{variant} takes imagenet, none or a file path"
+            )
         backbone.load_weights(loaded, unused=_classifier_prefixes(model))
     return backbone
 

@@ -83,9 +83,18 @@ class TrainedModel:
         """The interface of `classifier()`, for whoever runs it elsewhere (the exported model's class file)."""
         return {
             "classes": list(self.class_names),
-            "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, self.image_size, self.image_size], "channels": "RGB"},
+            "input": {
+                "name": "images",
+                "dtype": "uint8",
+                "shape": ["N", 3, self.image_size, self.image_size],
+                "channels": "RGB",
+            },
             "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(self.class_names)]},
-            "preprocessing": {"normalization": self.normalization, "mean": list(self.mean), "std": list(self.std)},
+            "preprocessing": {
+                "normalization": self.normalization,
+                "mean": list(self.mean),
+                "std": list(self.std),
+            },
             "checkpoint": str(self.checkpoint.resolve()),
         }
 

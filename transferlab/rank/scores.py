@@ -47,7 +47,9 @@ def _probabilities_and_labels(probabilities, labels) -> tuple[np.ndarray, np.nda
     if p.ndim != 2 or y.ndim != 1 or p.shape[0] != y.shape[0] or p.shape[0] == 0:
         raise ValueError(f"source probabilities must be (n, Z) and labels (n,); got {p.shape} and {y.shape}")
     if not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
-        raise ValueError("source probabilities must be non-negative rows that sum to 1 (a softmax, not logits)")
+        raise ValueError(
+            "source probabilities must be non-negative rows that sum to 1 (a softmax, not logits)"
+        )
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise ValueError("labels must be non-negative integers")
     return p, y.astype(np.int64)
@@ -116,8 +118,12 @@ def log_evidence(s: Spectrum, column: int, alpha: float, beta: float) -> float:
     residual = float(((alpha / scale) ** 2 * z2).sum() + s.outside[column])
     log_det = float(np.log(scale).sum() + (s.dim - len(s.sigma)) * math.log(alpha))
     return (
-        s.dim / 2 * math.log(alpha) + s.n / 2 * math.log(beta) - s.n / 2 * math.log(2 * math.pi)
-        - beta / 2 * residual - alpha / 2 * m2 - log_det / 2
+        s.dim / 2 * math.log(alpha)
+        + s.n / 2 * math.log(beta)
+        - s.n / 2 * math.log(2 * math.pi)
+        - beta / 2 * residual
+        - alpha / 2 * m2
+        - log_det / 2
     )
 
 
@@ -146,7 +152,10 @@ def maximize_evidence(s: Spectrum, column: int) -> tuple[float, float]:
         if not (math.isfinite(new_alpha) and math.isfinite(new_beta) and new_alpha > 0 and new_beta > 0):
             break
         new_evidence = log_evidence(s, column, new_alpha, new_beta)
-        settled = abs(new_alpha - alpha) <= LOGME_TOLERANCE * alpha and abs(new_beta - beta) <= LOGME_TOLERANCE * beta
+        settled = (
+            abs(new_alpha - alpha) <= LOGME_TOLERANCE * alpha
+            and abs(new_beta - beta) <= LOGME_TOLERANCE * beta
+        )
         flat = abs(new_evidence - evidence) <= 1e-12 * max(1.0, abs(evidence))
         alpha, beta, evidence = new_alpha, new_beta, new_evidence
         if settled or flat:

@@ -35,10 +35,14 @@ def source_head(backbone_cfg: DictConfig, backbone: nn.Module) -> SourceHead:
         return SourceHead(None, "random init: no source model to predict with")
     if backbone_cfg.get("_target_") != LITE_TARGET or str(weights).lower() not in IMAGENET:
         return SourceHead(
-            None, f"no source classifier for {getattr(backbone, 'name', 'this backbone')} ({backbone.weights_source}): "
-            "only EfficientNet-Lite's ImageNet head is read"
+            None,
+            f"no source classifier for {getattr(backbone, 'name', 'this backbone')} ({backbone.weights_source}): "
+            "only EfficientNet-Lite's ImageNet head is read",
         )
     head = efficientnet_lite_classifier(str(backbone_cfg.get("variant", "lite0")))
     if head.in_features != backbone.out_features:  # a pool or cut that changed the features
-        return SourceHead(None, f"the ImageNet head takes {head.in_features} features, the backbone gives {backbone.out_features}")
+        return SourceHead(
+            None,
+            f"the ImageNet head takes {head.in_features} features, the backbone gives {backbone.out_features}",
+        )
     return SourceHead(head)

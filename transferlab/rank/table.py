@@ -14,8 +14,16 @@ from transferlab.utils.errors import UserError
 SCORES = ("logme", "h_score", "leep", "nce")
 TITLES = {"logme": "LogME", "h_score": "H-score", "leep": "LEEP", "nce": "NCE"}
 CSV_COLUMNS = (
-    "backbone", "weights", "features", "images", "classes", *SCORES, *(f"rank_{s}" for s in SCORES),
-    "features_time_s", "scores_time_s", "note",
+    "backbone",
+    "weights",
+    "features",
+    "images",
+    "classes",
+    *SCORES,
+    *(f"rank_{s}" for s in SCORES),
+    "features_time_s",
+    "scores_time_s",
+    "note",
 )
 EXPLANATIONS = (
     "All scores are computed on the target's training images; higher is better, rank 1 is the best backbone.",
@@ -37,7 +45,9 @@ def write_tables(rows: list[dict], output_dir: Path, run: dict) -> tuple[Path, P
         csv_path.write_text(csv_text(rows))
         md_path.write_text(markdown(rows, run))
     except OSError as e:
-        raise UserError(f"cannot write the ranking into {output_dir} ({e.strerror or type(e).__name__}); set hydra.run.dir to a writable folder with room") from None
+        raise UserError(
+            f"cannot write the ranking into {output_dir} ({e.strerror or type(e).__name__}); set hydra.run.dir to a writable folder with room"
+        ) from None
     return csv_path, md_path
 
 
@@ -62,15 +72,23 @@ def table_lines(rows: list[dict]) -> list[str]:
     header = ["backbone", *(TITLES[s] for s in SCORES), *(f"rank by {TITLES[s]}" for s in SCORES)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["backbone"], *(_score(row[s]) for s in SCORES), *(_rank(row[f"rank_{s}"]) for s in SCORES)]
+        cells = [
+            row["backbone"],
+            *(_score(row[s]) for s in SCORES),
+            *(_rank(row[f"rank_{s}"]) for s in SCORES),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def markdown(rows: list[dict], run: dict) -> str:
     shrinkage = run.get("h_score_shrinkage")
-    described = "Ledoit-Wolf shrinkage d" if shrinkage == "ledoit_wolf" else f"a fixed shrinkage d = {shrinkage}"
-    setting = ", ".join(f"{key} {value}" for key, value in run.items() if key != "h_score_shrinkage" and value is not None)
+    described = (
+        "Ledoit-Wolf shrinkage d" if shrinkage == "ledoit_wolf" else f"a fixed shrinkage d = {shrinkage}"
+    )
+    setting = ", ".join(
+        f"{key} {value}" for key, value in run.items() if key != "h_score_shrinkage" and value is not None
+    )
     lines = ["# Transferability ranking", "", f"Target: {setting}.", "", *table_lines(rows), ""]
     lines += [text.format(shrinkage=described) for text in EXPLANATIONS]
     lines += ["", "Backbones:", ""]
@@ -106,17 +124,24 @@ def rank_agreement(csv_path: Path | str, accuracies: dict[str, float]) -> dict[s
     unknown = sorted(set(accuracies) - {row["backbone"] for row in rows})
     if unknown:
         raise ValueError(f"{csv_path} has no backbone {', '.join(unknown)}")
-    return score_agreement({row["backbone"]: {name: float(row[name]) for name in SCORES} for row in rows}, accuracies)
+    return score_agreement(
+        {row["backbone"]: {name: float(row[name]) for name in SCORES} for row in rows}, accuracies
+    )
 
 
-def score_agreement(scores: dict[str, dict[str, float]], accuracies: dict[str, float], tau=None) -> dict[str, float]:
+def score_agreement(
+    scores: dict[str, dict[str, float]], accuracies: dict[str, float], tau=None
+) -> dict[str, float]:
     """Kendall's tau-b (or `tau`, e.g. scores.weighted_tau) of each score (backbone -> {score: value})
     with the accuracies (backbone -> accuracy), over the backbones that have an accuracy and a finite
     score; NaN below two."""
     tau = tau or kendall_tau_b
     agreement = {}
     for name in SCORES:
-        pairs = [(values[name], float(accuracies[backbone])) for backbone, values in scores.items()
-                 if backbone in accuracies and math.isfinite(values[name])]
+        pairs = [
+            (values[name], float(accuracies[backbone]))
+            for backbone, values in scores.items()
+            if backbone in accuracies and math.isfinite(values[name])
+        ]
         agreement[name] = tau(*zip(*pairs)) if len(pairs) >= 2 else math.nan
     return agreement

@@ -6,13 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from transferlab.utils.errors import UserError, exit_with
 from transferlab.report.agreement import write_agreement
 from transferlab.report.analysis import check_arm
 from transferlab.report.compare import DEFAULT_ARM, set_apart
 from transferlab.report.output import write_report
-from transferlab.report.runs import UnfinishedJob, find_jobs, is_run, load_finished, load_unfinished, overrides_text
+from transferlab.report.runs import (
+    UnfinishedJob,
+    find_jobs,
+    is_run,
+    load_finished,
+    load_unfinished,
+    overrides_text,
+)
 from transferlab.report.stats import CI_METHODS, PAIRED_TESTS, Options
+from transferlab.utils.errors import UserError, exit_with
 
 
 class CommandLine(argparse.ArgumentParser):
@@ -57,24 +64,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Tables and plots comparing finished transferlab runs (a sweep dir, or run dirs).",
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="SWEEP_DIR_OR_RUN_DIR")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: the sweep dir, else the current dir)")
     parser.add_argument(
-        "--rank", type=Path, default=None, metavar="RANK_CSV",
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the report (default: the sweep dir, else the current dir)",
+    )
+    parser.add_argument(
+        "--rank",
+        type=Path,
+        default=None,
+        metavar="RANK_CSV",
         help="a rank.csv of python -m transferlab.rank: adds rank_agreement.md, each score against the runs' "
         "mean test accuracy per backbone, with Kendall's tau-b and the weighted tau",
     )
     parser.add_argument(
-        "--ci", default="t", metavar="{t,bootstrap}",
+        "--ci",
+        default="t",
+        metavar="{t,bootstrap}",
         help="the 95%% interval of a mean over seeds and of a paired difference: t (Student's t, default) or "
         "bootstrap (percentile bootstrap, 10,000 resamples; unreliable below about 5 seeds)",
     )
-    parser.add_argument("--bootstrap-seed", default="0", metavar="N", help="seed of the bootstrap resamples (default 0)")
     parser.add_argument(
-        "--arms", default=None, metavar="KEY",
+        "--bootstrap-seed", default="0", metavar="N", help="seed of the bootstrap resamples (default 0)"
+    )
+    parser.add_argument(
+        "--arms",
+        default=None,
+        metavar="KEY",
         help=f"the setting whose values are the arms of the paired differences (default {DEFAULT_ARM}; e.g. experiment)",
     )
     parser.add_argument(
-        "--paired-test", default="t", metavar="{t,permutation}",
+        "--paired-test",
+        default="t",
+        metavar="{t,permutation}",
         help="the two-sided test of a paired difference: t (paired t-test, default) or permutation (exact sign-flip test)",
     )
     return parser.parse_args(argv)
@@ -83,9 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def stats_options(args: argparse.Namespace) -> Options:
     """The statistics flags, checked: a bad value is one line, before any run is read."""
     if args.ci not in CI_METHODS:
-        raise UserError(f"--ci {args.ci}: choose one of {', '.join(CI_METHODS)} (t-interval or percentile bootstrap)")
+        raise UserError(
+            f"--ci {args.ci}: choose one of {', '.join(CI_METHODS)} (t-interval or percentile bootstrap)"
+        )
     if args.paired_test not in PAIRED_TESTS:
-        raise UserError(f"--paired-test {args.paired_test}: choose one of {', '.join(PAIRED_TESTS)} (paired t-test or exact sign-flip permutation test)")
+        raise UserError(
+            f"--paired-test {args.paired_test}: choose one of {', '.join(PAIRED_TESTS)} (paired t-test or exact sign-flip permutation test)"
+        )
     try:
         seed = int(args.bootstrap_seed)
     except ValueError:
@@ -109,7 +136,9 @@ def unfinished_lines(jobs: list[UnfinishedJob]) -> list[str]:
     if not jobs:
         return []
     lines = [f"{len(jobs)} job{'s' if len(jobs) > 1 else ''} did not finish (not in the tables):"]
-    lines += [f"  {job.status}: {job.path} [{overrides_text(job.overrides)}]: {job.explanation}" for job in jobs]
+    lines += [
+        f"  {job.status}: {job.path} [{overrides_text(job.overrides)}]: {job.explanation}" for job in jobs
+    ]
     return lines
 
 

@@ -17,10 +17,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferlab.utils.errors import UserError
-from transferlab.report.runs import Run, _config_value
 from transferlab.rank.scores import weighted_tau
 from transferlab.rank.table import SCORES, TITLES, score_agreement
+from transferlab.report.runs import Run, _config_value
+from transferlab.utils.errors import UserError
 
 AGREEMENT_FILE = "rank_agreement.md"
 
@@ -37,9 +37,13 @@ def read_rank_table(path: Path) -> list[dict[str, str]]:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
-        raise UserError(f"--rank {path}: cannot read it ({e.strerror or type(e).__name__}); give the rank.csv that python -m transferlab.rank wrote") from None
+        raise UserError(
+            f"--rank {path}: cannot read it ({e.strerror or type(e).__name__}); give the rank.csv that python -m transferlab.rank wrote"
+        ) from None
     if not rows or not {"backbone", "weights", *SCORES} <= set(rows[0]):
-        raise UserError(f"--rank {path} is not a rank.csv of python -m transferlab.rank (columns backbone, weights, {', '.join(SCORES)})")
+        raise UserError(
+            f"--rank {path} is not a rank.csv of python -m transferlab.rank (columns backbone, weights, {', '.join(SCORES)})"
+        )
     return rows
 
 
@@ -48,7 +52,9 @@ def match_runs(rows: list[dict[str, str]], runs: list[Run]) -> list[RankedBackbo
     for row in rows:
         matching = [run for run in runs if _uses(run, row) and "test/acc" in run.metrics]
         scores = {name: _number(row[name]) for name in SCORES}
-        ranked.append(RankedBackbone(row["backbone"], scores, [float(run.metrics["test/acc"]) for run in matching]))
+        ranked.append(
+            RankedBackbone(row["backbone"], scores, [float(run.metrics["test/acc"]) for run in matching])
+        )
     return ranked
 
 
@@ -71,7 +77,9 @@ def agreement(ranked: list[RankedBackbone], weighted: bool = False) -> dict[str,
     """Kendall's tau-b (weighted: scipy's weighted tau) of each score with the mean accuracies, over
     the backbones with both; NaN below two."""
     accuracies = {b.label: statistics.mean(b.accuracies) for b in ranked if b.accuracies}
-    return score_agreement({b.label: b.scores for b in ranked}, accuracies, tau=weighted_tau if weighted else None)
+    return score_agreement(
+        {b.label: b.scores for b in ranked}, accuracies, tau=weighted_tau if weighted else None
+    )
 
 
 def agreement_markdown(ranked: list[RankedBackbone], rank_csv: Path) -> str:
@@ -105,7 +113,9 @@ def _tau_cells(tau: dict[str, float]) -> str:
 def write_agreement(rank_csv: Path, runs: list[Run], out_dir: Path) -> tuple[Path, str]:
     ranked = match_runs(read_rank_table(rank_csv), runs)
     if not any(b.accuracies for b in ranked):
-        raise UserError(f"--rank {rank_csv}: none of its backbones ({', '.join(b.label for b in ranked)}) was used by the runs given; give the runs that fine-tuned them")
+        raise UserError(
+            f"--rank {rank_csv}: none of its backbones ({', '.join(b.label for b in ranked)}) was used by the runs given; give the runs that fine-tuned them"
+        )
     text = agreement_markdown(ranked, rank_csv)
     path = Path(out_dir) / AGREEMENT_FILE
     path.write_text(text)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transferlab.utils.errors import UserError
 from transferlab.report.compare import (
     REPEAT_KEYS,
     accuracy_metrics,
@@ -18,9 +17,10 @@ from transferlab.report.compare import (
     user_label,
 )
 from transferlab.report.crossover import CrossoverRow, crossover_rows
-from transferlab.report.pairing import Pairing, PairedRow, pair_runs, paired_rows
+from transferlab.report.pairing import PairedRow, Pairing, pair_runs, paired_rows
 from transferlab.report.runs import Run
 from transferlab.report.stats import Options
+from transferlab.utils.errors import UserError
 
 
 @dataclass
@@ -46,11 +46,15 @@ def check_arm(runs: list[Run], options: Options, given: bool) -> None:
     """`--arms KEY` must be a setting of the runs, and not one of the seeds."""
     arm = options.arms
     if arm in REPEAT_KEYS:
-        raise UserError(f"--arms {arm}: {arm} is a seed (a repeat of a setting, averaged over), not an arm; give what the arms differ in, e.g. --arms mode")
+        raise UserError(
+            f"--arms {arm}: {arm} is a seed (a repeat of a setting, averaged over), not an arm; give what the arms differ in, e.g. --arms mode"
+        )
     if given and not has_key(runs, arm):
         differing = [k for k in differing_overrides(runs) if k not in REPEAT_KEYS]
         hint = f" (the runs differ in {', '.join(differing)})" if differing else ""
-        raise UserError(f"--arms {arm}: no run has a setting {arm}{hint}; give a key of the runs' configs, e.g. --arms mode")
+        raise UserError(
+            f"--arms {arm}: no run has a setting {arm}{hint}; give a key of the runs' configs, e.g. --arms mode"
+        )
 
 
 def analyse(runs: list[Run], options: Options | None = None) -> Analysis:

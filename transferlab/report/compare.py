@@ -6,9 +6,9 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from transferlab.utils.numbers import readable
 from transferlab.report.runs import MISSING, TIME, Run, UnfinishedJob, is_number
 from transferlab.report.stats import Summary, summarize
+from transferlab.utils.numbers import readable
 
 SEED_KEY = "seed"
 FEWSHOT_SEED_KEY = "data.fewshot.seed"
@@ -62,7 +62,10 @@ def run_label(run: Run, keys: list[str]) -> str:
     """`mode=frozen per_class=10 seed=1`: legend text, keys shortened where that stays unambiguous;
     a `label` the user set is shown as it is (`ft-l2sp per_class=10`)."""
     names = short_keys(keys)
-    parts = [(user_label(run) or "") if k == LABEL_KEY else f"{names[k]}={readable(_value(run, k) or MISSING)}" for k in keys]
+    parts = [
+        (user_label(run) or "") if k == LABEL_KEY else f"{names[k]}={readable(_value(run, k) or MISSING)}"
+        for k in keys
+    ]
     return " ".join(part for part in parts if part) or run.name
 
 
@@ -119,7 +122,6 @@ def _value(run: Run, key: str) -> str | None:
     return user_label(run) if key == LABEL_KEY else arm_value(run, key)
 
 
-
 def short_keys(keys: list[str]) -> dict[str, str]:
     """`data.fewshot.per_class` -> `per_class`, unless another key ends the same way."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
@@ -172,7 +174,9 @@ def repeat_variance(runs: list[Run], keys: list[str]) -> str:
     if init and images:
         return "the initialization and data order (`seed`) and which training images are drawn (the few-shot seed)"
     if init:
-        return "the initialization and data order (`seed`) only: each setting's seeds train on the same images"
+        return (
+            "the initialization and data order (`seed`) only: each setting's seeds train on the same images"
+        )
     if images:
         return "which training images are drawn (`data.fewshot.seed`) only: initialization and data order stay fixed (`seed`)"
     return "nothing: the repeats of a setting have the same seeds"
@@ -193,8 +197,11 @@ def accuracy_metrics(runs: list[Run]) -> list[str]:
     epoch's train/acc and val/acc are curve points, not results."""
     found = [m for m in ACCURACY_METRICS if any(is_number(r.metrics.get(m)) for r in runs)]
     for run in runs:
-        found += [m for m, v in run.metrics.items()
-                  if m.endswith("acc") and m not in found and m not in CURVE_END_METRICS and is_number(v)]
+        found += [
+            m
+            for m, v in run.metrics.items()
+            if m.endswith("acc") and m not in found and m not in CURVE_END_METRICS and is_number(v)
+        ]
     return found
 
 
@@ -238,7 +245,9 @@ def images_per_class(run: Run) -> float | None:
         return None
 
 
-def sample_efficiency_points(runs: list[Run], keys: list[str], arm: str = DEFAULT_ARM) -> dict[str, list[tuple[float, float, float, int]]]:
+def sample_efficiency_points(
+    runs: list[Run], keys: list[str], arm: str = DEFAULT_ARM
+) -> dict[str, list[tuple[float, float, float, int]]]:
     """`{line label: [(images per class, mean test acc, std over seeds, n), ...]}`, one line per arm
     (and per other setting that varies), named as `setting_keys` names them."""
     line_keys = [k for k in setting_keys(runs, keys, arm) if k not in FEWSHOT_KEYS]
@@ -252,6 +261,9 @@ def sample_efficiency_points(runs: list[Run], keys: list[str], arm: str = DEFAUL
         label = run_label(run, line_keys)
         lines.setdefault(label, {}).setdefault(x, []).append(accuracy)
     return {
-        label: [(x, statistics.fmean(a), statistics.stdev(a) if len(a) > 1 else 0.0, len(a)) for x, a in sorted(by_x.items())]
+        label: [
+            (x, statistics.fmean(a), statistics.stdev(a) if len(a) > 1 else 0.0, len(a))
+            for x, a in sorted(by_x.items())
+        ]
         for label, by_x in lines.items()
     }

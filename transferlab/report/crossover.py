@@ -17,7 +17,7 @@ import numpy as np
 
 from transferlab.report.compare import FEWSHOT_KEYS, images_per_class, repeat_id
 from transferlab.report.pairing import Comparison, Pairing
-from transferlab.report.stats import Crossover, RESAMPLES, crossover
+from transferlab.report.stats import RESAMPLES, Crossover, crossover
 
 METRIC = "test/acc"
 MIN_SIZES = 3
@@ -38,8 +38,10 @@ class CrossoverRow:
             return f"{a} and {b}: {self.reason}"
         if r.n_cross is None:
             above, below = (a, b) if r.a_above else (b, a)
-            return (f"the curves of {a} and {b} do not cross between {_size(r.x_min)} and {_size(r.x_max)} images per class "
-                    f"({above} stays above {below}){_share_text(r)}")
+            return (
+                f"the curves of {a} and {b} do not cross between {_size(r.x_min)} and {_size(r.x_max)} images per class "
+                f"({above} stays above {below}){_share_text(r)}"
+            )
         first, second = (a, b) if r.a_overtakes else (b, a)
         interval = f" [{_size(r.low)}, {_size(r.high)}]" if r.low is not None else " (one seed: no interval)"
         return f"{first} overtakes {second} at about {_size(r.n_cross)} images per class{interval}{_share_text(r)}"
@@ -48,8 +50,10 @@ class CrossoverRow:
 def _share_text(r: Crossover) -> str:
     if r.share_crossing is None:
         return ""
-    return (f"; {r.share_crossing:.0%} of {RESAMPLES:,} bootstrap replicates over {r.n_seeds} seeds cross between "
-            f"{_size(r.x_min)} and {_size(r.x_max)}")
+    return (
+        f"; {r.share_crossing:.0%} of {RESAMPLES:,} bootstrap replicates over {r.n_seeds} seeds cross between "
+        f"{_size(r.x_min)} and {_size(r.x_max)}"
+    )
 
 
 def _size(x: float | None) -> str:
@@ -67,8 +71,11 @@ def crossover_rows(pairing: Pairing, seed: int = 0) -> list[CrossoverRow]:
         by_size = _by_size(comparisons)
         if len(by_size) < MIN_SIZES:
             continue
-        settings = {k: v for k, v in comparisons[0].settings.items()
-                    if k not in FEWSHOT_KEYS and all(c.settings.get(k) == v for c in comparisons)}
+        settings = {
+            k: v
+            for k, v in comparisons[0].settings.items()
+            if k not in FEWSHOT_KEYS and all(c.settings.get(k) == v for c in comparisons)
+        }
         rows.append(_crossover_row(a, b, settings, by_size, seed))
     return rows
 
@@ -80,7 +87,12 @@ def _by_size(comparisons: list[Comparison]) -> dict[float, dict[tuple, tuple[flo
         for run_a, run_b in comparison.pairs:
             x = images_per_class(run_a)
             acc_a, acc_b = run_a.metrics.get(METRIC), run_b.metrics.get(METRIC)
-            if x is None or x <= 0 or not isinstance(acc_a, (int, float)) or not isinstance(acc_b, (int, float)):
+            if (
+                x is None
+                or x <= 0
+                or not isinstance(acc_a, (int, float))
+                or not isinstance(acc_b, (int, float))
+            ):
                 continue
             by_size.setdefault(x, {})[repeat_id(run_a)] = (float(acc_a), float(acc_b))
     return by_size
@@ -90,7 +102,9 @@ def _crossover_row(a: str, b: str, settings: dict[str, str], by_size, seed: int)
     sizes = sorted(by_size)
     seeds = sorted(set.intersection(*(set(by_size[x]) for x in sizes)))
     if not seeds:
-        return CrossoverRow(a, b, settings, None, f"no seed was run at every size ({', '.join(_size(x) for x in sizes)})")
+        return CrossoverRow(
+            a, b, settings, None, f"no seed was run at every size ({', '.join(_size(x) for x in sizes)})"
+        )
     values = np.array([[by_size[x][s] for s in seeds] for x in sizes])  # (sizes, seeds, arm)
     result = crossover(sizes, values[..., 0], values[..., 1], seed=seed)
     reason = ""
@@ -107,9 +121,17 @@ def crossover_csv_rows(rows: list[CrossoverRow]) -> list[dict[str, Any]]:
     table = []
     for row in rows:
         r = row.result
-        table.append({
-            "a": row.a, "b": row.b, **{k: row.settings.get(k) for k in setting_columns},
-            "n_cross": r.n_cross if r else None, "ci95_low": r.low if r else None, "ci95_high": r.high if r else None,
-            "share_crossing": r.share_crossing if r else None, "n_seeds": r.n_seeds if r else None, "reason": row.reason,
-        })
+        table.append(
+            {
+                "a": row.a,
+                "b": row.b,
+                **{k: row.settings.get(k) for k in setting_columns},
+                "n_cross": r.n_cross if r else None,
+                "ci95_low": r.low if r else None,
+                "ci95_high": r.high if r else None,
+                "share_crossing": r.share_crossing if r else None,
+                "n_seeds": r.n_seeds if r else None,
+                "reason": row.reason,
+            }
+        )
     return table

@@ -19,7 +19,8 @@ def read_curves(run_dir: Path, tags: Iterable[str]) -> dict[str, list[tuple[int,
     for tag in tags:
         points = sorted(scalars.get(tag, {}).items())
         curves[tag] = [
-            (epoch_at[step] + 1 if step in epoch_at else i + 1, value) for i, (step, (_, value)) in enumerate(points)
+            (epoch_at[step] + 1 if step in epoch_at else i + 1, value)
+            for i, (step, (_, value)) in enumerate(points)
         ]
     return curves
 

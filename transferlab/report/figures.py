@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from transferlab.report.compare import DEFAULT_ARM, group_keys, group_runs, run_label, sample_efficiency_points, short_keys
+from transferlab.report.compare import (
+    DEFAULT_ARM,
+    group_keys,
+    group_runs,
+    run_label,
+    sample_efficiency_points,
+    short_keys,
+)
 from transferlab.report.curves import read_curves
 from transferlab.report.runs import Run
 
@@ -50,7 +57,9 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
     plt = _pyplot()
     labels = {values: _setting_label(group, keys) for values, group in settings.items()}
     _, _, legend_lines = legend_layout(list(labels.values()), LEGEND_CHARS_WIDE)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7 + LEGEND_LINE_INCHES * legend_lines), sharex=True, layout="constrained")
+    fig, axes = plt.subplots(
+        2, 2, figsize=(11, 7 + LEGEND_LINE_INCHES * legend_lines), sharex=True, layout="constrained"
+    )
     colours = plt.get_cmap("tab10").colors
     epochs_drawn: set[int] = set()
     for ax, (tag, title) in zip(axes.flat, CURVE_PANELS):
@@ -62,8 +71,12 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
             if solved_without_epochs(group):
                 # mode=linear_probe: one solve, validated once; its value belongs to no epoch, so it is a
                 # level to compare the curves with, not a point at "epoch 1"
-                ax.axhline(statistics.fmean(m for _, m, _, _ in band), linestyle="--", color=colour,
-                           label=f"{labels[values]} (no epochs: one solve)")
+                ax.axhline(
+                    statistics.fmean(m for _, m, _, _ in band),
+                    linestyle="--",
+                    color=colour,
+                    label=f"{labels[values]} (no epochs: one solve)",
+                )
                 continue
             epochs, means, lows, highs = zip(*band)
             epochs_drawn.update(epochs)
@@ -74,8 +87,12 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path) -> Path | None:
     _epoch_axis(axes.flat[0], sorted(epochs_drawn))  # shared by all four panels
     for ax in axes[1]:
         ax.set_xlabel("epoch")
-    _legend_below(fig, axes.flat, LEGEND_CHARS_WIDE)  # all panels: a setting may have no train curve (a probe)
-    fig.suptitle(f"{_wrapped('Training curves: ' + describe(runs, keys), 110)}\n{_seed_note(settings.values())}")
+    _legend_below(
+        fig, axes.flat, LEGEND_CHARS_WIDE
+    )  # all panels: a setting may have no train curve (a probe)
+    fig.suptitle(
+        f"{_wrapped('Training curves: ' + describe(runs, keys), 110)}\n{_seed_note(settings.values())}"
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -139,7 +156,12 @@ def _epoch_axis(ax, epochs: list[int]) -> None:
 
 # ---- sample_efficiency.png -------------------------------------------------------------------
 def plot_sample_efficiency(
-    runs: list[Run], keys: list[str], path: Path, arm: str = DEFAULT_ARM, crossovers: list = (), names: dict[str, str] | None = None
+    runs: list[Run],
+    keys: list[str],
+    path: Path,
+    arm: str = DEFAULT_ARM,
+    crossovers: list = (),
+    names: dict[str, str] | None = None,
 ) -> Path | None:
     """Test accuracy against training images per class (log x), error bars = std over seeds; where
     two arms' fitted lines cross (report.crossover), a line at the crossing and a band over its interval."""
@@ -157,7 +179,11 @@ def plot_sample_efficiency(
     _crossings(ax, crossovers, names or {})
     _size_axis(ax, sorted({x for points in lines.values() for x, *_ in points}))
     ax.set_ylabel("test accuracy")
-    crossing = "; dashed: fitted lines cross, band: 95% interval" if any(c.result and c.result.n_cross for c in crossovers) else ""
+    crossing = (
+        "; dashed: fitted lines cross, band: 95% interval"
+        if any(c.result and c.result.n_cross for c in crossovers)
+        else ""
+    )
     subtitle = _wrapped(f"test accuracy (mean over seeds, error bars: std over seeds{crossing})", 75)
     ax.set_title(f"{_wrapped('Sample efficiency: ' + describe(runs, keys), 70)}\n{subtitle}")
     ax.grid(alpha=0.3)
@@ -178,15 +204,25 @@ def _crossings(ax, crossovers, names: dict[str, str]) -> None:
         ax.axvline(r.n_cross, color=colour, linestyle="--", linewidth=1, label=label)
         xs = np.geomspace(r.x_min, r.x_max, 50)
         for intercept, slope in (r.fit_a, r.fit_b):
-            ax.plot(xs, intercept + slope * np.log(xs), color=colour, linestyle=":", linewidth=1,
-                    label="least-squares lines on log(images per class)")
+            ax.plot(
+                xs,
+                intercept + slope * np.log(xs),
+                color=colour,
+                linestyle=":",
+                linewidth=1,
+                label="least-squares lines on log(images per class)",
+            )
         if r.low is not None:
             ax.axvspan(r.low, r.high, color=colour, alpha=0.12, hatch="//", linewidth=0)
 
 
 def _size_axis(ax, sizes: list[float]) -> None:
     """Log x axis ticked at the sizes that were run, not at powers of ten."""
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # heavy: matplotlib (see _pyplot)
+    from matplotlib.ticker import (  # heavy: matplotlib (see _pyplot)
+        FixedLocator,
+        NullLocator,
+        ScalarFormatter,
+    )
 
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(sizes))
@@ -205,7 +241,9 @@ def legend_layout(labels: list[str], line_chars: int) -> tuple[list[str], int, i
     heights = [label.count("\n") + 1 for label in wrapped]
     # Entries fill the columns top to bottom; the tallest column sets the legend's height.
     per_column = math.ceil(len(labels) / columns) if labels else 0
-    lines = max((sum(heights[i : i + per_column]) for i in range(0, len(heights), per_column or 1)), default=0)
+    lines = max(
+        (sum(heights[i : i + per_column]) for i in range(0, len(heights), per_column or 1)), default=0
+    )
     return wrapped, columns, lines
 
 
@@ -218,7 +256,9 @@ def _legend_below(fig, axes, line_chars: int) -> None:
     handles, labels = list(by_label.values()), list(by_label)
     if handles:
         wrapped, columns, _ = legend_layout(labels, line_chars)
-        fig.legend(handles, wrapped, loc="outside lower center", ncols=columns, fontsize="small", frameon=False)
+        fig.legend(
+            handles, wrapped, loc="outside lower center", ncols=columns, fontsize="small", frameon=False
+        )
 
 
 def _wrapped(title: str, width: int) -> str:

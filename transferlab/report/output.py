@@ -7,7 +7,6 @@ import errno
 import tempfile
 from pathlib import Path
 
-from transferlab.utils.errors import UserError
 from transferlab.report.analysis import Analysis, analyse
 from transferlab.report.compare import fewshot_keys
 from transferlab.report.crossover import crossover_csv_rows
@@ -16,6 +15,7 @@ from transferlab.report.pairing import paired_csv_rows
 from transferlab.report.runs import Run, UnfinishedJob
 from transferlab.report.stats import Options
 from transferlab.report.tables import report_markdown, summary_table, write_csv
+from transferlab.utils.errors import UserError
 
 FIGURES = ("curves", "sample_efficiency")
 #: tables written only when there is something in them: an earlier report's copy is removed
@@ -63,7 +63,10 @@ def _cannot_write(out_dir: Path, error: OSError) -> str:
 def _write_all(analysis: Analysis, out_dir: Path, sources, unfinished) -> dict[str, Path]:
     written = {"csv": out_dir / "report.csv"}
     write_csv(summary_table(analysis), written["csv"])
-    tables = {"paired": paired_csv_rows(analysis.paired), "crossover": crossover_csv_rows(analysis.crossovers)}
+    tables = {
+        "paired": paired_csv_rows(analysis.paired),
+        "crossover": crossover_csv_rows(analysis.crossovers),
+    }
     for name in OPTIONAL_TABLES:
         path = out_dir / f"{name}.csv"
         path.unlink(missing_ok=True)  # a stale table from an earlier report must not linger
@@ -81,10 +84,17 @@ def _write_figures(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
     plots = {"curves": lambda path: plot_curves(runs, settings, path)}
     if fewshot_keys(analysis.keys):  # one training set size has no sample-efficiency curve to draw
         plots["sample_efficiency"] = lambda path: plot_sample_efficiency(
-            runs, settings, path, arm=analysis.options.arms, crossovers=analysis.crossovers, names=analysis.arm_names
+            runs,
+            settings,
+            path,
+            arm=analysis.options.arms,
+            crossovers=analysis.crossovers,
+            names=analysis.arm_names,
         )
     for name in FIGURES:
-        (out_dir / f"{name}.png").unlink(missing_ok=True)  # a stale figure from an earlier report must not linger
+        (out_dir / f"{name}.png").unlink(
+            missing_ok=True
+        )  # a stale figure from an earlier report must not linger
     written = {}
     for name, plot in plots.items():
         if plot(out_dir / f"{name}.png"):

@@ -77,7 +77,9 @@ def pair_runs(runs: list[Run], keys: list[str], arm: str) -> Pairing:
             waiting: dict[tuple, list[Run]] = {}
             for run in runs:
                 if arm_value(run, arm) == b and run.config is not None:
-                    waiting.setdefault((repeat_id(run), signature(settings[id(run)], arm, excused)), []).append(run)
+                    waiting.setdefault(
+                        (repeat_id(run), signature(settings[id(run)], arm, excused)), []
+                    ).append(run)
             for run in runs:
                 if arm_value(run, arm) != a or run.config is None:
                     continue
@@ -94,7 +96,11 @@ def pair_runs(runs: list[Run], keys: list[str], arm: str) -> Pairing:
         comparison.pairs.sort(key=lambda pair: repeat_id(pair[0]))
         comparison.settings = _shared_settings(comparison, keys, arm)
     _keep_what_tells_apart(found)
-    unpaired = [(run, why_unpaired(run, runs, arm, sets, settings)) for run in runs if id(run) not in paired] if len(arms) > 1 else []
+    unpaired = (
+        [(run, why_unpaired(run, runs, arm, sets, settings)) for run in runs if id(run) not in paired]
+        if len(arms) > 1
+        else []
+    )
     return Pairing(arm, arms, found, unpaired)
 
 
@@ -157,7 +163,11 @@ class ArmSettings:
         first, second = self._compose(a), self._compose(b)
         if first is None or second is None:
             return set()
-        return {k for k in set(first) | set(second) if canonical(first.get(k, "absent")) != canonical(second.get(k, "absent"))}
+        return {
+            k
+            for k in set(first) | set(second)
+            if canonical(first.get(k, "absent")) != canonical(second.get(k, "absent"))
+        }
 
     def _compose(self, value: str) -> dict[str, Any] | None:
         if value not in self._composed:
@@ -196,7 +206,9 @@ def _keep_what_tells_apart(comparisons: list[Comparison]) -> None:
             comparison.settings = {k: comparison.settings[k] for k in telling if k in comparison.settings}
 
 
-def why_unpaired(run: Run, runs: list[Run], arm: str, sets: ArmSettings, settings: dict[int, dict[str, Any]]) -> str:
+def why_unpaired(
+    run: Run, runs: list[Run], arm: str, sets: ArmSettings, settings: dict[int, dict[str, Any]]
+) -> str:
     own = arm_value(run, arm)
     if own is None:
         return f"it has no {arm}"
@@ -213,8 +225,12 @@ def why_unpaired(run: Run, runs: list[Run], arm: str, sets: ArmSettings, setting
         excused = sets.between(own, arm_value(other, arm))
         theirs = settings[id(other)]
         absent = "absent"
-        differ = sorted(k for k in set(mine) | set(theirs)
-                        if not _left_out(k, arm, excused) and canonical(mine.get(k, absent)) != canonical(theirs.get(k, absent)))
+        differ = sorted(
+            k
+            for k in set(mine) | set(theirs)
+            if not _left_out(k, arm, excused)
+            and canonical(mine.get(k, absent)) != canonical(theirs.get(k, absent))
+        )
         if not differ:
             return f"its partner of {arm}={arm_value(other, arm)} ({other.name}) is paired with another run of the same setting and seeds"
         described = [f"{k} ({mine.get(k, absent)} vs {theirs.get(k, absent)})" for k in differ]
@@ -238,8 +254,11 @@ def paired_rows(pairing: Pairing, runs: list[Run], options: Options) -> list[Pai
     rows = []
     for comparison in pairing.comparisons:
         for metric in accuracy_metrics(runs):
-            values = [(ra.metrics[metric], rb.metrics[metric]) for ra, rb in comparison.pairs
-                      if _finite(ra.metrics.get(metric)) and _finite(rb.metrics.get(metric))]
+            values = [
+                (ra.metrics[metric], rb.metrics[metric])
+                for ra, rb in comparison.pairs
+                if _finite(ra.metrics.get(metric)) and _finite(rb.metrics.get(metric))
+            ]
             if values:
                 a, b = zip(*values)
                 result = paired_difference(a, b, options.paired_test, options.ci, options.bootstrap_seed)
@@ -258,11 +277,21 @@ def paired_csv_rows(rows: list[PairedRow]) -> list[dict[str, Any]]:
     table = []
     for row in rows:
         r, c = row.result, row.comparison
-        table.append({
-            "a": c.a, "b": c.b, **{k: c.settings.get(k) for k in setting_columns},
-            "metric": row.metric, "n_pairs": r.n_pairs, "mean_diff": r.mean_diff,
-            "ci95_low": r.low, "ci95_high": r.high, "p_value": r.p_value, "test": r.test, "reason": r.reason,
-        })
+        table.append(
+            {
+                "a": c.a,
+                "b": c.b,
+                **{k: c.settings.get(k) for k in setting_columns},
+                "metric": row.metric,
+                "n_pairs": r.n_pairs,
+                "mean_diff": r.mean_diff,
+                "ci95_low": r.low,
+                "ci95_high": r.high,
+                "p_value": r.p_value,
+                "test": r.test,
+                "reason": r.reason,
+            }
+        )
     return table
 
 

@@ -101,7 +101,9 @@ def _jobs_under(folder: Path, depth: int) -> list[Path]:
     if depth == 0:
         return []
     jobs: list[Path] = []
-    for child in sorted((c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural_key):
+    for child in sorted(
+        (c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural_key
+    ):
         jobs.extend(_jobs_under(child, depth - 1))
     return jobs
 
@@ -116,7 +118,15 @@ class BrokenRun(UserError):
 
 
 #: metrics.json keys whose values a report shows: each must be a finite number when present
-SHOWN_METRICS = ("val/acc_best", "test/acc", "epochs", "train_time_s", "features_time_s", "params_trainable", "params_total")
+SHOWN_METRICS = (
+    "val/acc_best",
+    "test/acc",
+    "epochs",
+    "train_time_s",
+    "features_time_s",
+    "params_trainable",
+    "params_total",
+)
 #: a run's time in the tables: training plus computing its cached features (frozen mode), which
 #: happens before training and is recorded apart in metrics.json (transferlab/train.py)
 TIME, TIME_PARTS = "time_s", ("train_time_s", "features_time_s")
@@ -147,7 +157,9 @@ def _resumed_max_epochs(run_info_file: Path) -> int | None:
         resumes = json.loads(run_info_file.read_text()).get("resumes") or []
     except (OSError, ValueError, AttributeError):
         return None
-    budgets = [r.get("max_epochs") for r in resumes if isinstance(r, dict) and isinstance(r.get("max_epochs"), int)]
+    budgets = [
+        r.get("max_epochs") for r in resumes if isinstance(r, dict) and isinstance(r.get("max_epochs"), int)
+    ]
     return budgets[-1] if budgets else None
 
 
@@ -175,10 +187,14 @@ def read_metrics(metrics_file: Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         raise BrokenRun(f"metrics.json is not valid JSON: {fix}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise BrokenRun(f"metrics.json cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}): {fix}") from None
+        raise BrokenRun(
+            f"metrics.json cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}): {fix}"
+        ) from None
     if not isinstance(metrics, dict):
         raise BrokenRun(f"metrics.json holds a {type(metrics).__name__}, not a table of metrics: {fix}")
-    junk = [f"{key}={metrics[key]!r}" for key in SHOWN_METRICS if key in metrics and not is_number(metrics[key])]
+    junk = [
+        f"{key}={metrics[key]!r}" for key in SHOWN_METRICS if key in metrics and not is_number(metrics[key])
+    ]
     if junk:
         raise BrokenRun(f"metrics.json has {', '.join(junk)}, not finite numbers: {fix}")
     return metrics
@@ -207,7 +223,13 @@ def load_finished(run_dirs: list[Path]) -> tuple[list[Run], list["UnfinishedJob"
         try:
             runs.append(load_run(path))
         except BrokenRun as error:
-            broken.append(UnfinishedJob(path=Path(path), overrides=read_overrides(Path(path) / ".hydra" / "overrides.yaml"), error=str(error)))
+            broken.append(
+                UnfinishedJob(
+                    path=Path(path),
+                    overrides=read_overrides(Path(path) / ".hydra" / "overrides.yaml"),
+                    error=str(error),
+                )
+            )
     return (name_runs(runs) if runs else runs), broken
 
 
@@ -307,11 +329,19 @@ class UnfinishedJob:
 
     @property
     def explanation(self) -> str:
-        return self.error if self.error is not None else "no metrics.json and no error record: still running, or killed"
+        return (
+            self.error
+            if self.error is not None
+            else "no metrics.json and no error record: still running, or killed"
+        )
 
 
 def load_unfinished(path: Path) -> UnfinishedJob:
-    return UnfinishedJob(path=Path(path), overrides=read_overrides(path / ".hydra" / "overrides.yaml"), error=recorded_error(path))
+    return UnfinishedJob(
+        path=Path(path),
+        overrides=read_overrides(path / ".hydra" / "overrides.yaml"),
+        error=recorded_error(path),
+    )
 
 
 def recorded_error(job_dir: Path) -> str | None:

@@ -74,7 +74,9 @@ def interval(values: Sequence[float], ci: str = "t", seed: int = 0) -> tuple[flo
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
     """mean ± t(1 - (1 - level) / 2, n - 1) * std / sqrt(n), std the sample std (n >= 2)."""
-    from scipy.stats import t  # heavy: scipy, only when an interval is computed (import and --help stay quick)
+    from scipy.stats import (
+        t,  # heavy: scipy, only when an interval is computed (import and --help stay quick)
+    )
 
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
@@ -84,7 +86,9 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
     return mean - half, mean + half
 
 
-def bootstrap_interval(values: Sequence[float], seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL) -> tuple[float, float]:
+def bootstrap_interval(
+    values: Sequence[float], seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL
+) -> tuple[float, float]:
     """Percentile bootstrap of the mean: `resamples` draws of n values with replacement, all at once."""
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
@@ -112,13 +116,17 @@ class PairedResult:
 TEST_NAMES = {"t": "paired t-test", "permutation": "sign-flip permutation"}
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], test: str = "t", ci: str = "t", seed: int = 0) -> PairedResult:
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], test: str = "t", ci: str = "t", seed: int = 0
+) -> PairedResult:
     """The two-sided paired test of mean(a - b) = 0, and the interval of that mean (`ci`)."""
     if test not in PAIRED_TESTS:
         raise ValueError(f"test must be one of {', '.join(PAIRED_TESTS)}, got {test!r}")
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-        raise ValueError(f"paired values must be two sequences of the same length >= 1; got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"paired values must be two sequences of the same length >= 1; got {a.shape} and {b.shape}"
+        )
     d = a - b
     n, mean = int(d.size), float(d.mean())
     name = TEST_NAMES[test] if test == "t" else sign_flip_name(n)
@@ -127,10 +135,20 @@ def paired_difference(a: Sequence[float], b: Sequence[float], test: str = "t", c
     low, high = interval(d, ci, seed)
     if test == "t":
         if _constant(d):
-            return PairedResult(n, mean, low, high, None, name, f"the {n} differences are all equal: no spread to test against")
+            return PairedResult(
+                n,
+                mean,
+                low,
+                high,
+                None,
+                name,
+                f"the {n} differences are all equal: no spread to test against",
+            )
         from scipy.stats import ttest_rel  # heavy: scipy (see t_interval)
 
-        with warnings.catch_warnings():  # nearly equal differences: scipy warns of lost precision, the p stands
+        with (
+            warnings.catch_warnings()
+        ):  # nearly equal differences: scipy warns of lost precision, the p stands
             warnings.simplefilter("ignore", RuntimeWarning)
             p_value = float(ttest_rel(a, b).pvalue)
         return PairedResult(n, mean, low, high, p_value, name)
@@ -201,7 +219,9 @@ class Crossover:
     fit_b: tuple[float, float] = (math.nan, math.nan)
 
 
-def crossover(sizes: Sequence[float], a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: int = RESAMPLES) -> Crossover:
+def crossover(
+    sizes: Sequence[float], a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: int = RESAMPLES
+) -> Crossover:
     """Two arms' values `a`, `b` of shape (sizes, seeds), the same seed in the same column.
 
     The lines are fitted on the seed means at each size; the bootstrap resamples seeds (columns),
@@ -231,7 +251,10 @@ def crossover(sizes: Sequence[float], a: np.ndarray, b: np.ndarray, seed: int = 
         crosses = np.isfinite(ts) & (ts >= lo) & (ts <= hi)
         share = float(crosses.mean())
         if crosses.any():
-            low, high = (float(v) for v in np.exp(np.percentile(ts[crosses], [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2])))
+            low, high = (
+                float(v)
+                for v in np.exp(np.percentile(ts[crosses], [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2]))
+            )
     middle = (lo + hi) / 2
     return Crossover(
         n_cross=math.exp(t) if inside else None,

@@ -7,11 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.report.analysis import Analysis, analyse
-from transferlab.report.compare import TIME_METRICS, arm_value, common_overrides, is_number, ordered_runs, repeat_variance, seeds_repeat, short_keys
-from transferlab.utils.numbers import readable
+from transferlab.report.compare import (
+    TIME_METRICS,
+    arm_value,
+    common_overrides,
+    is_number,
+    ordered_runs,
+    repeat_variance,
+    seeds_repeat,
+    short_keys,
+)
 from transferlab.report.pairing import PairedRow, settings_text
 from transferlab.report.runs import MISSING, TIME, TIME_PARTS, Run, UnfinishedJob, overrides_text
 from transferlab.report.stats import BOOTSTRAP_MIN_SEEDS, RESAMPLES, Summary, smallest_sign_flip_p
+from transferlab.utils.numbers import readable
 
 #: metrics.json keys the tables show after the accuracies, with their column titles
 OTHER_COLUMNS = (
@@ -49,7 +58,12 @@ def summary_table(analysis: Analysis) -> list[dict[str, Any]]:
         row["n"] = setting["n"]
         for metric in analysis.accuracies:
             summary: Summary = setting[metric]
-            row.update(zip((f"{metric}_{s}" for s in SETTING_STATS), (summary.mean, summary.std, summary.low, summary.high)))
+            row.update(
+                zip(
+                    (f"{metric}_{s}" for s in SETTING_STATS),
+                    (summary.mean, summary.std, summary.low, summary.high),
+                )
+            )
         rows.append(row)
     return rows
 
@@ -62,7 +76,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # ---- report.md -----------------------------------------------------------------------------
-def report_markdown(analysis: Analysis, written: dict[str, Path], sources: list[Path], unfinished: list[UnfinishedJob]) -> str:
+def report_markdown(
+    analysis: Analysis, written: dict[str, Path], sources: list[Path], unfinished: list[UnfinishedJob]
+) -> str:
     """All of report.md: what was compared, the tables, the paired differences, the figures in
     `written` and where curves cross."""
     runs = analysis.runs
@@ -105,10 +121,19 @@ def tables_markdown(analysis: Analysis) -> str:
     for run in ordered_runs(runs, analysis.settings):
         settings = [_shown_setting(run, k) for k in keys]
         accuracies = [_percent(run.metrics.get(m)) for m in analysis.accuracies]
-        cells.append([run.name, *settings, *accuracies, *(_format(m, run.metrics.get(m)) for m, _ in OTHER_COLUMNS)])
+        cells.append(
+            [run.name, *settings, *accuracies, *(_format(m, run.metrics.get(m)) for m, _ in OTHER_COLUMNS)]
+        )
     parts = ["## Runs", "", markdown_table(headers, cells)]
     if seeds_repeat(runs, analysis.settings):
-        parts += ["", "## Mean ± std [95% interval] over seeds", "", _grouped_markdown(analysis), "", interval_note(analysis)]
+        parts += [
+            "",
+            "## Mean ± std [95% interval] over seeds",
+            "",
+            _grouped_markdown(analysis),
+            "",
+            interval_note(analysis),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -120,7 +145,12 @@ def _shown_setting(run: Run, key: str) -> str:
 
 def _grouped_markdown(analysis: Analysis) -> str:
     settings = analysis.settings
-    headers = [*settings, "n", *(f"{m} (%)" for m in analysis.accuracies), *(dict(OTHER_COLUMNS)[m] for m in TIME_METRICS)]
+    headers = [
+        *settings,
+        "n",
+        *(f"{m} (%)" for m in analysis.accuracies),
+        *(dict(OTHER_COLUMNS)[m] for m in TIME_METRICS),
+    ]
     cells = []
     for row in analysis.grouped:
         accuracies = [interval_cell(row[m]) for m in analysis.accuracies]
@@ -149,22 +179,29 @@ def interval_note(analysis: Analysis) -> str:
     if options.ci == "bootstrap":
         smallest = min((row["n"] for row in analysis.grouped if row["n"] > 1), default=0)
         few = f" (here as few as {smallest})" if smallest < BOOTSTRAP_MIN_SEEDS else ""
-        method = (f"a percentile bootstrap of the mean ({RESAMPLES:,} resamples of the seeds, `--bootstrap-seed "
-                  f"{options.bootstrap_seed}`); it is unreliable below about {BOOTSTRAP_MIN_SEEDS} seeds{few}: it never "
-                  f"reaches beyond the seeds' own range, and with few seeds it is narrower than the t-interval")
+        method = (
+            f"a percentile bootstrap of the mean ({RESAMPLES:,} resamples of the seeds, `--bootstrap-seed "
+            f"{options.bootstrap_seed}`); it is unreliable below about {BOOTSTRAP_MIN_SEEDS} seeds{few}: it never "
+            f"reaches beyond the seeds' own range, and with few seeds it is narrower than the t-interval"
+        )
     else:
         method = "a t-interval: mean ± t(0.975, n − 1) · std / √n, std the sample std over the n seeds"
-    return (f"Mean ± std over the n seeds of each setting; in brackets the 95% confidence interval of the mean, {method}. "
-            f"The seeds of a setting vary {repeat_variance(analysis.runs, analysis.settings)}: the interval covers that "
-            f"variance, not what every run holds fixed (the validation split, the hyperparameters).")
+    return (
+        f"Mean ± std over the n seeds of each setting; in brackets the 95% confidence interval of the mean, {method}. "
+        f"The seeds of a setting vary {repeat_variance(analysis.runs, analysis.settings)}: the interval covers that "
+        f"variance, not what every run holds fixed (the validation split, the hyperparameters)."
+    )
 
 
 # ---- paired differences ---------------------------------------------------------------------
 def paired_markdown(analysis: Analysis) -> str:
     pairing, options, names = analysis.pairing, analysis.options, analysis.arm_names
     arm = pairing.arm
-    test = ("two-sided paired t-test" if options.paired_test == "t"
-            else "two-sided sign-flip permutation test (exact: every pattern of signs of the differences)")
+    test = (
+        "two-sided paired t-test"
+        if options.paired_test == "t"
+        else "two-sided sign-flip permutation test (exact: every pattern of signs of the differences)"
+    )
     ci = "t-interval" if options.ci == "t" else f"percentile bootstrap ({RESAMPLES:,} resamples)"
     lines = [
         "## Paired differences",
@@ -184,9 +221,17 @@ def paired_markdown(analysis: Analysis) -> str:
         lines += ["No two runs pair (see below).", ""]
     if pairing.unpaired:
         keys = short_keys([arm])
-        rows = [[run.name, f"{keys[arm]}={arm_value(run, arm) or MISSING}", why] for run, why in pairing.unpaired]
-        lines += ["### Not paired", "", f"{len(rows)} runs have no partner in another arm (not in the differences above).", "",
-                  markdown_table(["run", "arm", "why"], rows), ""]
+        rows = [
+            [run.name, f"{keys[arm]}={arm_value(run, arm) or MISSING}", why] for run, why in pairing.unpaired
+        ]
+        lines += [
+            "### Not paired",
+            "",
+            f"{len(rows)} runs have no partner in another arm (not in the differences above).",
+            "",
+            markdown_table(["run", "arm", "why"], rows),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -212,24 +257,49 @@ def verdict(row: PairedRow, names: dict[str, str]) -> str:
     if r.p_value is None:
         return f"{head}, {seeds}: no p-value ({r.reason})"
     significant = r.p_value < SIGNIFICANCE
-    text = f"{head}, {'significant' if significant else 'not significant'} at 5% ({_p_text(r.p_value)}) {seeds}"
+    text = (
+        f"{head}, {'significant' if significant else 'not significant'} at 5% ({_p_text(r.p_value)}) {seeds}"
+    )
     if r.test.startswith("sign-flip") and smallest_sign_flip_p(r.n_pairs) > SIGNIFICANCE:
-        text += (f"; 5% cannot be reached with {r.n_pairs} pairs (the smallest two-sided p of the sign-flip test "
-                 f"is {smallest_sign_flip_p(r.n_pairs):.3g})")
+        text += (
+            f"; 5% cannot be reached with {r.n_pairs} pairs (the smallest two-sided p of the sign-flip test "
+            f"is {smallest_sign_flip_p(r.n_pairs):.3g})"
+        )
     return text
 
 
 def _paired_table(rows: list[PairedRow], names: dict[str, str]) -> str:
     setting_columns = list(dict.fromkeys(k for row in rows for k in row.comparison.settings))
     short = short_keys(setting_columns)
-    headers = ["a", "b", *(short[k] for k in setting_columns), "metric", "pairs", "a − b (points)", "95% interval", "p", "test"]
+    headers = [
+        "a",
+        "b",
+        *(short[k] for k in setting_columns),
+        "metric",
+        "pairs",
+        "a − b (points)",
+        "95% interval",
+        "p",
+        "test",
+    ]
     cells = []
     for row in rows:
         r, c = row.result, row.comparison
         interval = f"[{_points(r.low)}, {_points(r.high)}]" if r.low is not None else ""
         p = _p_text(r.p_value, bare=True) if r.p_value is not None else f"({r.reason})"
-        cells.append([names.get(c.a, c.a), names.get(c.b, c.b), *(readable(c.settings.get(k, "")) for k in setting_columns),
-                      row.metric, r.n_pairs, _points(r.mean_diff), interval, p, r.test])
+        cells.append(
+            [
+                names.get(c.a, c.a),
+                names.get(c.b, c.b),
+                *(readable(c.settings.get(k, "")) for k in setting_columns),
+                row.metric,
+                r.n_pairs,
+                _points(r.mean_diff),
+                interval,
+                p,
+                r.test,
+            ]
+        )
     return markdown_table(headers, cells)
 
 
@@ -264,7 +334,9 @@ def crossover_markdown(analysis: Analysis) -> str:
 def unfinished_markdown(jobs: list[UnfinishedJob]) -> str:
     rows = [[job.path.name, job.status, overrides_text(job.overrides), job.explanation] for job in jobs]
     table = markdown_table(["job folder", "status", "overrides", "error"], rows)
-    return "\n".join(["## Failed and unfinished jobs", "", "Not in the tables and figures above.", "", table, ""])
+    return "\n".join(
+        ["## Failed and unfinished jobs", "", "Not in the tables and figures above.", "", table, ""]
+    )
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -91,17 +91,31 @@ def draw(matrix: torch.Tensor, names: Sequence[str], title: str = ""):
     figure, ax = plt.subplots(figsize=(side + 1.2, side), layout="constrained")
     image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
-    ax.set_xticks(range(n), labels=names, rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center",
-                  fontsize="small" if n <= 30 else "xx-small")
+    ax.set_xticks(
+        range(n),
+        labels=names,
+        rotation=45 if n > 2 else 0,
+        ha="right" if n > 2 else "center",
+        fontsize="small" if n <= 30 else "xx-small",
+    )
     ax.set_yticks(range(n), labels=names, fontsize="small" if n <= 30 else "xx-small")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if n <= MAX_ANNOTATED_CLASSES:
         for (i, j), count in _cells(matrix):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize="small",
-                    color="white" if shares[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="white" if shares[i, j] > 0.5 else "black",
+            )
     accuracy = float(counts.diagonal().sum() / counts.sum()) if counts.sum() > 0 else math.nan
-    ax.set_title((f"{title}\n" if title else "") + f"test accuracy {accuracy:.4f} on {int(counts.sum())} images")
+    ax.set_title(
+        (f"{title}\n" if title else "") + f"test accuracy {accuracy:.4f} on {int(counts.sum())} images"
+    )
     return figure
 
 
@@ -122,7 +136,9 @@ def log_figure(trainer, figure) -> None:
     """The picture in TensorBoard's Images tab, at the step the run ended."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(TENSORBOARD_TAG, figure, global_step=trainer.global_step, close=False)
+            logger.experiment.add_figure(
+                TENSORBOARD_TAG, figure, global_step=trainer.global_step, close=False
+            )
             logger.experiment.flush()
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from transferlab.methods.probe import probe_from_config, probe_head_before_fit, solve_instead_of_fit
-from transferlab.run.resume import ResumePlan
 from transferlab.run.results import test_best, test_without_training, whole_train_time
+from transferlab.run.resume import ResumePlan
 from transferlab.store.rundir import RunDir, checkpoint_path
 from transferlab.utils.numbers import as_number
 
@@ -24,18 +24,28 @@ def fit_or_solve(cfg: DictConfig, built, output_dir: Path, plan: ResumePlan | No
     test = bool(cfg.get("test", True))
     if mode.head_solve == "instead_of_fit":  # one L-BFGS solve, no epochs (methods/probe.py)
         probe = probe_from_config(cfg.mode)
-        return solve_instead_of_fit(trainer, model, datamodule, probe, built.feature_device, RunDir(output_dir).probe, test)
+        return solve_instead_of_fit(
+            trainer, model, datamodule, probe, built.feature_device, RunDir(output_dir).probe, test
+        )
     if mode.head_solve == "before_fit":  # LP-FT: the probe sets the head, then an ordinary fit
         use_disk = str(cfg.data.get("cache_features", "auto")).lower() != "false"
         built.features_time_s += probe_head_before_fit(
-            trainer, model, datamodule, probe_from_config(cfg.mode), built.feature_device, use_disk, resuming=plan is not None
+            trainer,
+            model,
+            datamodule,
+            probe_from_config(cfg.mode),
+            built.feature_device,
+            use_disk,
+            resuming=plan is not None,
         )
     if plan is not None and not plan.trains:
         # A finished run resumed to be tested (e.g. the chosen trial of a search): nothing to train.
         return test_without_training(trainer, model, datamodule, plan)
     resume_from = checkpoint_path(cfg.ckpt_path, output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=None if resume_from is None else str(resume_from))
-    metrics = {k: as_number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+    metrics = {
+        k: as_number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))
+    }
     if test:
         metrics.update(test_best(trainer, model, datamodule))
     metrics.update(epochs=trainer.current_epoch, train_time_s=round(whole_train_time(trainer, plan), 3))

@@ -63,7 +63,9 @@ def _comparable(key: str) -> bool:
 
 @rank_zero_only  # other DDP ranks have no event file to write to
 def _declare_hparams(logger: TensorBoardLogger, params: dict[str, Any], metric_tags) -> None:
-    from torch.utils.tensorboard.summary import hparams  # heavy: tensorboard internals, only when HParams are declared
+    from torch.utils.tensorboard.summary import (
+        hparams,  # heavy: tensorboard internals, only when HParams are declared
+    )
 
     experiment, session_start, session_end = hparams(params, {tag: 0.0 for tag in metric_tags})
     writer = _event_file_writer(logger)
@@ -91,4 +93,3 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         return out
     value = tree if isinstance(tree, (int, float, str, bool)) or tree is None else str(tree)
     return {prefix[:-1]: "null" if value is None else value}
-

@@ -11,7 +11,6 @@ import lightning as L
 
 from transferlab.store.rundir import RunDir
 
-
 #: the shell's exit status for a command stopped by Ctrl-C (128 + SIGINT)
 INTERRUPTED_EXIT = 130
 
@@ -36,5 +35,9 @@ def ctrl_c_reported(trainer: L.Trainer, output_dir: Path) -> Iterator[None]:
 def _exit_interrupted(output_dir: Path) -> None:
     # Without a checkpoint yet, ckpt_path=last starts the run over in the same folder (checkpoint_path).
     saved = "" if RunDir(output_dir).last.is_file() else " (no checkpoint saved yet: it starts over)"
-    print(f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={output_dir}{saved}", file=sys.stderr, flush=True)
+    print(
+        f"transferlab: interrupted; resume with ckpt_path=last hydra.run.dir={output_dir}{saved}",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.exit(INTERRUPTED_EXIT)

@@ -14,7 +14,15 @@ from omegaconf import DictConfig
 from transferlab.config import PACKAGE_DIR
 
 #: the packages whose versions decide a run's numbers
-RECORDED_PACKAGES = ("transferlab", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy")
+RECORDED_PACKAGES = (
+    "transferlab",
+    "torch",
+    "torchvision",
+    "lightning",
+    "torchmetrics",
+    "hydra-core",
+    "numpy",
+)
 
 
 def run_info(cfg: DictConfig) -> dict:

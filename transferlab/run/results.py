@@ -34,7 +34,9 @@ def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str
     return {k: as_number(v) for k, v in (results[0] if results else {}).items()}
 
 
-def write_results(cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None, probe: dict | None = None) -> None:
+def write_results(
+    cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None, probe: dict | None = None
+) -> None:
     """`probe`: what a linear probe (mode=linear_probe, lp_ft) chose, recorded in run_info.json."""
     run_dir = RunDir(output_dir)
     run_dir.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -52,17 +54,19 @@ def run_record(cfg: DictConfig, output_dir: Path, plan: ResumePlan | None, probe
         record["linear_probe"] = probe
     if plan is None:
         return record
-    record.setdefault("resumes", []).append({
-        "ckpt_path": str(plan.checkpoint),
-        "from_epoch": plan.epochs_done,
-        "max_epochs": plan.max_epochs,
-        # the run now trains longer than it was started with: its numbers are the longer run's
-        "longer_budget": plan.budget_raised,
-        "tested_only": not plan.trains,
-        "git_commit": info["git_commit"],
-        "git_dirty": info["git_dirty"],
-        "versions": info["versions"],
-    })
+    record.setdefault("resumes", []).append(
+        {
+            "ckpt_path": str(plan.checkpoint),
+            "from_epoch": plan.epochs_done,
+            "max_epochs": plan.max_epochs,
+            # the run now trains longer than it was started with: its numbers are the longer run's
+            "longer_budget": plan.budget_raised,
+            "tested_only": not plan.trains,
+            "git_commit": info["git_commit"],
+            "git_dirty": info["git_dirty"],
+            "versions": info["versions"],
+        }
+    )
     return record
 
 
@@ -93,8 +97,6 @@ def whole_train_time(trainer: L.Trainer, plan: ResumePlan | None) -> float:
     return clock.elapsed() + previous if previous is not None else clock.total()
 
 
-
-
 def optimized_metric(cfg: DictConfig) -> str:
     """The metric a run returns to a sweeper (`optimized_metric`)."""
     return cfg.get("optimized_metric") or "val/acc_best"
@@ -103,12 +105,16 @@ def optimized_metric(cfg: DictConfig) -> str:
 def check_optimized_metric(metric: str | None, test: bool) -> None:
     """The value a sweeper optimizes must be one the run measures."""
     if metric and str(metric).startswith("test/") and not test:
-        raise UserError(f"optimized_metric={metric} is only measured with test=true; optimize a val/ metric (val/acc_best)")
+        raise UserError(
+            f"optimized_metric={metric} is only measured with test=true; optimize a val/ metric (val/acc_best)"
+        )
     logged = logged_metrics()
     if metric and str(metric) not in logged:
         close = difflib.get_close_matches(str(metric), logged, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise UserError(f"optimized_metric={metric} is not a metric of the run; {hint}the run logs {', '.join(logged)}")
+        raise UserError(
+            f"optimized_metric={metric} is not a metric of the run; {hint}the run logs {', '.join(logged)}"
+        )
 
 
 def logged_metrics() -> list[str]:

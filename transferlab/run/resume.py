@@ -27,12 +27,27 @@ from transferlab.utils.errors import UserError
 #: (data, subset, backbone, head, mode, optimizer, scheduler, seed, model, the trainer's
 #: precision, devices, ...) defines the experiment. `trainer.max_epochs` may only be raised.
 RESUME_MAY_CHANGE = (
-    "ckpt_path", "test", "optimized_metric", "task_name", "paths.output_dir",
-    "data.root", "data.download", "data.num_workers", "data.eval_batch_size", "data.in_memory",
-    "trainer.accelerator", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-    "callbacks.progress_bar", "callbacks.epoch_log", "model.compile", "model.channels_last",
+    "ckpt_path",
+    "test",
+    "optimized_metric",
+    "task_name",
+    "paths.output_dir",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "data.in_memory",
+    "trainer.accelerator",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "callbacks.progress_bar",
+    "callbacks.epoch_log",
+    "model.compile",
+    "model.channels_last",
     # bookkeeping that changes no trained number (runs from before these existed stay resumable)
-    "callbacks.model_checkpoint._target_", "callbacks.last_checkpoint._target_", "callbacks.schedule_follows_budget",
+    "callbacks.model_checkpoint._target_",
+    "callbacks.last_checkpoint._target_",
+    "callbacks.schedule_follows_budget",
     "label",  # the run's name in report tables and legends
 )
 #: settings that moved: old key -> new key. A checkpoint written before the move recorded the
@@ -47,8 +62,12 @@ RENAMED_SETTINGS = {
 ADDED_SETTINGS = {
     "regularizer.name": "none",  # the regularizer group (issue 15): no penalty
     # a mode's facts, stated in conf/mode/*.yaml since the layout of issue 23: what its name meant then
-    "mode.backbone_fixed": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))["backbone_fixed"],
-    "mode.head_solve": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))["head_solve"],
+    "mode.backbone_fixed": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))[
+        "backbone_fixed"
+    ],
+    "mode.head_solve": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))[
+        "head_solve"
+    ],
 }
 
 
@@ -147,7 +166,9 @@ def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumeP
             f"ckpt_path={checkpoint} already trained {_epochs(epochs_done)}, more than trainer.max_epochs={max_epochs}; "
             f"set trainer.max_epochs>={epochs_done}"
         )
-    return ResumePlan(run_dir, checkpoint, epochs_done, max_epochs, previous, source.finished, bool(cfg.get("test", True)))
+    return ResumePlan(
+        run_dir, checkpoint, epochs_done, max_epochs, previous, source.finished, bool(cfg.get("test", True))
+    )
 
 
 def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -183,7 +204,9 @@ def _as_settings_are_now(settings: dict[str, Any]) -> dict[str, Any]:
 def _under_current_names(settings: dict[str, Any]) -> dict[str, Any]:
     """`settings` with each moved key's value under its new key; the new key's old value was the
     interpolation `${old key}` (or absent), which now stands for the value itself."""
-    settings = {key: current_target(value) if key.endswith("._target_") else value for key, value in settings.items()}
+    settings = {
+        key: current_target(value) if key.endswith("._target_") else value for key, value in settings.items()
+    }
     for old, new in RENAMED_SETTINGS.items():
         if old in settings and settings.get(new, f"${{{old}}}") == f"${{{old}}}":
             settings[new] = settings.pop(old)
@@ -195,7 +218,10 @@ _ABSENT = object()
 
 
 def _may_change(key: str) -> bool:
-    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE + ("trainer.max_epochs",))
+    return any(
+        key == allowed or key.startswith(allowed + ".")
+        for allowed in RESUME_MAY_CHANGE + ("trainer.max_epochs",)
+    )
 
 
 def _epochs(count: int) -> str:

@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)(?:@(?P<host>.+))?$")
 
 
-
-
 #: errors of the storage, not of the program: the user fixes them by making room or moving the run
-STORAGE_ERRNOS = {errno.ENOSPC: "no space left on", errno.EDQUOT: "disk quota exceeded on", errno.EROFS: "read-only file system at"}
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on",
+    errno.EDQUOT: "disk quota exceeded on",
+    errno.EROFS: "read-only file system at",
+}
 
 
 def storage_error_behind(error: BaseException) -> OSError | None:
@@ -37,8 +39,6 @@ def storage_error_behind(error: BaseException) -> OSError | None:
     kept as its context; the chain is walked for it.
     """
     return next((e for e in causes(error) if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS), None)
-
-
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -89,7 +89,9 @@ def remove_orphaned_temp_files(folder: Path) -> list[Path]:
             candidate.unlink()
         except OSError:
             continue  # another process cleaned it first, or the folder is read-only
-        log.info("removed %s, left by a write that was interrupted (process %s is gone)", candidate, match["pid"])
+        log.info(
+            "removed %s, left by a write that was interrupted (process %s is gone)", candidate, match["pid"]
+        )
         removed.append(candidate)
     return removed
 

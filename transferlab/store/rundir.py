@@ -132,7 +132,9 @@ class RunDir:
         """The complete `*.ckpt` files (hidden temporary files of unfinished saves excluded)."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p for p in self.checkpoints.glob("*.ckpt") if p.is_file() and not p.name.startswith("."))
+        return sorted(
+            p for p in self.checkpoints.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")
+        )
 
     def best_checkpoint(self, setting: str) -> Path:
         """The checkpoint the run dir stands for: its best by val/acc, else its last.
@@ -165,7 +167,9 @@ class RunDir:
         """Refuse to write into a run dir that already holds a run, unless resuming it."""
         ensure_writable(self.path)
         if self.holds_run() and not resuming:
-            raise UserError(f"{self.path} already holds a run; pick a new hydra.run.dir, or resume it with ckpt_path=last")
+            raise UserError(
+                f"{self.path} already holds a run; pick a new hydra.run.dir, or resume it with ckpt_path=last"
+            )
 
 
 # ---- checkpoints: one home for reading them and transferlab's record in them ------------------
@@ -178,9 +182,13 @@ def read_checkpoint(path: Path, setting: str) -> dict:
     try:
         checkpoint = _load(*_version(path))
     except Exception as e:
-        raise UserError(f"{setting}={path} is not a readable checkpoint ({type(e).__name__}); give a .ckpt written by transferlab") from None
+        raise UserError(
+            f"{setting}={path} is not a readable checkpoint ({type(e).__name__}); give a .ckpt written by transferlab"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{setting}={path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by transferlab or its run dir")
+        raise UserError(
+            f"{setting}={path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by transferlab or its run dir"
+        )
     return checkpoint
 
 
@@ -306,7 +314,9 @@ def checkpoint_record(path: Path) -> dict:
 def checkpoint_epochs(path: Path) -> int:
     """Training epochs a Lightning checkpoint finished (its `epoch` is the 0-based epoch it was saved in)."""
     checkpoint = read_checkpoint(path, "ckpt_path")
-    progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current") or {}
+    progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get(
+        "current"
+    ) or {}
     if "processed" in progress:
         return int(progress["processed"])
     return int(checkpoint.get("epoch", -1)) + 1
@@ -385,5 +395,7 @@ def checkpoint_file(path: str | os.PathLike, setting: str) -> Path:
                 f"give one of the run's .ckpt files instead"
             ) from None
     if not path.is_file():
-        raise UserError(f"{setting}={path} does not exist; give the run dir of a transferlab run or one of its .ckpt files")
+        raise UserError(
+            f"{setting}={path} does not exist; give the run dir of a transferlab run or one of its .ckpt files"
+        )
     return path

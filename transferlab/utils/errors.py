@@ -67,7 +67,9 @@ def user_error_behind(error: BaseException) -> UserError | None:
         reason = instantiation.__cause__
         if reason is None or isinstance(reason, ImportError):
             # Hydra's own line names the target it could not import; drop its HYDRA_FULL_ERROR hint
-            return UserError(f"{_full_key(instantiation)}: {first_line(instantiation).split(', set env var')[0]}")
+            return UserError(
+                f"{_full_key(instantiation)}: {first_line(instantiation).split(', set env var')[0]}"
+            )
         if isinstance(reason, BAD_ARGUMENT_ERRORS):
             return UserError(f"{_full_key(instantiation)}: {first_line(reason)}")
     return None

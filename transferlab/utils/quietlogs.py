@@ -21,7 +21,9 @@ import re
 import warnings
 
 #: Lightning's info lines that say nothing about this run
-NOISE_LINES = re.compile(r"💡 Tip: |`Trainer\(limit_\w+_batches=1\.0\)` was configured so 100% of the batches")
+NOISE_LINES = re.compile(
+    r"💡 Tip: |`Trainer\(limit_\w+_batches=1\.0\)` was configured so 100% of the batches"
+)
 #: loggers Lightning's rank_zero_info writes through
 LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 #: packages whose own deprecation notes are not the user's business
