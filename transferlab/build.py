@@ -44,13 +44,13 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     """Every check on the composed config, before anything is built; for a resume, what is left to do.
 
     The config's own checks first, then each owner once with its slice, from the layers above to
-    the ones below (the run's budget and resume, the mode, the model's parts, the data, the run dir).
+    the ones below (the run's budget, the mode, the model's parts, the data), then the resume
+    (it reads the checkpoint) and the run dir.
     """
     check_config_itself(cfg)
     test = bool(cfg.get("test", True))
     check_training_budget(cfg.trainer, test=test)
     check_optimized_metric(cfg.get("optimized_metric"), test=test)
-    plan = check_resume(cfg, output_dir)
     weights = cfg.backbone.get("weights")
     mode = check_mode(cfg.mode, cfg.trainer.get("max_epochs"), weights)
     cached = mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))
@@ -59,6 +59,8 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     check_components(cfg.optimizer, cfg.get("scheduler"), cfg.head)
     check_learning_rate_ratios(cfg.model.backbone_lr_ratio, cfg.model.layer_decay)
     check_data_root(cfg.data)
+    # After the mode's: a probe has nothing to resume, which says more than a missing last.ckpt.
+    plan = check_resume(cfg, output_dir)
     RunDir(output_dir).check_writable(resuming=resumes(cfg.get("ckpt_path")))
     return plan
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from hydra._internal.utils import get_args_parser
+from hydra._internal.utils import get_args_parser as _hydra_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -26,6 +26,14 @@ from transferlab.config import compose, dotted_settings
 from transferlab.run.resume import ResumePlan, check_resume
 from transferlab.store.rundir import RunDir, ensure_writable, resumes
 from transferlab.utils.errors import UserError, first_line
+
+
+def hydra_args_parser():
+    """Hydra's own command-line parser, fenced here (the package's one use of `hydra._internal`):
+    the checks before Hydra must read argv exactly as `@hydra.main` will (flags, `-m`, overrides),
+    and Hydra 1.3 has no public parser. Pinned by `hydra-core<1.4`; tests/cli cover each use."""
+    return _hydra_args_parser()
+
 
 #: Hydra flags that print something and exit without running a job
 NO_JOB_FLAGS = {
@@ -78,7 +86,7 @@ def check_flags_before_overrides(argv: Sequence[str]) -> None:
     """Hydra's argument parser reads the overrides as one list: overrides on both sides of a flag
     (`backbone=cnn_small -m seed=1,2`) make it print its whole usage."""
     try:
-        _, unread = get_args_parser().parse_known_args(list(argv))
+        _, unread = hydra_args_parser().parse_known_args(list(argv))
     except SystemExit:
         return  # a flag's own mistake (--cfg foo): argparse's message names it
     if not unread:
@@ -102,7 +110,7 @@ def check_overrides_compose(argv: Sequence[str]) -> None:
     Unknown config group choices (backbone=foo) are left to Hydra: its message lists the
     choices. A sweep (-m) is only parsed: its values are lists until the sweeper picks one.
     """
-    args = get_args_parser().parse_args(list(argv))
+    args = hydra_args_parser().parse_args(list(argv))
     for text in args.overrides:
         try:
             _parse(text)
@@ -278,7 +286,7 @@ def resume_plan_before_hydra(argv: Sequence[str]) -> ResumePlan | None:
     run_dir = overrides.get("hydra.run.dir")
     if not resumes(overrides.get("ckpt_path")) or run_dir is None or RunDir(run_dir).saved_config() is None:
         return None  # (a ckpt_path set in a config file is still checked in `run`)
-    args = get_args_parser().parse_args(list(argv))
+    args = hydra_args_parser().parse_args(list(argv))
     try:
         cfg = compose(args.config_name or "train", args.overrides)
     except Exception:

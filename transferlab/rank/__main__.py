@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import hydra
-from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -99,7 +98,9 @@ def check_command_line(argv: Sequence[str]) -> None:
 
 
 def _overrides(argv: Sequence[str]) -> list[str]:
-    return list(get_args_parser().parse_args(list(argv)).overrides)
+    from transferlab.cli.overrides import hydra_args_parser  # heavy: loads torch and Lightning (see above)
+
+    return list(hydra_args_parser().parse_args(list(argv)).overrides)
 
 
 def _check_backbones_is_a_list(argv: Sequence[str]) -> None:
