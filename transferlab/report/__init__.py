@@ -7,7 +7,8 @@ their few-shot training set size, sample_efficiency.png.
 
 One module per step: `runs` finds and reads runs (and jobs that did not finish), `compare`
 says how they differ and averages repeats, `tables` and `figures` draw that (`curves` reads
-the event files), `output` writes the files, `__main__` is the command line.
+the event files), `selection` chooses a setting on validation (`--select-by`), `output`
+writes the files, `__main__` is the command line.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 from transferlab.report.agreement import write_agreement
 from transferlab.report.analysis import check_arm
 from transferlab.report.compare import DEFAULT_ARM, set_apart
-from transferlab.report.output import write_report
+from transferlab.report.output import write_report, write_selection
 from transferlab.report.runs import (
     UnfinishedJob,
     find_jobs,
@@ -18,6 +18,7 @@ from transferlab.report.runs import (
     load_unfinished,
     overrides_text,
 )
+from transferlab.report.selection import Rule, choice_lines, parse_rule, select
 from transferlab.report.stats import CI_METHODS, PAIRED_TESTS, Options
 from transferlab.utils.errors import UserError, exit_with
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         options = stats_options(args)
+        rule = selection_rule(args)
         run_dirs, unfinished_dirs = find_jobs(args.paths)
         runs, broken = load_finished(run_dirs)
         unfinished = broken + [load_unfinished(d) for d in unfinished_dirs]
@@ -45,8 +47,14 @@ def main(argv: list[str] | None = None) -> None:
             )
         set_apart(unfinished, runs)
         check_arm(runs, options, given=args.arms is not None)  # before anything is written
+        selection = select(runs, rule) if rule else None  # so is every bad --select-by
+        if selection and not selection.over_given:
+            print(f"--over not given: choosing over {','.join(selection.over)}", flush=True)
         out_dir = args.out or default_out_dir(args.paths)
         written = write_report(runs, out_dir, sources=args.paths, unfinished=unfinished, options=options)
+        if selection:
+            written.update(write_selection(selection, out_dir))
+            print("\n".join(choice_lines(selection)), flush=True)
         if args.rank:
             written["rank_agreement"], agreement_text = write_agreement(args.rank, runs, out_dir)
             print(agreement_text, flush=True)
@@ -100,6 +108,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="{t,permutation}",
         help="the two-sided test of a paired difference: t (paired t-test, default) or permutation (exact sign-flip test)",
     )
+    parser.add_argument(
+        "--select-by",
+        default=None,
+        metavar="METRIC[:min]",
+        help="choose a setting on validation: within each value of the --per keys, the setting of the --over "
+        "keys with the best mean METRIC over the seeds they share (maximized; METRIC:min minimizes); "
+        "writes selected.csv and selected.md. Never a test/ metric",
+    )
+    parser.add_argument(
+        "--per",
+        default=None,
+        metavar="KEY[,KEY]",
+        help="with --select-by: what each choice is made within (e.g. mode, or experiment)",
+    )
+    parser.add_argument(
+        "--over",
+        default=None,
+        metavar="KEY[,KEY]",
+        help="with --select-by: the keys whose setting is chosen (default: every key that differs "
+        "except the seeds and the --per keys)",
+    )
     return parser.parse_args(argv)
 
 
@@ -123,6 +152,11 @@ def stats_options(args: argparse.Namespace) -> Options:
     if not arms or any(c.isspace() for c in arms) or "=" in arms:
         raise UserError(f"--arms {args.arms!r}: give one setting key, e.g. --arms mode or --arms experiment")
     return Options(ci=args.ci, bootstrap_seed=seed, arms=arms, paired_test=args.paired_test)
+
+
+def selection_rule(args: argparse.Namespace) -> Rule | None:
+    """--select-by, --per and --over, checked as far as they can be before any run is read."""
+    return parse_rule(args.select_by, args.per, args.over)
 
 
 def default_out_dir(paths: list[Path]) -> Path:

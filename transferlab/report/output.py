@@ -1,5 +1,6 @@
 """What a report writes, and where: report.csv, paired.csv and crossover.csv (when there are
-pairs and crossings to report), the figures, then report.md linking them."""
+pairs and crossings to report), the figures, then report.md linking them; selected.csv and
+selected.md beside them with `--select-by`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from transferlab.report.crossover import crossover_csv_rows
 from transferlab.report.figures import plot_curves, plot_sample_efficiency
 from transferlab.report.pairing import paired_csv_rows
 from transferlab.report.runs import Run, UnfinishedJob
+from transferlab.report.selection import (
+    SELECTED_CSV,
+    SELECTED_MD,
+    Selection,
+    selected_markdown,
+    selected_rows,
+)
 from transferlab.report.stats import Options
 from transferlab.report.tables import report_markdown, summary_table, write_csv
 from transferlab.utils.errors import UserError
@@ -41,6 +49,21 @@ def write_report(
         if e.errno not in UNWRITABLE:
             raise
         raise UserError(_cannot_write(out_dir, e)) from None
+
+
+def write_selection(selection: Selection, out_dir: Path) -> dict[str, Path]:
+    """Write selected.csv and selected.md (`--select-by`) into `out_dir`; returns what was written."""
+    out_dir = Path(out_dir)
+    written = {"selected_csv": out_dir / SELECTED_CSV, "selected_md": out_dir / SELECTED_MD}
+    try:
+        check_writable(out_dir)
+        write_csv(selected_rows(selection), written["selected_csv"])
+        written["selected_md"].write_text(selected_markdown(selection))
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise
+        raise UserError(_cannot_write(out_dir, e)) from None
+    return written
 
 
 def check_writable(out_dir: Path) -> None:
