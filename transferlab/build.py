@@ -32,7 +32,7 @@ from transferlab.methods.probe import check_probe
 from transferlab.methods.regularizers import build_regularizer, check_regularizer
 from transferlab.models import TransferModule
 from transferlab.models.architecture import architecture_record
-from transferlab.models.module import check_components, check_learning_rate_ratios
+from transferlab.models.module import check_components, check_label_smoothing, check_learning_rate_ratios
 from transferlab.run.budget import check_training_budget
 from transferlab.run.results import check_optimized_metric
 from transferlab.run.resume import ResumePlan, check_resume
@@ -58,6 +58,7 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     check_regularizer(cfg.get("regularizer"), mode, mode.starting_weights(weights))
     check_components(cfg.optimizer, cfg.get("scheduler"), cfg.head)
     check_learning_rate_ratios(cfg.model.backbone_lr_ratio, cfg.model.layer_decay)
+    check_label_smoothing(cfg.model.get("label_smoothing", 0.0))
     check_data_root(cfg.data)
     # After the mode's: a probe has nothing to resume, which says more than a missing last.ckpt.
     plan = check_resume(cfg, output_dir)

@@ -175,6 +175,42 @@ IN_PROCESS_CASES = [
     ),
 ]
 DEGENERATE_IN_PROCESS = [
+    ("label-smoothing-one", ["model.label_smoothing=1"], "model.label_smoothing=1 must be in [0, 1)"),
+    (
+        "label-smoothing-negative",
+        ["model.label_smoothing=-0.1"],
+        "model.label_smoothing=-0.1 must be in [0, 1)",
+    ),
+    (
+        "label-smoothing-text",
+        ["model.label_smoothing=abc"],
+        "model.label_smoothing='abc' must be a number in [0, 1)",
+    ),
+    (
+        "warmup-fills-the-budget",
+        ["scheduler=warmup_cosine", "scheduler.warmup_epochs=1", "trainer.max_epochs=1"],
+        "scheduler: warmup_epochs=1 leaves no epoch of decay in T_max=1",
+    ),
+    (
+        "warmup-negative",
+        ["scheduler=warmup_cosine", "scheduler.warmup_epochs=-1", "trainer.max_epochs=2"],
+        "scheduler: warmup_epochs=-1 must be a whole number >= 0",
+    ),
+    (
+        "warmup-fractional",
+        ["scheduler=warmup_cosine", "scheduler.warmup_epochs=0.5", "trainer.max_epochs=2"],
+        "scheduler: warmup_epochs=0.5 must be a whole number >= 0",
+    ),
+    (
+        "warmup-start-zero",
+        ["scheduler=warmup_cosine", "scheduler.start_factor=0", "trainer.max_epochs=2"],
+        "scheduler: start_factor=0 must be in (0, 1]",
+    ),
+    (
+        "warmup-start-above-one",
+        ["scheduler=warmup_cosine", "scheduler.start_factor=2", "trainer.max_epochs=2"],
+        "scheduler: start_factor=2 must be in (0, 1]",
+    ),
     (
         "no-train-batches-int",
         ["trainer.limit_train_batches=0"],

@@ -438,6 +438,37 @@ def test_raised_budget_stretches_the_cosine_schedule(cifar10_root, torch_home, t
     assert resumed[-1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 4 / 5)) / 2, rel=1e-4)
 
 
+def test_raised_budget_stretches_the_warmup_cosine_schedule(cifar10_root, torch_home, tmp_path):
+    run_dir = tmp_path / "run"
+    warmup = ["scheduler=warmup_cosine", "scheduler.warmup_epochs=1", "scheduler.start_factor=0.5"]
+    args = [f"data.root={cifar10_root}", *SHORT, *warmup, f"hydra.run.dir={run_dir}"]
+    assert cli([*args, "trainer.max_epochs=2"], tmp_path, torch_home).returncode == 0
+    longer = cli([*args, "trainer.max_epochs=5", "ckpt_path=last"], tmp_path, torch_home)
+    assert longer.returncode == 0, longer.stderr
+
+    rates = logged_learning_rates(run_dir)
+    assert rates[:2] == pytest.approx([0.005, 0.01])  # the warmup epoch from half the rate, then the rate
+    # epochs 2-4 of a 5-epoch schedule: cosine over the 4 epochs after the warmup, at steps 1, 2, 3
+    assert rates[2:] == pytest.approx(
+        [0.01 * (1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 2, 3)], rel=1e-4
+    )
+
+
+def test_a_checkpoint_from_before_label_smoothing_still_resumes(tmp_path):
+    """Runs trained before `model.label_smoothing` existed trained on plain cross-entropy: 0."""
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    from transferlab.run.resume import config_changes
+
+    current = compose_config(["backbone=cnn_small"], tmp_path)
+    before_the_key = OmegaConf.to_container(current, resolve=False)
+    del before_the_key["model"]["label_smoothing"]
+    assert config_changes(OmegaConf.create(before_the_key), current) == []
+    smoothed = compose_config(["backbone=cnn_small", "model.label_smoothing=0.1"], tmp_path)
+    assert "model.label_smoothing (0.0 -> 0.1)" in config_changes(OmegaConf.create(before_the_key), smoothed)
+
+
 def test_a_checkpoint_from_before_the_regularizer_group_still_resumes(tmp_path):
     """Runs trained before `regularizer` existed trained without a penalty: regularizer=none."""
     from conftest import compose_config

@@ -216,7 +216,7 @@ def relocate_checkpoint_state(state: dict, old_dir: str, new_dir: str) -> dict:
 
 
 class ScheduleFollowsBudget(Callback):
-    """A resume with a raised trainer.max_epochs stretches a cosine schedule to the new budget.
+    """A resume with a raised trainer.max_epochs stretches a cosine schedule (or warmup + cosine) to the new budget.
 
     `CosineAnnealingLR(T_max=${trainer.max_epochs})` is built with the new budget, but
     Lightning then restores the checkpoint's scheduler, T_max included: the old schedule
@@ -236,11 +236,11 @@ class ScheduleFollowsBudget(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for config, t_max in zip(trainer.lr_scheduler_configs, self._configured):
             scheduler = config.scheduler
-            if (
-                isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
-                and t_max
-                and scheduler.T_max != t_max
-            ):
+            if not t_max or getattr(scheduler, "T_max", t_max) == t_max:
+                continue
+            if hasattr(scheduler, "follow_budget"):  # transferlab's own schedules (models.schedules)
+                scheduler.follow_budget(int(t_max))
+            elif isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
                 stretch_cosine(scheduler, int(t_max))
 
 

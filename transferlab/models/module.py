@@ -43,6 +43,7 @@ class TransferModule(L.LightningModule):
         compile: bool = False,
         regularizer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
         architecture: dict | None = None,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -53,6 +54,9 @@ class TransferModule(L.LightningModule):
         if regularizer is not None and hasattr(regularizer, "bind"):
             regularizer.bind(self)
         self.num_classes = num_classes
+        # The training loss only (what the optimizer sees); train/, val/ and test/loss stay plain cross-entropy.
+        check_label_smoothing(label_smoothing)
+        self.label_smoothing = float(label_smoothing)
         self.optimizer_factory = optimizer or partial(torch.optim.SGD, lr=0.01, momentum=0.9)
         self.scheduler_factory = scheduler
         check_learning_rate_ratios(backbone_lr_ratio, layer_decay)
@@ -120,6 +124,8 @@ class TransferModule(L.LightningModule):
         self.train_acc(logits.detach(), labels)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.label_smoothing:
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if self.regularizer is not None:
             # train/loss stays the cross-entropy (comparable across methods); the optimizer sees both.
             penalty = self.regularizer(self, features)
@@ -259,6 +265,19 @@ class TransferModule(L.LightningModule):
             kwargs = {**rebuilt, **kwargs}
         return super().load_from_checkpoint(
             checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+        )
+
+
+def check_label_smoothing(label_smoothing: Any) -> None:
+    """model.label_smoothing (conf/model/transfer.yaml); also checked before any data is read."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise UserError(
+            f"model.label_smoothing={label_smoothing!r} must be a number in [0, 1) (0.1 is usual; 0: none)"
+        )
+    if not 0 <= label_smoothing < 1:
+        raise UserError(
+            f"model.label_smoothing={label_smoothing} must be in [0, 1) (0.1 is usual; 0: none): at 1 the "
+            f"targets carry no label"
         )
 
 

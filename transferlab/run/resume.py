@@ -61,6 +61,7 @@ RENAMED_SETTINGS = {
 #: compared as if it had this value.
 ADDED_SETTINGS = {
     "regularizer.name": "none",  # the regularizer group (issue 15): no penalty
+    "model.label_smoothing": 0.0,  # issue 19: runs before it trained on plain cross-entropy
     # a mode's facts, stated in conf/mode/*.yaml since the layout of issue 23: what its name meant then
     "mode.backbone_fixed": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))[
         "backbone_fixed"
