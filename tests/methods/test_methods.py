@@ -17,6 +17,7 @@ from torch import nn
 from transferlab.methods.probe import LinearProbe
 from transferlab.methods.regularizers import BSS, L2SP
 from transferlab.models import TransferModule, linear_head
+from transferlab.store.rundir import RunDir
 from transferlab.utils.errors import UserError
 
 TESTS = Path(__file__).resolve().parent
@@ -248,49 +249,56 @@ LP_FT = [
 ]
 
 
+def _test_env() -> dict[str, str]:
+    # tests/ on the path: the runs use test callbacks (KillMidEpoch)
+    return {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+def _without_time(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if not k.endswith("time_s")}
+
+
+def _probe_choice(run_dir: Path) -> dict:
+    record = json.loads((run_dir / "run_info.json").read_text())["linear_probe"]
+    return {k: v for k, v in record.items() if k != "solve_time_s"}
+
+
 def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar10_root, torch_home, tmp_path):
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    env = _test_env()
     whole = tmp_path / "whole"
     assert (
         cli([*LP_FT, *_data(cifar10_root), f"hydra.run.dir={whole}"], tmp_path, torch_home, **env).returncode
         == 0
     )
-    killed_dir = tmp_path / "killed"
-    killed = cli(
-        [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}"],
-        tmp_path,
-        torch_home,
-        KILL_AT="1,2",
-        **env,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = cli(
-        [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}", "ckpt_path=last"],
-        tmp_path,
-        torch_home,
-        **env,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    log = (killed_dir / "train.log").read_text()
-    assert log.count("linear probe: L2") == 1  # solved once, before the kill
-    assert "the probe stage is not repeated" in log
-
-    def without_time(run_dir):
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        return {k: v for k, v in metrics.items() if not k.endswith("time_s")}
-
-    assert without_time(killed_dir) == without_time(whole)
-    probe = {
-        k: v
-        for k, v in json.loads((whole / "run_info.json").read_text())["linear_probe"].items()
-        if k != "solve_time_s"
-    }
-    kept = {
-        k: v
-        for k, v in json.loads((killed_dir / "run_info.json").read_text())["linear_probe"].items()
-        if k != "solve_time_s"
-    }
-    assert kept == probe  # restored from the checkpoint: run_info.json did not exist when the run was killed
+    # 1,2: in the second epoch (resumed from last.ckpt); 0,0: right after the probe stage, before the
+    # first batch: no last.ckpt yet, resumed from the probe state (checkpoints/probe-lbfgs.ckpt)
+    for kill_at in ("1,2", "0,0"):
+        killed_dir = tmp_path / f"killed_{kill_at.replace(',', '_')}"
+        killed = cli(
+            [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}"],
+            tmp_path,
+            torch_home,
+            KILL_AT=kill_at,
+            **env,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        run = RunDir(killed_dir)
+        assert run.probe_state.is_file() and run.last.is_file() == (kill_at == "1,2")
+        resumed = cli(
+            [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}", "ckpt_path=last"],
+            tmp_path,
+            torch_home,
+            **env,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        log = run.train_log.read_text()
+        assert log.count("linear probe: L2") == 1, kill_at  # solved once, before the kill
+        assert log.count("probe state (before fine-tuning)") == 1, kill_at  # validated once
+        assert "the probe stage is not repeated" in log
+        assert _without_time(killed_dir) == _without_time(whole), kill_at
+        # restored from the checkpoint: run_info.json did not exist when the run was killed
+        assert _probe_choice(killed_dir) == _probe_choice(whole)
 
 
 MEANINGLESS = [
