@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli, tiny_run
+from omegaconf import OmegaConf
 from torch import nn
 
 from transferlab.methods.probe import LinearProbe
@@ -301,6 +302,55 @@ def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar1
         assert _probe_choice(killed_dir) == _probe_choice(whole)
 
 
+def test_an_lp_ft_run_dir_from_before_the_probe_state_still_resumes(cifar10_root, torch_home, tmp_path):
+    """A run dir of the LP-FT before issue 19: no probe-lbfgs.ckpt, the probe never ranked, and every
+    BatchNorm in train mode (its config recorded without mode.callback.train_bn, TrainAll's default
+    then and now). Made here from a run of today's LP-FT that did the same: a probe any epoch beats,
+    BatchNorm in train mode; then the probe state and the setting are removed from its files."""
+    env = _test_env()
+    as_before = [*LP_FT, *_data(cifar10_root), "mode.l2_grid=[10000]", "mode.callback.train_bn=true"]
+    whole = tmp_path / "whole"
+    assert cli([*as_before, f"hydra.run.dir={whole}"], tmp_path, torch_home, **env).returncode == 0
+    old = RunDir(tmp_path / "old")
+    killed = cli([*as_before, f"hydra.run.dir={old.path}"], tmp_path, torch_home, KILL_AT="1,2", **env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (
+        json.loads((whole / "metrics.json").read_text())["best_checkpoint"] != "checkpoints/probe-lbfgs.ckpt"
+    )
+    old.probe_state.unlink()
+    last = torch.load(old.last, map_location="cpu", weights_only=False)
+    del last["transferlab"]["config"]["mode"]["callback"]["train_bn"]
+    torch.save(last, old.last)
+    config = OmegaConf.load(old.config)
+    del config.mode.callback.train_bn
+    OmegaConf.save(config, old.config)
+    overrides = [o for o in OmegaConf.load(old.overrides) if not o.startswith("mode.callback.train_bn")]
+    OmegaConf.save(OmegaConf.create(overrides), old.overrides)
+    before = sorted(p.name for p in old.path.rglob("*"))
+
+    # Resumed with today's defaults it would hold BatchNorm in eval mode: refused, naming the setting.
+    refused = cli(
+        [*LP_FT, *_data(cifar10_root), "mode.l2_grid=[10000]", f"hydra.run.dir={old.path}", "ckpt_path=last"],
+        tmp_path,
+        torch_home,
+        **env,
+    )
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "mode.callback.train_bn (True -> ${mode.train_bn})" in line
+    assert (
+        "and mode.callback.train_bn=true: the run was recorded before mode.callback.train_bn existed" in line
+    )
+    assert sorted(p.name for p in old.path.rglob("*")) == before  # nothing touched
+
+    # Resumed as it ran: it ends where the uninterrupted run ended, without a probe state.
+    resumed = cli([*as_before, f"hydra.run.dir={old.path}", "ckpt_path=last"], tmp_path, torch_home, **env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _without_time(old.path) == _without_time(whole)
+    assert not old.probe_state.exists()
+    assert "the probe stage is not repeated" in old.train_log.read_text()
+
+
 MEANINGLESS = [
     (
         ["mode=linear_probe", "head=mlp"],
@@ -326,6 +376,8 @@ MEANINGLESS = [
         "mode.l2_grid=0.1 must be a non-empty list",
     ),  # one number, not a list
     (["mode=lp_ft", "mode.l2_grid=0.1"], "mode.l2_grid=0.1 must be a non-empty list"),
+    (["mode=lp_ft", "mode.train_bn=maybe"], "mode.train_bn='maybe' must be true or false"),
+    (["mode=lp_ft", "mode.callback.train_bn=2"], "mode.callback.train_bn=2 must be true or false"),
 ]
 
 
