@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli, tiny_run
+from omegaconf import OmegaConf
 from torch import nn
 
 from transferlab.methods.probe import LinearProbe
 from transferlab.methods.regularizers import BSS, L2SP
 from transferlab.models import TransferModule, linear_head
+from transferlab.store.rundir import RunDir
 from transferlab.utils.errors import UserError
 
 TESTS = Path(__file__).resolve().parent
@@ -248,49 +250,105 @@ LP_FT = [
 ]
 
 
+def _test_env() -> dict[str, str]:
+    # tests/ on the path: the runs use test callbacks (KillMidEpoch)
+    return {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+def _without_time(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if not k.endswith("time_s")}
+
+
+def _probe_choice(run_dir: Path) -> dict:
+    record = json.loads((run_dir / "run_info.json").read_text())["linear_probe"]
+    return {k: v for k, v in record.items() if k != "solve_time_s"}
+
+
 def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar10_root, torch_home, tmp_path):
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    env = _test_env()
     whole = tmp_path / "whole"
     assert (
         cli([*LP_FT, *_data(cifar10_root), f"hydra.run.dir={whole}"], tmp_path, torch_home, **env).returncode
         == 0
     )
-    killed_dir = tmp_path / "killed"
-    killed = cli(
-        [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}"],
-        tmp_path,
-        torch_home,
-        KILL_AT="1,2",
-        **env,
-    )
+    # 1,2: in the second epoch (resumed from last.ckpt); 0,0: right after the probe stage, before the
+    # first batch: no last.ckpt yet, resumed from the probe state (checkpoints/probe-lbfgs.ckpt)
+    for kill_at in ("1,2", "0,0"):
+        killed_dir = tmp_path / f"killed_{kill_at.replace(',', '_')}"
+        killed = cli(
+            [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}"],
+            tmp_path,
+            torch_home,
+            KILL_AT=kill_at,
+            **env,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        run = RunDir(killed_dir)
+        assert run.probe_state.is_file() and run.last.is_file() == (kill_at == "1,2")
+        resumed = cli(
+            [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}", "ckpt_path=last"],
+            tmp_path,
+            torch_home,
+            **env,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        log = run.train_log.read_text()
+        assert log.count("linear probe: L2") == 1, kill_at  # solved once, before the kill
+        assert log.count("probe state (before fine-tuning)") == 1, kill_at  # validated once
+        assert "the probe stage is not repeated" in log
+        assert _without_time(killed_dir) == _without_time(whole), kill_at
+        # restored from the checkpoint: run_info.json did not exist when the run was killed
+        assert _probe_choice(killed_dir) == _probe_choice(whole)
+
+
+def test_an_lp_ft_run_dir_from_before_the_probe_state_still_resumes(cifar10_root, torch_home, tmp_path):
+    """A run dir of the LP-FT before issue 19: no probe-lbfgs.ckpt, the probe never ranked, and every
+    BatchNorm in train mode (its config recorded without mode.callback.train_bn, TrainAll's default
+    then and now). Made here from a run of today's LP-FT that did the same: a probe any epoch beats,
+    BatchNorm in train mode; then the probe state and the setting are removed from its files."""
+    env = _test_env()
+    as_before = [*LP_FT, *_data(cifar10_root), "mode.l2_grid=[10000]", "mode.callback.train_bn=true"]
+    whole = tmp_path / "whole"
+    assert cli([*as_before, f"hydra.run.dir={whole}"], tmp_path, torch_home, **env).returncode == 0
+    old = RunDir(tmp_path / "old")
+    killed = cli([*as_before, f"hydra.run.dir={old.path}"], tmp_path, torch_home, KILL_AT="1,2", **env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = cli(
-        [*LP_FT, *_data(cifar10_root), f"hydra.run.dir={killed_dir}", "ckpt_path=last"],
+    assert (
+        json.loads((whole / "metrics.json").read_text())["best_checkpoint"] != "checkpoints/probe-lbfgs.ckpt"
+    )
+    old.probe_state.unlink()
+    last = torch.load(old.last, map_location="cpu", weights_only=False)
+    del last["transferlab"]["config"]["mode"]["callback"]["train_bn"]
+    torch.save(last, old.last)
+    config = OmegaConf.load(old.config)
+    del config.mode.callback.train_bn
+    OmegaConf.save(config, old.config)
+    overrides = [o for o in OmegaConf.load(old.overrides) if not o.startswith("mode.callback.train_bn")]
+    OmegaConf.save(OmegaConf.create(overrides), old.overrides)
+    before = sorted(p.name for p in old.path.rglob("*"))
+
+    # Resumed with today's defaults it would hold BatchNorm in eval mode: refused, naming the setting.
+    refused = cli(
+        [*LP_FT, *_data(cifar10_root), "mode.l2_grid=[10000]", f"hydra.run.dir={old.path}", "ckpt_path=last"],
         tmp_path,
         torch_home,
         **env,
     )
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "mode.callback.train_bn (True -> ${mode.train_bn})" in line
+    assert (
+        "and mode.callback.train_bn=true: the run was recorded before mode.callback.train_bn existed" in line
+    )
+    assert sorted(p.name for p in old.path.rglob("*")) == before  # nothing touched
+
+    # Resumed as it ran: it ends where the uninterrupted run ended, without a probe state.
+    resumed = cli([*as_before, f"hydra.run.dir={old.path}", "ckpt_path=last"], tmp_path, torch_home, **env)
     assert resumed.returncode == 0, resumed.stderr
-    log = (killed_dir / "train.log").read_text()
-    assert log.count("linear probe: L2") == 1  # solved once, before the kill
-    assert "the probe stage is not repeated" in log
-
-    def without_time(run_dir):
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        return {k: v for k, v in metrics.items() if not k.endswith("time_s")}
-
-    assert without_time(killed_dir) == without_time(whole)
-    probe = {
-        k: v
-        for k, v in json.loads((whole / "run_info.json").read_text())["linear_probe"].items()
-        if k != "solve_time_s"
-    }
-    kept = {
-        k: v
-        for k, v in json.loads((killed_dir / "run_info.json").read_text())["linear_probe"].items()
-        if k != "solve_time_s"
-    }
-    assert kept == probe  # restored from the checkpoint: run_info.json did not exist when the run was killed
+    assert _without_time(old.path) == _without_time(whole)
+    assert not old.probe_state.exists()
+    assert "the probe stage is not repeated" in old.train_log.read_text()
 
 
 MEANINGLESS = [
@@ -318,6 +376,8 @@ MEANINGLESS = [
         "mode.l2_grid=0.1 must be a non-empty list",
     ),  # one number, not a list
     (["mode=lp_ft", "mode.l2_grid=0.1"], "mode.l2_grid=0.1 must be a non-empty list"),
+    (["mode=lp_ft", "mode.train_bn=maybe"], "mode.train_bn='maybe' must be true or false"),
+    (["mode=lp_ft", "mode.callback.train_bn=2"], "mode.callback.train_bn=2 must be true or false"),
 ]
 
 

@@ -486,6 +486,29 @@ def test_a_checkpoint_from_before_the_regularizer_group_still_resumes(tmp_path):
     )
 
 
+@pytest.mark.parametrize("mode", ["finetune", "scratch", "lp_ft"])
+def test_a_checkpoint_from_before_the_batchnorm_rule_compares_as_it_ran(mode, tmp_path):
+    """TrainAll's callbacks were recorded without `train_bn` before issue 19: every BatchNorm in train
+    mode, `train_bn: true`. finetune and scratch still do that; lp_ft now holds BatchNorm in eval mode
+    (`${mode.train_bn}`, false), so its older runs resume only as they ran, with mode.callback.train_bn=true."""
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    from transferlab.run.resume import config_changes
+
+    current = compose_config([f"mode={mode}"], tmp_path)
+    before = OmegaConf.to_container(current, resolve=False)
+    before["mode"]["callback"].pop("train_bn", None)
+    if mode != "lp_ft":
+        assert config_changes(OmegaConf.create(before), current) == []
+        return
+    assert config_changes(OmegaConf.create(before), current) == [
+        "mode.callback.train_bn (True -> ${mode.train_bn})"
+    ]
+    as_it_ran = compose_config([f"mode={mode}", "mode.callback.train_bn=true"], tmp_path)
+    assert config_changes(OmegaConf.create(before), as_it_ran) == []
+
+
 @pytest.mark.parametrize(
     "mode", ["frozen", "linear_probe", "lp_ft", "finetune", "scratch", "partial", "gradual"]
 )

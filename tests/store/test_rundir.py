@@ -22,6 +22,7 @@ def test_a_run_dir_names_the_files_of_the_layout_the_readme_shows(tmp_path):
     assert (
         run.last == tmp_path / "checkpoints" / "last.ckpt"
         and run.probe == tmp_path / "checkpoints" / "best-lbfgs.ckpt"
+        and run.probe_state == tmp_path / "checkpoints" / "probe-lbfgs.ckpt"
     )
     assert run.fewshot_indices.name == "fewshot_indices.json" and run.failed.name == "failed.json"
     assert (run.confusion_csv.name, run.confusion_png.name) == (
@@ -97,3 +98,18 @@ def test_a_broken_last_checkpoint_leaves_the_best_files_to_decide(tmp_path):
     torch.save({"state_dict": {}}, folder / "best-epoch004.ckpt")
     (folder / "last.ckpt").write_bytes(b"")  # killed mid-write by something other than transferlab
     assert RunDir(tmp_path / "run").best_checkpoint("backbone.weights").name == "best-epoch004.ckpt"
+
+
+def test_an_lp_ft_run_stopped_before_its_first_save_stands_for_and_resumes_from_its_probe_state(tmp_path):
+    """LP-FT's probe state is written before the first epoch: until last.ckpt exists, it is what the
+    run dir stands for and what `ckpt_path=last` resumes; then last.ckpt decides."""
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    torch.save({"state_dict": {}}, run.probe_state)
+    assert run.holds_run()
+    assert rundir.checkpoint_path("last", run.path) == run.probe_state
+    assert run.best_checkpoint("backbone.weights") == run.probe_state
+    torch.save({"state_dict": {}}, run.checkpoints / "best-epoch000.ckpt")  # an epoch beat it
+    assert run.best_checkpoint("backbone.weights").name == "best-epoch000.ckpt"
+    torch.save({"state_dict": {}}, run.last)
+    assert rundir.checkpoint_path("last", run.path) == run.last

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from transferlab.store.files import STORAGE_ERRNOS, storage_error_behind, write_atomically
-from transferlab.store.rundir import checkpoint_path, read_checkpoint, relocated, transferlab_record
+from transferlab.store.rundir import RunDir, checkpoint_path, read_checkpoint, relocated, transferlab_record
 from transferlab.utils.errors import TrainingDiverged, UserError
 
 
@@ -201,6 +202,54 @@ class RunDirCheckpoint(ModelCheckpoint):
         if old_dir and self.dirpath and old_dir != self.dirpath:
             state_dict = relocate_checkpoint_state(state_dict, old_dir, self.dirpath)
         super().load_state_dict(state_dict)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning warns that the checkpoint folder "exists and is not empty" at every fit that
+        # finds files in it; a fresh LP-FT fit always finds its own probe state there.
+        with warnings.catch_warnings():
+            if _holds_only_probe_state(self.dirpath):
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        # LP-FT's probe state is an output of its own (RunDir.PROBE_STATE): an epoch that beats it
+        # becomes the best checkpoint, and the probe state stays next to it.
+        if Path(previous).name == RunDir.PROBE_STATE:
+            return False
+        return super()._should_remove_checkpoint(trainer, previous, current)
+
+
+def _holds_only_probe_state(folder: str | None) -> bool:
+    files = [p.name for p in Path(folder).iterdir()] if folder and Path(folder).is_dir() else []
+    return files == [RunDir.PROBE_STATE]
+
+
+def rank_checkpoint(trainer: L.Trainer, path: Path, metrics: dict[str, float]) -> list[str]:
+    """Enter a checkpoint written outside `fit` (LP-FT's probe state) in the ranking of every
+    `RunDirCheckpoint` that monitors one of `metrics`, as if it had saved it with them; returns
+    the monitored metrics it was ranked by.
+
+    Call it before the file is saved, so that the file records itself as the best so far. An epoch
+    then replaces it as the best only with a strictly better score (ModelCheckpoint compares
+    with > for mode=max, < for min), and the file is never removed (`_should_remove_checkpoint`).
+    """
+    ranked = []
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, RunDirCheckpoint) or callback.monitor not in metrics:
+            continue
+        if callback.save_top_k == 0:
+            continue
+        score = torch.tensor(float(metrics[callback.monitor]))
+        callback.best_k_models[str(path)] = score
+        best, worst = (min, max) if callback.mode == "min" else (max, min)
+        if callback.save_top_k == -1 or len(callback.best_k_models) >= callback.save_top_k:
+            callback.kth_best_model_path = worst(callback.best_k_models, key=callback.best_k_models.get)
+            callback.kth_value = callback.best_k_models[callback.kth_best_model_path]
+        callback.best_model_path = best(callback.best_k_models, key=callback.best_k_models.get)
+        callback.best_model_score = callback.best_k_models[callback.best_model_path]
+        callback.current_score = score
+        ranked.append(callback.monitor)
+    return ranked
 
 
 def relocate_checkpoint_state(state: dict, old_dir: str, new_dir: str) -> dict:

@@ -5,12 +5,13 @@ here only (`mode_facts`): the rest of the package asks the facts, never the mode
 How each trains is a Lightning callback:
 
 finetune, scratch -> `TrainAll`: everything trains (scratch from random init: `conf/mode/scratch.yaml`
-                     sets `pretrained: false`).
+                     sets `pretrained: false`), BatchNorm in train mode.
 frozen            -> `FreezeBackbone`: no backbone parameter trains; only the head does.
 partial           -> `FreezeStages`: the first N backbone stages are frozen, the rest trains.
 gradual           -> `GradualUnfreeze`: frozen for some epochs, then the backbone trains too.
 linear_probe      -> no callback: `methods.probe` solves for the head instead of a fit.
-lp_ft             -> `methods.probe` solves for the head first, then `TrainAll`.
+lp_ft             -> `methods.probe` solves for the head first, then `TrainAll(train_bn=false)`:
+                     everything trains, the backbone's BatchNorm in eval mode (pretrained statistics).
 
 Every parameter sits in the optimizer from the start, in the named groups of
 `TransferModule.param_groups` (head, backbone or one group per stage). A mode only flips
@@ -141,7 +142,28 @@ class TransferMode(Callback):
 
 
 class TrainAll(TransferMode):
-    """`mode=finetune` and `mode=scratch`: every parameter trains."""
+    """`mode=finetune`, `mode=scratch` and `mode=lp_ft`: every parameter trains.
+
+    `train_bn` says what the backbone's BatchNorm layers do meanwhile: true (the default, what
+    finetune and scratch do) puts them in train mode like every other module: they normalize with
+    each batch's statistics and update their running averages. false (`mode=lp_ft`, from
+    `mode.train_bn`) holds them in eval mode: they normalize with the running statistics the
+    backbone was loaded with and never update them, while their affine weights (and everything
+    else) train. Keeping the pretrained statistics is the usual practice when fine-tuning on small
+    batches or few images: the statistics of a batch of 16 images are noisy, and running averages
+    re-estimated from a hundred images replace the pretraining's. A BatchNorm of the head
+    (head=mlp) is always in train mode.
+    """
+
+    def __init__(self, train_bn: bool = True):
+        super().__init__(train_bn=train_bn)
+
+    def _set_train_modes(self, pl_module: L.LightningModule, epoch: int) -> None:
+        super()._set_train_modes(pl_module, epoch)
+        if not self.train_bn:
+            for module in pl_module.backbone.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
 
 
 class FreezeBackbone(TransferMode):
@@ -322,6 +344,12 @@ def mode_facts(mode: Any) -> Mode:
         raise UserError(
             f"mode={name}: head_solve=instead_of_fit trains no epoch, so its backbone is fixed; set mode.backbone_fixed=true"
         )
+    callback_train_bn = (mode.get("callback") or {}).get("train_bn", False)
+    if not isinstance(callback_train_bn, bool):
+        raise UserError(
+            f"mode.callback.train_bn={callback_train_bn!r} must be true or false (conf/mode/{name}.yaml sets it "
+            f"from mode.train_bn)"
+        )
     if facts.fits and not mode.get("callback"):
         raise UserError(
             f"mode={name} trains epochs but names no mode.callback (what trains in each epoch); add one, e.g. {TrainAll.__module__}.TrainAll"
@@ -361,4 +389,17 @@ def check_mode(mode: Any, max_epochs: int | None, weights: Any) -> Mode:
             what,
             weights,
         )
+    if not wants_weights(weights) and _holds_batchnorm_statistics(mode):
+        log.warning(
+            "mode=%s with random weights holds the backbone's BatchNorm in eval mode, with its initial statistics "
+            "(mean 0, variance 1): there are no pretrained ones to keep; mode.train_bn=true lets them adapt",
+            facts.name,
+        )
     return facts
+
+
+def _holds_batchnorm_statistics(mode: Any) -> bool:
+    """The mode trains everything with the backbone's BatchNorm in eval mode (TrainAll, train_bn=false)."""
+    callback = mode.get("callback") or {}
+    target = str(callback.get("_target_", "")).rsplit(".", 1)[-1]
+    return target == TrainAll.__name__ and callback.get("train_bn", True) is False

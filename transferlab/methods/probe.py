@@ -15,9 +15,13 @@ writes a checkpoint like any run's (a `TransferModule` state dict, backbone + he
 `transferlab` record), which `backbone.weights=RUN_DIR` and the other tools read.
 
 `head_solve: before_fit`, `mode=lp_ft` (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): the same
-solver sets the head (`probe_head_before_fit`) before an ordinary fine-tuning fit;
-a resumed run takes its head from the checkpoint and does not solve again; the probe's
-record travels in the checkpoint (`ProbeRecord`) and ends in `run_info.json`.
+solver sets the head (`probe_head_before_fit`) before an ordinary fine-tuning fit. That probe
+state is validated like an epoch and saved as `checkpoints/probe-lbfgs.ckpt`
+(`validate_probe_state`), and it is the run's best checkpoint until a fine-tuning epoch reaches a
+strictly higher val/acc: fine-tuning on a few images can end below the probe it started from,
+and the run then keeps (and tests) the probe. A resumed run takes its head from the checkpoint
+(the probe state itself for a run stopped before its first epoch's save) and does not solve
+again; the probe's record travels in the checkpoint (`ProbeRecord`) and ends in `run_info.json`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import ListConfig
 from torch import nn
 
-from transferlab.callbacks.guards import TrainingClock
+from transferlab.callbacks.guards import TrainingClock, rank_checkpoint
 from transferlab.data.features import feature_splits
 from transferlab.methods.modes import Mode, freeze
 from transferlab.store.rundir import resumes
@@ -293,6 +297,27 @@ def probe_head_before_fit(
     for clock in (c for c in trainer.callbacks if isinstance(c, TrainingClock)):
         clock.add(result.solve_time_s)
     return features_time
+
+
+def validate_probe_state(trainer, model, datamodule, checkpoint: Path) -> dict[str, float]:
+    """LP-FT's probe state, before any fine-tuning epoch: validated on the validation split like an
+    epoch (val/acc, val/loss, and val/acc_best counts it), entered as a candidate for the best
+    checkpoint and saved as `checkpoint`, a standalone checkpoint of 0 epochs (a run stopped before
+    its first epoch's save resumes from it). Returns the validation metrics."""
+    validated = trainer.validate(model, datamodule=datamodule, verbose=False)
+    metrics = {k: as_number(v) for k, v in (validated[0] if validated else {}).items()}
+    ranked = rank_checkpoint(trainer, checkpoint, metrics)  # before the save: the file records itself as best
+    trainer.save_checkpoint(str(checkpoint))
+    shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("val/loss", "val/acc") if k in metrics)
+    log.info(
+        "probe state (before fine-tuning): %s, saved as %s; %s",
+        shown,
+        checkpoint,
+        f"the best checkpoint until an epoch does strictly better on {', '.join(ranked)}"
+        if ranked
+        else "no checkpoint callback ranks it (none monitors a validation metric)",
+    )
+    return metrics
 
 
 def probe_record(trainer) -> dict | None:

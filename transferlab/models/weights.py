@@ -103,7 +103,8 @@ def _meta_mean(weights, which: int) -> list[float]:
 def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
     """Read a `.ckpt` written by transferlab or a plain state dict; return the backbone part.
 
-    A transferlab run dir stands for its best checkpoint (`checkpoints/best-*.ckpt`), so a
+    A transferlab run dir stands for its best checkpoint (`checkpoints/best-*.ckpt`, or the probe state
+    `probe-lbfgs.ckpt` of an LP-FT run where no epoch beat it: `RunDir.best_checkpoint`), so a
     second stage can name the first stage's run: `backbone.weights=outputs/.../source`.
     """
     path = Path(path).expanduser()

@@ -29,9 +29,28 @@ log = logging.getLogger("transferlab")
 
 def test_best(trainer: L.Trainer, model: TransferModule, datamodule) -> dict[str, float]:
     """Test metrics from the best checkpoint by val/acc (the current weights if there is none)."""
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = best_checkpoint_path(trainer)
     results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     return {k: as_number(v) for k, v in (results[0] if results else {}).items()}
+
+
+def best_checkpoint_path(trainer: L.Trainer) -> str:
+    """The best checkpoint of the fit ("" if none): the first checkpoint callback's (conf/callbacks:
+    the best by val/acc; LP-FT's probe state while no epoch beat it)."""
+    return trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+
+
+def best_checkpoint_entry(best: str | Path | None, output_dir: Path) -> dict[str, str]:
+    """metrics.json's `best_checkpoint`: the checkpoint the run stands for, whose weights were tested
+    (`checkpoints/best-epoch003.ckpt`, LP-FT's `checkpoints/probe-lbfgs.ckpt`), relative to the run dir
+    (absolute when it lies elsewhere: another run's checkpoint resumed here); none without one."""
+    if not best:
+        return {}
+    path = Path(best)
+    try:
+        return {"best_checkpoint": path.resolve().relative_to(Path(output_dir).resolve()).as_posix()}
+    except ValueError:
+        return {"best_checkpoint": str(path)}
 
 
 def write_results(
@@ -73,8 +92,9 @@ def run_record(cfg: DictConfig, output_dir: Path, plan: ResumePlan | None, probe
 def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule, plan: ResumePlan) -> dict:
     """Test the best checkpoint of a run with no epoch left to train; its training metrics stay."""
     metrics = {k: v for k, v in plan.previous_metrics().items() if not k.startswith("test/")}
+    best = recorded_best(plan.checkpoint) or plan.checkpoint
+    metrics.update(best_checkpoint_entry(best, plan.run_dir))
     if plan.test:
-        best = recorded_best(plan.checkpoint) or plan.checkpoint
         results = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics.update({k: as_number(v) for k, v in (results[0] if results else {}).items()})
         # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json)

@@ -69,6 +69,9 @@ ADDED_SETTINGS = {
     "mode.head_solve": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))[
         "head_solve"
     ],
+    # TrainAll's BatchNorm rule (issue 19): before it, TrainAll (finetune, scratch, lp_ft) put every
+    # BatchNorm in train mode, what `train_bn: true` does; lp_ft now passes `${mode.train_bn}` (false)
+    "mode.callback.train_bn": True,
 }
 
 
@@ -153,7 +156,8 @@ def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumeP
             raise UserError(
                 f"resuming {checkpoint} with settings that change the experiment: {', '.join(changed[:6])}"
                 f"{f' (and {len(changed) - 6} more)' if len(changed) > 6 else ''}; resume with the run's own settings "
-                f"(its .hydra/overrides.yaml), or start a new run (a new hydra.run.dir) from backbone.weights={checkpoint}"
+                f"(its .hydra/overrides.yaml{_as_it_ran(saved, cfg)}), or start a new run (a new hydra.run.dir) "
+                f"from backbone.weights={checkpoint}"
             )
     max_epochs = int(cfg.trainer.max_epochs)
     previous = max(source.budgets, default=max_epochs)  # the budget the run last trained to
@@ -190,6 +194,29 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
         for key in keys
         if before.get(key, _ABSENT) != after.get(key, _ABSENT) and not _may_change(key)
     ]
+
+
+def _as_it_ran(saved: DictConfig, current: DictConfig) -> str:
+    """For a run recorded before some settings existed whose default now differs from what the run
+    did: ", and KEY=VALUE ... : the run was recorded before KEY existed", the overrides that resume it as it ran."""
+    recorded, now = (
+        _under_current_names(dotted_settings(OmegaConf.to_container(c, resolve=False)))
+        for c in (saved, current)
+    )
+    before = _as_settings_are_now(dict(recorded))
+    missing = [
+        key
+        for key in ADDED_SETTINGS
+        if key not in recorded and key in now and now[key] != before[key] and not _may_change(key)
+    ]
+    if not missing:
+        return ""
+    overrides = " ".join(f"{key}={_override_value(before[key])}" for key in missing)
+    return f", and {overrides}: the run was recorded before {', '.join(missing)} existed"
+
+
+def _override_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _as_settings_are_now(settings: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,8 @@
       failed.json                          a sweep job that failed, and why
       checkpoints/last.ckpt                every epoch, for ckpt_path=last
       checkpoints/best-epochNNN.ckpt       the best epoch by val/acc (best-lbfgs.ckpt: a linear probe's solve)
+      checkpoints/probe-lbfgs.ckpt         LP-FT's probe state (before fine-tuning), validated: the best
+                                           checkpoint until an epoch beats its val/acc
       tensorboard/                         the curves
 
 `RunDir(path)` names them; the readers and writers of the package go through it. Checkpoints
@@ -49,6 +51,9 @@ class RunDir:
     LAST = "last.ckpt"
     BEST_PATTERN = "best-*.ckpt"
     PROBE = "best-lbfgs.ckpt"  # a linear probe's solve (found by the best-*.ckpt pattern like any best)
+    # LP-FT's probe state: the pretrained backbone and the solved head, before any fine-tuning epoch. Not a
+    # best-*.ckpt: it stays when an epoch beats it, and last.ckpt records which of them is the best.
+    PROBE_STATE = "probe-lbfgs.ckpt"
     TENSORBOARD = "tensorboard"
 
     def __init__(self, path: str | os.PathLike):
@@ -107,6 +112,10 @@ class RunDir:
         return self.checkpoints / self.PROBE
 
     @property
+    def probe_state(self) -> Path:
+        return self.checkpoints / self.PROBE_STATE
+
+    @property
     def tensorboard(self) -> Path:
         return self.path / self.TENSORBOARD
 
@@ -139,17 +148,24 @@ class RunDir:
     def best_checkpoint(self, setting: str) -> Path:
         """The checkpoint the run dir stands for: its best by val/acc, else its last.
 
-        The best is the one `last.ckpt` records; without it, the `best-epochNNN.ckpt` of the latest
-        epoch (file names order by epoch: zero-padded).
+        The best is the one `last.ckpt` records (an LP-FT run's may be its probe state); without it,
+        the `best-epochNNN.ckpt` of the latest epoch (file names order by epoch: zero-padded), else the
+        probe state of an LP-FT run stopped before its first epoch ended.
         """
         last = self.last
         best = recorded_best(last) if last.is_file() else None
         candidates = sorted(self.checkpoints.glob(self.BEST_PATTERN))
-        best = best or (candidates[-1] if candidates else None) or (last if last.is_file() else None)
+        probe_state = self.probe_state if self.probe_state.is_file() else None
+        best = (
+            best
+            or (candidates[-1] if candidates else None)
+            or probe_state
+            or (last if last.is_file() else None)
+        )
         if best is None:
             raise UserError(
-                f"{setting}={self.path} is a folder without checkpoints/best-*.ckpt or last.ckpt; "
-                f"give the run dir of a finished transferlab run or a checkpoint file"
+                f"{setting}={self.path} is a folder without checkpoints/best-*.ckpt or last.ckpt (nor an LP-FT "
+                f"{self.PROBE_STATE}); give the run dir of a finished transferlab run or a checkpoint file"
             )
         return best
 
@@ -276,7 +292,9 @@ def ensure_writable(folder: Path, setting: str = "hydra.run.dir") -> None:
 def checkpoint_path(ckpt_path: Any, output_dir: Path) -> Path | None:
     """`ckpt_path=last` -> this run dir's `checkpoints/last.ckpt`; a path must exist.
 
-    A run dir without last.ckpt that holds no run either, where a run was started (killed
+    An LP-FT run stopped after its probe stage, before its first epoch's save, has no last.ckpt but
+    its probe state (`probe-lbfgs.ckpt`, a checkpoint of 0 epochs): `last` resumes from that, so the
+    probe is not solved again. A run dir without either that holds no run either, where a run was started (killed
     before its first save ended), has nothing to resume: `last` then starts the run from
     the beginning (None). In a folder where nothing ran, `last` is most likely a mistyped
     run dir: refused.
@@ -288,6 +306,8 @@ def checkpoint_path(ckpt_path: Any, output_dir: Path) -> Path | None:
         last = run_dir.last
         if last.is_file():
             return last
+        if run_dir.probe_state.is_file():
+            return run_dir.probe_state
         if run_dir.holds_run():
             raise UserError(
                 f"ckpt_path=last but {last} does not exist, though {output_dir} holds a run (metrics.json or other "
