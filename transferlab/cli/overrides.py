@@ -23,8 +23,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from transferlab.config import compose, dotted_settings
-from transferlab.run.resume import ResumePlan, check_resume
-from transferlab.store.rundir import RunDir, ensure_writable, resumes
+from transferlab.run.resume import ResumePlan, check_resume, settings_as_it_ran
+from transferlab.store.rundir import RunDir, ensure_writable, resume_source, resumes
 from transferlab.utils.errors import UserError, first_line
 
 
@@ -272,6 +272,37 @@ def _check_default_outputs_writable() -> None:
 
 
 # ---- a resume in place, before Hydra ---------------------------------------------------------
+def settings_of_an_older_run(argv: Sequence[str]) -> list[str]:
+    """For a resume in place of a run recorded before some settings existed whose default now
+    differs from what it did (e.g. `mode.callback.train_bn` of lp_ft), the overrides that resume it
+    as it ran, said in one line; [] otherwise, or where the command line sets them itself."""
+    overrides = command_line_overrides(argv)
+    run_dir = overrides.get("hydra.run.dir")
+    if (
+        NO_JOB_FLAGS.intersection(argv)
+        or is_sweep(argv)
+        or not resumes(overrides.get("ckpt_path"))
+        or run_dir is None
+    ):
+        return []
+    args = hydra_args_parser().parse_args(list(argv))
+    try:
+        cfg = compose(args.config_name or "train", args.overrides)
+        source = resume_source(cfg.get("ckpt_path"), Path(run_dir))
+    except Exception:
+        return []  # the checks that follow (or Hydra) say what is wrong
+    if source is None or source.trained_config is None:
+        return []
+    added = {k: v for k, v in settings_as_it_ran(source.trained_config, cfg).items() if k not in overrides}
+    if added:
+        settings = " ".join(f"{key}={value}" for key, value in added.items())
+        print(
+            f"transferlab: {run_dir} was recorded before {', '.join(added)} existed; resuming as it ran: {settings}",
+            flush=True,
+        )
+    return [f"{key}={value}" for key, value in added.items()]
+
+
 def resume_plan_before_hydra(argv: Sequence[str]) -> ResumePlan | None:
     """The same checks as `check_resume`'s, for a resume in place, before Hydra writes anything.
 

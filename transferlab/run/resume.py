@@ -196,22 +196,28 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
     ]
 
 
-def _as_it_ran(saved: DictConfig, current: DictConfig) -> str:
-    """For a run recorded before some settings existed whose default now differs from what the run
-    did: ", and KEY=VALUE ... : the run was recorded before KEY existed", the overrides that resume it as it ran."""
+def settings_as_it_ran(saved: DictConfig, current: DictConfig) -> dict[str, str]:
+    """The settings added since `saved` was recorded whose value in `current` differs from what the
+    run did (ADDED_SETTINGS): key -> the override value that resumes it as it ran."""
     recorded, now = (
         _under_current_names(dotted_settings(OmegaConf.to_container(c, resolve=False)))
         for c in (saved, current)
     )
     before = _as_settings_are_now(dict(recorded))
-    missing = [
-        key
+    return {
+        key: _override_value(before[key])
         for key in ADDED_SETTINGS
         if key not in recorded and key in now and now[key] != before[key] and not _may_change(key)
-    ]
+    }
+
+
+def _as_it_ran(saved: DictConfig, current: DictConfig) -> str:
+    """For a run recorded before some settings existed whose default now differs from what the run
+    did: ", and KEY=VALUE ... : the run was recorded before KEY existed", the overrides that resume it as it ran."""
+    missing = settings_as_it_ran(saved, current)
     if not missing:
         return ""
-    overrides = " ".join(f"{key}={_override_value(before[key])}" for key in missing)
+    overrides = " ".join(f"{key}={value}" for key, value in missing.items())
     return f", and {overrides}: the run was recorded before {', '.join(missing)} existed"
 
 
