@@ -504,3 +504,22 @@ def test_rank_agreement_reports_the_weighted_tau_beside_tau_b(tmp_path):
     expected = weightedtau(list(logme.values()), list(accuracy.values())).statistic
     row = next(line for line in text.splitlines() if line.startswith("| **weighted tau"))
     assert row.split("|")[2].strip() == f"**{expected:+.2f}**"
+
+
+def test_arms_with_different_epochs_say_so(tmp_path):
+    """Issue 19: a comparison whose arms trained for different numbers of epochs says each arm's."""
+    for seed in (0, 1):
+        fake_run(tmp_path / "s" / f"{seed}_f", ["experiment=lite0_frozen"], {"test/acc": 0.5}, seed=seed)
+        fake_run(tmp_path / "s" / f"{seed}_t", ["experiment=lite0_finetune"], {"test/acc": 0.4}, seed=seed)
+    report.main([str(tmp_path / "s"), "--arms", "experiment", "--out", str(tmp_path / "r")])
+    paired = section((tmp_path / "r" / "report.md").read_text(), "Paired differences")
+    assert (
+        "trained for different numbers of epochs (`trainer.max_epochs`): lite0_frozen 30, lite0_finetune 8."
+        in paired
+    )
+
+    for seed in (0, 1):  # the same budget: nothing to say
+        fake_run(tmp_path / "e" / f"{seed}_f", ["mode=frozen"], {"test/acc": 0.5}, seed=seed)
+        fake_run(tmp_path / "e" / f"{seed}_t", ["mode=finetune"], {"test/acc": 0.4}, seed=seed)
+    report.main([str(tmp_path / "e"), "--out", str(tmp_path / "r2")])
+    assert "different numbers of epochs" not in (tmp_path / "r2" / "report.md").read_text()

@@ -35,6 +35,7 @@ class Analysis:
     paired: list[PairedRow]
     crossovers: list[CrossoverRow]
     arm_names: dict[str, str] = field(default_factory=dict)
+    arm_epochs: dict[str, list[str]] = field(default_factory=dict)  # each arm's trainer.max_epochs values
 
     @property
     def table_keys(self) -> list[str]:
@@ -73,7 +74,22 @@ def analyse(runs: list[Run], options: Options | None = None) -> Analysis:
         paired=paired_rows(pairing, runs, options),
         crossovers=crossover_rows(pairing, options.bootstrap_seed),
         arm_names=arm_names(runs, options.arms),
+        arm_epochs=arm_epochs(runs, options.arms),
     )
+
+
+def arm_epochs(runs: list[Run], arm: str) -> dict[str, list[str]]:
+    """Each arm's training budgets (`trainer.max_epochs`, resolved like any column), so that a
+    comparison whose arms trained for different numbers of epochs says so."""
+    budgets: dict[str, list[str]] = {}
+    for run in runs:
+        value = arm_value(run, arm)
+        if value is None:
+            continue
+        epochs = str(arm_value(run, "trainer.max_epochs"))
+        if epochs not in budgets.setdefault(str(value), []):
+            budgets[str(value)].append(epochs)
+    return budgets
 
 
 def arm_names(runs: list[Run], arm: str) -> dict[str, str]:

@@ -213,6 +213,10 @@ def paired_markdown(analysis: Analysis) -> str:
         f"uncorrected for multiple comparisons{_tests_count(analysis.paired)}.",
         "",
     ]
+    epochs = analysis.arm_epochs
+    if len({e for budgets in epochs.values() for e in budgets}) > 1:
+        each = ", ".join(f"{names.get(v, v)} {'/'.join(epochs[v])}" for v in pairing.arms if v in epochs)
+        lines += [f"The arms trained for different numbers of epochs (`trainer.max_epochs`): {each}.", ""]
     if analysis.paired:
         primary = _primary_metric(analysis.paired)
         lines += [f"- {verdict(row, names)}" for row in analysis.paired if row.metric == primary]
