@@ -58,7 +58,7 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     check_regularizer(cfg.get("regularizer"), mode, mode.starting_weights(weights))
     check_components(cfg.optimizer, cfg.get("scheduler"), cfg.head)
     check_learning_rate_ratios(cfg.model.backbone_lr_ratio, cfg.model.layer_decay)
-    check_label_smoothing(cfg.model.get("label_smoothing", 0.0))
+    check_label_smoothing(cfg.model.get("label_smoothing", 0.0), solved_by=None if mode.fits else mode.name)
     check_data_root(cfg.data)
     # After the mode's: a probe has nothing to resume, which says more than a missing last.ckpt.
     plan = check_resume(cfg, output_dir)

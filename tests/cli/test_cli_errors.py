@@ -175,6 +175,16 @@ IN_PROCESS_CASES = [
     ),
 ]
 DEGENERATE_IN_PROCESS = [
+    (
+        "label-smoothing-with-a-solve",
+        ["mode=linear_probe", "data.augment=false", "model.label_smoothing=0.3"],
+        "model.label_smoothing=0.3 with mode=linear_probe: the probe solves plain cross-entropy",
+    ),
+    (
+        "warmup-start-text",
+        ["scheduler=warmup_cosine", "scheduler.start_factor=abc", "trainer.max_epochs=2"],
+        "scheduler: start_factor='abc' must be in (0, 1]",
+    ),
     ("label-smoothing-one", ["model.label_smoothing=1"], "model.label_smoothing=1 must be in [0, 1)"),
     (
         "label-smoothing-negative",

@@ -312,3 +312,22 @@ def test_bad_selection_input_is_one_line_exit_2_and_nothing_written(
     assert len(lines) == 1 and lines[0].startswith(f"transferlab: error: {message}"), lines
     assert not out.exists()
     assert not list(bad_sweep.glob("selected.*")) and not (bad_sweep / "report.md").exists()
+
+
+def test_a_report_without_select_by_removes_an_earlier_choice(tmp_path):
+    """selected.csv/.md of an earlier report chose among other numbers: they must not linger."""
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        for i, lr in enumerate((0.01, 0.02)):
+            fake_run(
+                sweep / f"{seed}{i}",
+                ["backbone=cnn_small", f"optimizer.lr={lr}"],
+                {"val/acc_best": 0.5 + i / 10, "test/acc": 0.4},
+                seed=seed,
+            )
+    report.main(
+        [str(sweep), "--select-by", "val/acc_best", "--per", "backbone", "--out", str(tmp_path / "r")]
+    )
+    assert (tmp_path / "r" / "selected.csv").is_file() and (tmp_path / "r" / "selected.md").is_file()
+    report.main([str(sweep), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r" / "selected.csv").exists() and not (tmp_path / "r" / "selected.md").exists()

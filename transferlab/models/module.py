@@ -268,8 +268,9 @@ class TransferModule(L.LightningModule):
         )
 
 
-def check_label_smoothing(label_smoothing: Any) -> None:
-    """model.label_smoothing (conf/model/transfer.yaml); also checked before any data is read."""
+def check_label_smoothing(label_smoothing: Any, solved_by: str | None = None) -> None:
+    """model.label_smoothing (conf/model/transfer.yaml); also checked before any data is read.
+    `solved_by`: the mode whose head is solved instead of trained (it has no training loss to smooth)."""
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise UserError(
             f"model.label_smoothing={label_smoothing!r} must be a number in [0, 1) (0.1 is usual; 0: none)"
@@ -278,6 +279,11 @@ def check_label_smoothing(label_smoothing: Any) -> None:
         raise UserError(
             f"model.label_smoothing={label_smoothing} must be in [0, 1) (0.1 is usual; 0: none): at 1 the "
             f"targets carry no label"
+        )
+    if label_smoothing and solved_by is not None:
+        raise UserError(
+            f"model.label_smoothing={label_smoothing} with mode={solved_by}: the probe solves plain cross-entropy "
+            f"(its L2 chosen on validation) and trains no epoch; use model.label_smoothing=0"
         )
 
 

@@ -38,7 +38,11 @@ class WarmupCosine(LRScheduler):
                 f"warmup_epochs={warmup_epochs} leaves no epoch of decay in T_max={T_max}; "
                 f"set scheduler.warmup_epochs<{T_max} or raise trainer.max_epochs"
             )
-        if isinstance(start_factor, bool) or not 0 < float(start_factor) <= 1:
+        if (
+            isinstance(start_factor, bool)
+            or not isinstance(start_factor, (int, float))
+            or not 0 < start_factor <= 1
+        ):
             raise ValueError(
                 f"start_factor={start_factor!r} must be in (0, 1]: the first epoch's share of the rate"
             )

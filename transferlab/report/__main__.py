@@ -9,7 +9,7 @@ from pathlib import Path
 from transferlab.report.agreement import write_agreement
 from transferlab.report.analysis import check_arm
 from transferlab.report.compare import DEFAULT_ARM, set_apart
-from transferlab.report.output import write_report, write_selection
+from transferlab.report.output import remove_stale_selection, write_report, write_selection
 from transferlab.report.runs import (
     UnfinishedJob,
     find_jobs,
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         if selection:
             written.update(write_selection(selection, out_dir))
             print("\n".join(choice_lines(selection)), flush=True)
+        else:
+            remove_stale_selection(out_dir)  # an earlier report's choice must not stand beside these runs
         if args.rank:
             written["rank_agreement"], agreement_text = write_agreement(args.rank, runs, out_dir)
             print(agreement_text, flush=True)

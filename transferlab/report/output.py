@@ -66,6 +66,13 @@ def write_selection(selection: Selection, out_dir: Path) -> dict[str, Path]:
     return written
 
 
+def remove_stale_selection(out_dir: Path) -> None:
+    """A report without --select-by: selected.csv/.md of an earlier report, which chose among other
+    runs (or other numbers), must not linger beside this one."""
+    for name in (SELECTED_CSV, SELECTED_MD):
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
 def check_writable(out_dir: Path) -> None:
     """Create `out_dir` if needed and write (then remove) a probe file in it: a read-only mount,
     a folder without permission or a full disk is one line naming --out, not a traceback."""
