@@ -20,9 +20,8 @@ from omegaconf import DictConfig
 from transferlab.build import build, check_config
 from transferlab.cli.overrides import (
     check_command_line,
+    resume_before_hydra,
     resume_overrides,
-    resume_plan_before_hydra,
-    settings_of_an_older_run,
 )
 from transferlab.cli.sweeps import exit_if_jobs_failed, job_failures_handled
 from transferlab.config import config_dir
@@ -47,8 +46,8 @@ def main(cfg: DictConfig | None = None) -> float | None:
         # Before Hydra: it saves .hydra/config.yaml into the run dir before `run` could refuse it.
         with user_errors_as_one_line():
             check_command_line(argv)
-            argv += settings_of_an_older_run(argv)  # an older run resumes as it ran
-            plan = resume_plan_before_hydra(argv)
+            added, plan = resume_before_hydra(argv)
+            argv += added  # an older run resumes as it ran
         if plan is not None and plan.nothing_to_do:
             print(f"transferlab: {plan.describe()}", flush=True)  # and Hydra never starts: nothing written
             return None

@@ -272,25 +272,43 @@ def _check_default_outputs_writable() -> None:
 
 
 # ---- a resume in place, before Hydra ---------------------------------------------------------
-def settings_of_an_older_run(argv: Sequence[str]) -> list[str]:
-    """For a resume in place of a run recorded before some settings existed whose default now
-    differs from what it did (e.g. `mode.callback.train_bn` of lp_ft), the overrides that resume it
-    as it ran, said in one line; [] otherwise, or where the command line sets them itself."""
+def resume_before_hydra(argv: Sequence[str]) -> tuple[list[str], ResumePlan | None]:
+    """For a resume in place, before Hydra writes anything: the overrides that resume an older run as
+    it ran, and the same checks as `check_resume`'s (the config composed once for both).
+
+    Hydra appends to the run's log and saves the command's config before `run()` starts; a
+    refused resume, or a finished run resumed with nothing to do, must leave the run dir as
+    it was. ([], None) when this is no resume in place (or the config does not compose: Hydra
+    then reports that itself).
+    """
+    if NO_JOB_FLAGS.intersection(argv) or is_sweep(argv):
+        return [], None
     overrides = command_line_overrides(argv)
     run_dir = overrides.get("hydra.run.dir")
-    if (
-        NO_JOB_FLAGS.intersection(argv)
-        or is_sweep(argv)
-        or not resumes(overrides.get("ckpt_path"))
-        or run_dir is None
-    ):
-        return []
+    if not resumes(overrides.get("ckpt_path")) or run_dir is None:
+        return [], None
     args = hydra_args_parser().parse_args(list(argv))
+    name = args.config_name or "train"
     try:
-        cfg = compose(args.config_name or "train", args.overrides)
-        source = resume_source(cfg.get("ckpt_path"), Path(run_dir))
+        cfg = compose(name, args.overrides)
     except Exception:
-        return []  # the checks that follow (or Hydra) say what is wrong
+        return [], None
+    added = _settings_of_an_older_run(cfg, overrides, Path(run_dir))
+    if added:
+        cfg = compose(name, [*args.overrides, *added])  # composed before with these settings' defaults
+    if RunDir(run_dir).saved_config() is None:
+        return added, None  # (a ckpt_path set in a config file is still checked in `run`)
+    return added, check_resume(cfg, Path(run_dir))
+
+
+def _settings_of_an_older_run(cfg: DictConfig, overrides: dict, run_dir: Path) -> list[str]:
+    """For a run recorded before some settings existed whose default now differs from what it did
+    (e.g. `mode.callback.train_bn` of lp_ft), the overrides that resume it as it ran, said in one
+    line; [] otherwise, or where the command line sets them itself."""
+    try:
+        source = resume_source(cfg.get("ckpt_path"), run_dir)
+    except Exception:
+        return []  # check_resume says what is wrong
     if source is None or source.trained_config is None:
         return []
     added = {k: v for k, v in settings_as_it_ran(source.trained_config, cfg).items() if k not in overrides}
@@ -301,28 +319,6 @@ def settings_of_an_older_run(argv: Sequence[str]) -> list[str]:
             flush=True,
         )
     return [f"{key}={value}" for key, value in added.items()]
-
-
-def resume_plan_before_hydra(argv: Sequence[str]) -> ResumePlan | None:
-    """The same checks as `check_resume`'s, for a resume in place, before Hydra writes anything.
-
-    Hydra appends to the run's log and saves the command's config before `run()` starts; a
-    refused resume, or a finished run resumed with nothing to do, must leave the run dir as
-    it was. None when this is no resume in place (or the config does not compose: Hydra
-    then reports that itself).
-    """
-    if NO_JOB_FLAGS.intersection(argv) or is_sweep(argv):
-        return None
-    overrides = command_line_overrides(argv)
-    run_dir = overrides.get("hydra.run.dir")
-    if not resumes(overrides.get("ckpt_path")) or run_dir is None or RunDir(run_dir).saved_config() is None:
-        return None  # (a ckpt_path set in a config file is still checked in `run`)
-    args = hydra_args_parser().parse_args(list(argv))
-    try:
-        cfg = compose(args.config_name or "train", args.overrides)
-    except Exception:
-        return None
-    return check_resume(cfg, Path(run_dir))
 
 
 def resume_overrides(argv: Sequence[str]) -> list[str]:

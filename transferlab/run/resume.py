@@ -3,7 +3,7 @@
 A resume must repeat the run's settings: the config the checkpoint was trained with is the
 reference, and only settings that change no trained number (RESUME_MAY_CHANGE) may differ;
 `trainer.max_epochs` may only be raised. The checks run twice with the same code: before
-Hydra for a resume in place (`cli.overrides.resume_plan_before_hydra`: a refused resume must
+Hydra for a resume in place (`cli.overrides.resume_before_hydra`: a refused resume must
 leave the run dir as it was) and in `build.check_config` on the composed config (`check_resume`).
 """
 
