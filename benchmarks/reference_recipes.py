@@ -104,7 +104,9 @@ def lite0_backbone(pretrained: bool) -> tuple[nn.Module, int]:
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, size: int, batch: int = 250) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(prepare(images[i : i + batch], size)).argmax(1) for i in range(0, len(images), batch)])
+    return torch.cat(
+        [model(prepare(images[i : i + batch], size)).argmax(1) for i in range(0, len(images), batch)]
+    )
 
 
 @torch.no_grad()
@@ -133,7 +135,9 @@ def plain_train(arm, train_x, train_y, test_x, test_y, size, epochs, seed) -> fl
     torch.manual_seed(seed)
     backbone, width = lite0_backbone(pretrained=arm == "finetune")
     model = Net(backbone, width, 10).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=PLAIN[arm]["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=PLAIN[arm]["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
     steps = epochs * math.ceil(len(train_x) / 32)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PLAIN[arm]["lr"], total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
@@ -143,7 +147,9 @@ def plain_train(arm, train_x, train_y, test_x, test_y, size, epochs, seed) -> fl
             if len(idx) < 2:  # BatchNorm needs two images
                 continue
             opt.zero_grad()
-            loss = F.cross_entropy(model(prepare(augment(train_x[idx], gen), size)), train_y[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(
+                model(prepare(augment(train_x[idx], gen), size)), train_y[idx], label_smoothing=0.1
+            )
             loss.backward()
             opt.step()
             sched.step()
@@ -171,7 +177,9 @@ def mean_std(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", required=True, type=Path, help="folder that holds cifar-10-batches-py/")
     parser.add_argument("--arms", nargs="+", default=["frozen", "finetune", "scratch"], choices=list(PLAIN))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -187,7 +195,9 @@ def main() -> None:
     for arm in args.arms:
         project, plain, epochs = [], [], set()
         for seed in args.seeds:
-            acc, indices, ran = project_run(arm, args.root, args.out, args.per_class, args.image_size, seed, args.extra)
+            acc, indices, ran = project_run(
+                arm, args.root, args.out, args.per_class, args.image_size, seed, args.extra
+            )
             idx = torch.tensor(indices)
             x, y = train_x[idx], train_y[idx]
             if arm == "frozen":
@@ -197,7 +207,10 @@ def main() -> None:
             project.append(acc)
             plain.append(ref)
             epochs.add(ran)
-            print(f"{arm} seed {seed}: project {100 * acc:.1f}%, plain {100 * ref:.1f}% ({ran} epochs)", flush=True)
+            print(
+                f"{arm} seed {seed}: project {100 * acc:.1f}%, plain {100 * ref:.1f}% ({ran} epochs)",
+                flush=True,
+            )
         diff = 100 * (statistics.mean(project) - statistics.mean(plain))
         rows.append((arm, mean_std(project), mean_std(plain), diff, sorted(epochs)))
     print(
