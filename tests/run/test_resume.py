@@ -538,3 +538,83 @@ def test_a_checkpoint_from_before_the_layout_move_still_resumes(mode, tmp_path):
     assert config_changes(OmegaConf.create(before), current) == []
     other = compose_config(["mode=frozen" if mode != "frozen" else "mode=finetune"], tmp_path)
     assert any(change.startswith("mode.") for change in config_changes(OmegaConf.create(before), other))
+
+
+def test_the_settings_a_changed_preset_had_are_put_back_with_group_options_found_by_target(tmp_path):
+    """The lite0 presets chose new recipes on validation (issue 19): a run recorded with the old
+    values must resume as it was recorded, a group (scheduler) by the option whose _target_ it set."""
+    from conftest import compose_config
+
+    from transferlab.run.resume import config_changes, settings_of_changed_presets
+
+    base = ["backbone=cnn_small"]
+    recorded = compose_config(
+        [*base, "scheduler=warmup_cosine", "optimizer.lr=0.05", "data.augment=true"], tmp_path
+    )
+    back = settings_of_changed_presets(recorded, lambda extra: compose_config([*base, *extra], tmp_path), [])
+    assert back == ["scheduler=warmup_cosine", "++data.augment=true", "++optimizer.lr=0.05"]
+    assert config_changes(recorded, compose_config([*base, *back], tmp_path)) == []
+    # nothing changed: nothing to put back
+    assert (
+        settings_of_changed_presets(
+            recorded, lambda extra: compose_config([*base, *back, *extra], tmp_path), []
+        )
+        == []
+    )
+
+
+def test_a_changed_preset_whose_group_option_no_longer_exists_is_not_guessed(tmp_path):
+    from conftest import compose_config
+    from omegaconf import OmegaConf, open_dict
+
+    from transferlab.run.resume import settings_of_changed_presets
+
+    recorded = compose_config(["backbone=cnn_small"], tmp_path)
+    with open_dict(recorded):
+        recorded.scheduler = OmegaConf.create({"_target_": "some.removed.Schedule", "_partial_": True})
+    assert (
+        settings_of_changed_presets(
+            recorded, lambda extra: compose_config(["backbone=cnn_small", *extra], tmp_path), []
+        )
+        is None
+    )
+
+
+def test_a_run_whose_preset_changed_since_resumes_as_recorded_with_its_own_command(
+    finished, torch_home, tmp_path
+):
+    """A run made with other preset values (here: its recorded config and checkpoint edited to say
+    optimizer.lr=0.02 and scheduler=warmup_cosine, as a preset of that time would have set them)
+    resumed with the very overrides it was started with: it says so in one line and trains on with
+    the recorded settings; with a changed override it is compared as it is, and refused."""
+    from omegaconf import OmegaConf
+
+    from transferlab.store.rundir import RunDir
+
+    source, args = finished
+    run = RunDir(tmp_path / "run")
+    subprocess.run(["cp", "-r", str(source), str(run.path)], check=True)
+    args = [a for a in args if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={run.path}"]
+    warmup = {"_target_": "transferlab.models.schedules.WarmupCosine", "_partial_": True,
+              "T_max": "${trainer.max_epochs}", "warmup_epochs": 1, "start_factor": 0.1}  # fmt: skip
+    for ckpt in run.path.glob("checkpoints/*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state["transferlab"]["config"]["optimizer"]["lr"] = 0.02
+        state["transferlab"]["config"]["scheduler"] = dict(warmup)
+        torch.save(state, ckpt)
+    config = OmegaConf.load(run.config)
+    config.optimizer.lr, config.scheduler = 0.02, OmegaConf.create(warmup)
+    OmegaConf.save(config, run.config)
+
+    other = cli([*args, "optimizer.lr=0.03", "ckpt_path=last", "trainer.max_epochs=3"], tmp_path, torch_home)
+    assert other.returncode == 2 and "optimizer.lr (0.02 -> 0.03)" in one_line(other)
+
+    resumed = cli([*args, "ckpt_path=last", "trainer.max_epochs=3"], tmp_path, torch_home)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (
+        f"transferlab: the presets or defaults {run.path} was started with have changed since; resuming with the "
+        "settings it was recorded with: scheduler=warmup_cosine ++optimizer.lr=0.02" in resumed.stdout
+    )
+    (resume_config,) = run.path.glob(".hydra/resume-*/config.yaml")
+    assert OmegaConf.load(resume_config).optimizer.lr == 0.02
+    assert json.loads(run.metrics.read_text())["epochs"] == 3

@@ -23,7 +23,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from transferlab.config import compose, dotted_settings
-from transferlab.run.resume import ResumePlan, check_resume, settings_as_it_ran
+from transferlab.run.resume import (
+    ResumePlan,
+    check_resume,
+    may_change_on_resume,
+    settings_as_it_ran,
+    settings_of_changed_presets,
+)
 from transferlab.store.rundir import RunDir, ensure_writable, resume_source, resumes
 from transferlab.utils.errors import UserError, first_line
 
@@ -296,6 +302,10 @@ def resume_before_hydra(argv: Sequence[str]) -> tuple[list[str], ResumePlan | No
     added = _settings_of_an_older_run(cfg, overrides, Path(run_dir))
     if added:
         cfg = compose(name, [*args.overrides, *added])  # composed before with these settings' defaults
+    changed = _presets_as_they_were(name, args.overrides, added, Path(run_dir), overrides.get("ckpt_path"))
+    if changed:
+        added += changed
+        cfg = compose(name, [*args.overrides, *added])
     if RunDir(run_dir).saved_config() is None:
         return added, None  # (a ckpt_path set in a config file is still checked in `run`)
     return added, check_resume(cfg, Path(run_dir))
@@ -319,6 +329,47 @@ def _settings_of_an_older_run(cfg: DictConfig, overrides: dict, run_dir: Path) -
             flush=True,
         )
     return [f"{key}={value}" for key, value in added.items()]
+
+
+def _presets_as_they_were(
+    name: str, command: list[str], added: list[str], run_dir: Path, ckpt_path: str | None
+) -> list[str]:
+    """A run resumed with the very overrides it was started with (`.hydra/overrides.yaml`; settings
+    a resume may change aside) whose presets or defaults changed since: the overrides that resume it
+    with the settings it was recorded with, said in one line; [] otherwise (a resume with other
+    overrides is compared as it is, and refused where it changes the experiment)."""
+    recorded_file = RunDir(run_dir).overrides
+    try:
+        recorded = [str(x) for x in OmegaConf.load(recorded_file)] if recorded_file.is_file() else None
+    except Exception:
+        return []
+    if recorded is None or _task_settings(recorded) != _task_settings(command):
+        return []
+    try:
+        source = resume_source(ckpt_path, run_dir)
+    except Exception:
+        return []
+    if source is None or source.trained_config is None:
+        return []
+    putting_back = settings_of_changed_presets(
+        source.trained_config, lambda extra: compose(name, [*command, *added, *extra]), []
+    )
+    if putting_back:
+        print(
+            f"transferlab: the presets or defaults {run_dir} was started with have changed since; resuming with "
+            f"the settings it was recorded with: {' '.join(putting_back)}",
+            flush=True,
+        )
+    return putting_back or []
+
+
+def _task_settings(overrides: Sequence[str]) -> dict[str, str | None]:
+    """key -> value of the overrides that define the experiment (what a resume may change left out)."""
+    return {
+        key: value
+        for key, value in command_line_overrides(overrides).items()
+        if not key.startswith("hydra.") and not may_change_on_resume(key)
+    }
 
 
 def resume_overrides(argv: Sequence[str]) -> list[str]:

@@ -9,14 +9,15 @@ leave the run dir as it was) and in `build.check_config` on the composed config 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.config import dotted_settings
+from transferlab.config import config_dir, dotted_settings
 from transferlab.methods.modes import facts_before_they_were_stated
 from transferlab.models.architecture import current_target
 from transferlab.store.rundir import ResumeSource, RunDir, resume_source
@@ -211,6 +212,65 @@ def settings_as_it_ran(saved: DictConfig, current: DictConfig) -> dict[str, str]
     }
 
 
+def settings_of_changed_presets(
+    saved: DictConfig, compose_with: Callable[[list[str]], DictConfig], overrides: list[str]
+) -> list[str] | None:
+    """For a run resumed with the command line it was started with, whose presets or defaults have
+    changed since (the lite0 recipes chose new values on validation): the overrides that put back
+    what it was recorded with, checked by composing them; None when no override can (then the
+    resume is refused as any other mismatch). Group options are found by the `_target_` they set."""
+    added: list[str] = []
+    for _ in range(2):  # groups first (they bring their own keys), then the leaves left
+        changed = _changed_settings(saved, compose_with([*overrides, *added]))
+        if not changed:
+            return added
+        groups = {key.rsplit(".", 1)[0] for key, _ in changed if key.endswith("._target_")}
+        if groups:
+            options = [_group_option(group, target) for group, target in _recorded_targets(saved, groups)]
+            if None in options:
+                return None
+            added += options
+            continue
+        added += [_override_putting_back(key, value) for key, value in changed]
+    return added if not _changed_settings(saved, compose_with([*overrides, *added])) else None
+
+
+def _changed_settings(saved: DictConfig, current: DictConfig) -> list[tuple[str, Any]]:
+    """(key, recorded value or _ABSENT) for each setting that differs outside RESUME_MAY_CHANGE."""
+    before, after = (
+        _as_settings_are_now(dotted_settings(OmegaConf.to_container(c, resolve=False)))
+        for c in (saved, current)
+    )
+    return [
+        (key, before.get(key, _ABSENT))
+        for key in sorted(set(before) | set(after))
+        if before.get(key, _ABSENT) != after.get(key, _ABSENT) and not _may_change(key)
+    ]
+
+
+def _recorded_targets(saved: DictConfig, groups: set[str]) -> list[tuple[str, Any]]:
+    settings = dotted_settings(OmegaConf.to_container(saved, resolve=False))
+    return [(group, settings.get(f"{group}._target_")) for group in sorted(groups)]
+
+
+def _group_option(group: str, target: Any) -> str | None:
+    """`group=option` for the option of conf/<group>/ whose `_target_` is `target` (one, else None)."""
+    folder = config_dir() / group
+    if "." in group or not folder.is_dir():
+        return None
+    found = [f.stem for f in sorted(folder.glob("*.yaml")) if OmegaConf.load(f).get("_target_") == target]
+    return f"{group}={found[0]}" if len(found) == 1 else None
+
+
+def _override_putting_back(key: str, value: Any) -> str:
+    if value is _ABSENT:
+        return f"~{key}"
+    text = "null" if value is None else _override_value(value)
+    if isinstance(value, str) and not re.fullmatch(r"[\w.:/${}-]+", value):
+        text = "'" + value.replace("'", "\\'") + "'"
+    return f"++{key}={text}"
+
+
 def _as_it_ran(saved: DictConfig, current: DictConfig) -> str:
     """For a run recorded before some settings existed whose default now differs from what the run
     did: ", and KEY=VALUE ... : the run was recorded before KEY existed", the overrides that resume it as it ran."""
@@ -249,6 +309,11 @@ def _under_current_names(settings: dict[str, Any]) -> dict[str, Any]:
 
 # ---- helpers ---------------------------------------------------------------------------------
 _ABSENT = object()
+
+
+def may_change_on_resume(key: str) -> bool:
+    """A setting a resume may change (RESUME_MAY_CHANGE, and trainer.max_epochs, which it may raise)."""
+    return _may_change(key)
 
 
 def _may_change(key: str) -> bool:
