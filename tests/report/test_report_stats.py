@@ -327,7 +327,7 @@ def test_runs_without_a_partner_are_listed_not_failed(tmp_path, capsys):
     assert "2 runs have no partner" in unpaired
     assert "| 2 | mode=finetune | no run of another mode has seed=5 and data.fewshot.seed=5 |" in unpaired
     assert (
-        "| 3 | mode=finetune | differs from 0 (mode=frozen, same seeds) in optimizer.lr (0.1 vs 0.003) |"
+        "| 3 | mode=finetune | differs from 0 (mode=frozen, same seeds) in optimizer.lr (0.1 vs 0.001) |"
         in unpaired
     )
     assert [r["n_pairs"] for r in read_csv(tmp_path / "sweep" / "paired.csv")] == ["1"]
