@@ -35,9 +35,9 @@ def nonempty_lines(text: str) -> list[str]:
 # (temp file name, whether the next write into its folder removes it)
 LEFTOVERS = [
     (f".last.ckpt.tmp-{DEAD_PID}", True),  # older name, without the host: judged as this host's
-    (f".last.ckpt.tmp-{DEAD_PID}@{files._host()}", True),
-    (f".abc.pt.tmp-{DEAD_PID}@{files._host()}", True),  # feature cache files share the rule
-    (f".last.ckpt.tmp-{os.getppid()}@{files._host()}", False),  # its writer is alive (our parent)
+    (f".last.ckpt.tmp-{DEAD_PID}@{files.host_name()}", True),
+    (f".abc.pt.tmp-{DEAD_PID}@{files.host_name()}", True),  # feature cache files share the rule
+    (f".last.ckpt.tmp-{os.getppid()}@{files.host_name()}", False),  # its writer is alive (our parent)
     (f".last.ckpt.tmp-{DEAD_PID}@another-machine", False),  # a shared folder: that pid means nothing here
     (".hidden-note", False),  # not a temporary file of ours
     ("notes.tmp-123", False),
