@@ -87,6 +87,7 @@ def test_unwritable_cache_folder_is_refused_before_extraction(cifar10_root, torc
     )
     assert "computing the backbone features" not in result.stdout
     assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not RunDir(tmp_path / "run").lock.exists()  # refused after Hydra started: released on the way out
 
 
 def _no_extraction(*args, **kwargs):
@@ -243,6 +244,7 @@ def test_a_full_run_dir_at_the_checkpoint_save_is_one_line(cifar10_root, torch_h
         "(No space left on device); free space (or choose another hydra.run.dir) and resume with ckpt_path=last"
     )
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    assert not RunDir(run_dir).lock.exists()  # a UserError mid-run releases the run dir
 
 
 @pytest.mark.parametrize(
