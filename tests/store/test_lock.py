@@ -126,6 +126,20 @@ def test_a_folder_that_acquire_created_goes_again_when_nothing_else_was_written(
     assert list((tmp_path / "empty").iterdir()) == []  # nothing written: no kind recorded either
 
 
+def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def full(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(L, "_create_exclusively", full)
+    with pytest.raises(
+        UserError, match=r"cannot write .*\.transferlab\.lock \(No space left on device\); set hydra.run.dir"
+    ):
+        L.owned(tmp_path / "run", L.TRAIN).__enter__()
+    assert list(tmp_path.iterdir()) == [] and L._HELD == {}
+
+
 # ---- a live owner is refused, in one line, and nothing changes ----------------------------------
 def test_a_folder_owned_by_a_live_process_is_refused_and_left_as_it_was(tmp_path):
     folder = a_training_run(tmp_path / "run")

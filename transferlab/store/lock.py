@@ -131,6 +131,12 @@ class RunDirLock:
                 self._refuse_other_kind()
                 self._take()
             self._record_kind()
+        except OSError as e:  # a full or read-only folder
+            self._give_up()
+            raise UserError(
+                f"cannot write {self.path} ({e.strerror or type(e).__name__}); set {self.setting} to a "
+                "writable folder"
+            ) from None
         except BaseException:
             self._give_up()
             raise
