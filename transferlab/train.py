@@ -22,6 +22,7 @@ from transferlab.cli.overrides import (
     check_command_line,
     resume_before_hydra,
     resume_overrides,
+    run_dir_owned_before_hydra,
 )
 from transferlab.cli.sweeps import exit_if_jobs_failed, job_failures_handled
 from transferlab.config import config_dir
@@ -32,6 +33,7 @@ from transferlab.run.fit import fit_or_solve
 from transferlab.run.hparams import log_hyperparameters
 from transferlab.run.interrupts import ctrl_c_reported
 from transferlab.run.results import optimized_metric, write_results
+from transferlab.store.lock import TRAIN, owned
 from transferlab.utils.errors import full_tracebacks_when_debugging, user_errors_as_one_line
 from transferlab.utils.quietlogs import quiet_third_party, route_lightning_logs_through_root
 
@@ -52,11 +54,13 @@ def main(cfg: DictConfig | None = None) -> float | None:
             print(f"transferlab: {plan.describe()}", flush=True)  # and Hydra never starts: nothing written
             return None
         sys.argv = [sys.argv[0], *argv, *resume_overrides(argv)]
-        try:
-            result = hydra_main(cfg)
-        except SystemExit:
-            exit_if_jobs_failed()  # a sweeper that gave up (Hydra printed why): still name the failed jobs
-            raise
+        # One owner of the run dir, taken before Hydra writes .hydra/ into it (store.lock).
+        with run_dir_owned_before_hydra(argv, TRAIN):
+            try:
+                result = hydra_main(cfg)
+            except SystemExit:
+                exit_if_jobs_failed()  # a sweeper that gave up (Hydra printed why): still name the failed jobs
+                raise
         exit_if_jobs_failed()  # after a sweep (-m): one summary line, exit 1
         return result
     return hydra_main(cfg)
@@ -65,7 +69,14 @@ def main(cfg: DictConfig | None = None) -> float | None:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
-        with job_failures_handled():  # in a sweep, a failed job is recorded in its folder; the other jobs run
+        # The job's run dir, owned from the job's start: a single run named on the command line owns
+        # it since before Hydra (this is the same lock); the default run dir and each job of a sweep
+        # (-m) only from here, after Hydra has written the job's .hydra/ (and opened its log). Two
+        # sweeps into one hydra.sweep.dir started together can still overwrite each other's .hydra/
+        # before the second is refused here (one line, exit 2, the sweep ends: its other jobs would
+        # collide too); a sweep dir whose jobs are being written is refused before Hydra.
+        # Inside it, in a sweep, a failed job is recorded in its folder and the other jobs run.
+        with user_errors_as_one_line(), owned(cfg.paths.output_dir, TRAIN), job_failures_handled():
             return run(cfg)
         return None  # a sweep's failed job (recorded)
     finally:

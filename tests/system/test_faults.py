@@ -35,9 +35,9 @@ def nonempty_lines(text: str) -> list[str]:
 # (temp file name, whether the next write into its folder removes it)
 LEFTOVERS = [
     (f".last.ckpt.tmp-{DEAD_PID}", True),  # older name, without the host: judged as this host's
-    (f".last.ckpt.tmp-{DEAD_PID}@{files._host()}", True),
-    (f".abc.pt.tmp-{DEAD_PID}@{files._host()}", True),  # feature cache files share the rule
-    (f".last.ckpt.tmp-{os.getppid()}@{files._host()}", False),  # its writer is alive (our parent)
+    (f".last.ckpt.tmp-{DEAD_PID}@{files.host_name()}", True),
+    (f".abc.pt.tmp-{DEAD_PID}@{files.host_name()}", True),  # feature cache files share the rule
+    (f".last.ckpt.tmp-{os.getppid()}@{files.host_name()}", False),  # its writer is alive (our parent)
     (f".last.ckpt.tmp-{DEAD_PID}@another-machine", False),  # a shared folder: that pid means nothing here
     (".hidden-note", False),  # not a temporary file of ours
     ("notes.tmp-123", False),
@@ -87,6 +87,7 @@ def test_unwritable_cache_folder_is_refused_before_extraction(cifar10_root, torc
     )
     assert "computing the backbone features" not in result.stdout
     assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not RunDir(tmp_path / "run").lock.exists()  # refused after Hydra started: released on the way out
 
 
 def _no_extraction(*args, **kwargs):
@@ -243,6 +244,7 @@ def test_a_full_run_dir_at_the_checkpoint_save_is_one_line(cifar10_root, torch_h
         "(No space left on device); free space (or choose another hydra.run.dir) and resume with ckpt_path=last"
     )
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    assert not RunDir(run_dir).lock.exists()  # a UserError mid-run releases the run dir
 
 
 @pytest.mark.parametrize(

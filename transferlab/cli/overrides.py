@@ -12,9 +12,10 @@ from __future__ import annotations
 import difflib
 import os
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from hydra._internal.utils import get_args_parser as _hydra_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -30,8 +31,9 @@ from transferlab.run.resume import (
     settings_as_it_ran,
     settings_of_changed_presets,
 )
+from transferlab.store.lock import TRAIN, RunDirLock, check_owner, describe, live_owner
 from transferlab.store.rundir import RunDir, ensure_writable, resume_source, resumes
-from transferlab.utils.errors import UserError, first_line
+from transferlab.utils.errors import UserError, first_line, user_errors_as_one_line
 
 
 def hydra_args_parser():
@@ -59,8 +61,9 @@ NO_JOB_FLAGS = {
 
 
 def check_command_line(argv: Sequence[str]) -> None:
-    """Refuse overrides that do not compose, and a run dir that cannot be written or already
-    holds a run (unless resuming)."""
+    """Refuse overrides that do not compose, and a run dir that cannot be written, that another
+    command is writing, that another kind of command made, or that already holds a run (unless
+    resuming)."""
     check_flags_before_overrides(argv)
     if NO_JOB_FLAGS.intersection(argv):
         return
@@ -81,6 +84,7 @@ def check_command_line(argv: Sequence[str]) -> None:
     elif "${" not in run_dir:  # an interpolation is only known once Hydra resolves it
         _check_creatable(Path(run_dir), "hydra.run.dir")
         if Path(run_dir).is_dir():
+            check_owner(Path(run_dir), TRAIN)  # first: a running command is why the folder looks as it does
             RunDir(run_dir).check_writable(resuming)
 
 
@@ -237,11 +241,14 @@ def _check_sweep_dir(sweep_dir: str | None, resuming: bool) -> None:
         return  # the default sweep dir is new for every command (it ends in microseconds)
     folder = Path(sweep_dir)
     _check_creatable(folder, "hydra.sweep.dir")
-    if (
-        folder.is_dir()
-        and not resuming
-        and any(RunDir(job).holds_run() for job in folder.iterdir() if job.is_dir())
-    ):
+    jobs = sorted(job for job in folder.iterdir() if job.is_dir()) if folder.is_dir() else []
+    busy = next(((job, owner) for job in jobs if (owner := live_owner(job)) is not None), None)
+    if busy is not None:
+        raise UserError(
+            f"hydra.sweep.dir={folder} is in use: its job {busy[0].name} is being written by {describe(busy[1])}; "
+            "wait for that sweep to end, or pick a new hydra.sweep.dir (nothing was changed)"
+        )
+    if not resuming and any(RunDir(job).holds_run() for job in jobs):
         raise UserError(f"hydra.sweep.dir={folder} already holds runs; pick a new hydra.sweep.dir")
 
 
@@ -275,6 +282,34 @@ def _check_default_outputs_writable() -> None:
         raise UserError(
             f"{existing} is not writable, so the run cannot save its outputs there; run from a writable folder or set hydra.run.dir"
         )
+
+
+# ---- the run dir's owner, before Hydra -------------------------------------------------------
+def run_dir_before_hydra(argv: Sequence[str]) -> Path | None:
+    """The run dir a single run names on the command line (hydra.run.dir); None for a sweep, a
+    command that runs no job, the default run dir or one with an interpolation (known only to Hydra)."""
+    if NO_JOB_FLAGS.intersection(argv) or is_sweep(argv):
+        return None
+    run_dir = command_line_overrides(argv).get("hydra.run.dir")
+    return None if run_dir is None or "${" in run_dir else Path(run_dir)
+
+
+@contextmanager
+def run_dir_owned_before_hydra(argv: Sequence[str], command: str = TRAIN) -> Iterator[None]:
+    """Own the run dir named on the command line for the block around Hydra (`store.lock.owned`):
+    Hydra writes `.hydra/` there at job start, before any code of ours could refuse. A refusal is
+    one line (exit 2). Where the dir is not known here, the job takes it when it starts."""
+    folder = run_dir_before_hydra(argv)
+    if folder is None:
+        yield
+        return
+    lock = RunDirLock(folder, command)
+    with user_errors_as_one_line():
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ---- a resume in place, before Hydra ---------------------------------------------------------

@@ -54,12 +54,20 @@ def main() -> None:
     with user_errors_as_one_line():
         # Before Hydra: it writes .hydra/ into the run dir before the job could refuse anything.
         check_command_line(sys.argv[1:])
-    hydra_main()
+    from transferlab.cli.overrides import run_dir_owned_before_hydra  # loaded already by the checks
+    from transferlab.store.lock import RANK
+
+    with run_dir_owned_before_hydra(sys.argv[1:], RANK):  # the run dir's one owner (store.lock)
+        hydra_main()
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
 def hydra_main(cfg: DictConfig) -> None:
-    with user_errors_as_one_line():
+    from transferlab.store.lock import RANK, owned  # heavy: torch (store.rundir); see check_command_line
+
+    # Owned since before Hydra when hydra.run.dir is on the command line (the same lock); the
+    # default run dir from here on.
+    with user_errors_as_one_line(), owned(cfg.paths.output_dir, RANK):
         run(cfg)
 
 
@@ -68,6 +76,7 @@ def check_command_line(argv: Sequence[str]) -> None:
     """The overrides compose, name known backbones, and the run dir can take a new ranking."""
     # heavy: cli.overrides imports run.resume, hence torch and Lightning; importing this module stays quick
     from transferlab.cli import overrides as cl
+    from transferlab.store.lock import RANK, check_owner
 
     cl.check_flags_before_overrides(argv)
     if cl.NO_JOB_FLAGS.intersection(argv):
@@ -90,6 +99,8 @@ def check_command_line(argv: Sequence[str]) -> None:
     if run_dir is None:
         cl._check_default_outputs_writable()
     elif "${" not in run_dir:  # an interpolation is only known once Hydra resolves it
+        if Path(run_dir).is_dir():
+            check_owner(Path(run_dir), RANK)  # another command writing it, or a training run's folder
         check_run_dir(Path(run_dir))
         cl._check_creatable(Path(run_dir), "hydra.run.dir")
     from transferlab.data.datamodule import check_data_root  # last: it imports Lightning (seconds)

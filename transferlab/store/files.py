@@ -64,7 +64,7 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 def temp_path(path: Path) -> Path:
     """Hidden, and named after its writer: the process id and host say when it is orphaned."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{_host()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{host_name()}")
 
 
 def remove_orphaned_temp_files(folder: Path) -> list[Path]:
@@ -83,7 +83,7 @@ def remove_orphaned_temp_files(folder: Path) -> list[Path]:
         match = TEMP_NAME.match(candidate.name)
         if match is None or not candidate.is_file():
             continue
-        if match["host"] not in (None, _host()) or _process_alive(int(match["pid"])):
+        if match["host"] not in (None, host_name()) or process_alive(int(match["pid"])):
             continue
         try:
             candidate.unlink()
@@ -96,7 +96,7 @@ def remove_orphaned_temp_files(folder: Path) -> list[Path]:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process `pid` exists on this machine; when unsure, say yes (keep the file)."""
     if os.name != "posix" or pid <= 0:
         return True  # on Windows os.kill(pid, 0) would terminate the process, not probe it
@@ -109,7 +109,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This machine's name as files record it (temporary files, a run dir's lock)."""
     return socket.gethostname().replace(os.sep, "_") or "localhost"
 
 

@@ -12,6 +12,8 @@
       checkpoints/probe-lbfgs.ckpt         LP-FT's probe state (before fine-tuning), validated: the best
                                            checkpoint until an epoch beats its val/acc
       tensorboard/                         the curves
+      .transferlab.lock                    the command writing here now (store.lock; gone when it ends)
+      .transferlab.made-by                 which kind of command made the folder (train, rank)
 
 `RunDir(path)` names them; the readers and writers of the package go through it. Checkpoints
 are read here too (`read_checkpoint`: one load per file version, memory-mapped), so the record
@@ -55,6 +57,8 @@ class RunDir:
     # best-*.ckpt: it stays when an epoch beats it, and last.ckpt records which of them is the best.
     PROBE_STATE = "probe-lbfgs.ckpt"
     TENSORBOARD = "tensorboard"
+    LOCK = ".transferlab.lock"  # who writes here now (transferlab.store.lock)
+    MADE_BY = ".transferlab.made-by"  # which kind of command made the folder
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -118,6 +122,14 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / self.TENSORBOARD
+
+    @property
+    def lock(self) -> Path:
+        return self.path / self.LOCK
+
+    @property
+    def made_by(self) -> Path:
+        return self.path / self.MADE_BY
 
     # ---- what the folder holds -----------------------------------------------------------------
     def holds_run(self) -> bool:
