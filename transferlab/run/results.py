@@ -97,8 +97,10 @@ def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule,
     if plan.test:
         results = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics.update({k: as_number(v) for k, v in (results[0] if results else {}).items()})
-        # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json)
-        metrics.setdefault("val/acc_best", as_number(model.val_acc_best.compute()))
+        # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json);
+        # read only when missing: computing it warns on stderr (its state was restored, not updated)
+        if "val/acc_best" not in metrics:
+            metrics["val/acc_best"] = as_number(model.val_acc_best.compute())
     metrics.setdefault("epochs", plan.epochs_done)
     metrics.setdefault("train_time_s", round(_checkpoint_train_time(plan.checkpoint), 3))
     return metrics
