@@ -34,6 +34,7 @@ from transferlab.models import TransferModule
 from transferlab.models.architecture import architecture_record
 from transferlab.models.module import check_components, check_label_smoothing, check_learning_rate_ratios
 from transferlab.run.budget import check_training_budget
+from transferlab.run.calibration import check_calibration
 from transferlab.run.results import check_optimized_metric
 from transferlab.run.resume import ResumePlan, check_resume
 from transferlab.store.rundir import RunDir, resumes
@@ -51,6 +52,7 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     test = bool(cfg.get("test", True))
     check_training_budget(cfg.trainer, test=test)
     check_optimized_metric(cfg.get("optimized_metric"), test=test)
+    check_calibration(cfg.get("calibration"), test=test)
     weights = cfg.backbone.get("weights")
     mode = check_mode(cfg.mode, cfg.trainer.get("max_epochs"), weights)
     cached = mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))

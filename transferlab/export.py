@@ -5,7 +5,9 @@ run's image size S, divides by 255, normalizes with the run's mean and std, runs
 and returns class probabilities (N, classes). The class names, in output order, and this
 interface go beside it in `FILE.classes.json`. Before anything is written, the exported model
 is run on random images and must give the PyTorch model's probabilities (max abs difference
-<= 1e-4; ONNX is checked with onnxruntime when it is installed).
+<= 1e-4; ONNX is checked with onnxruntime when it is installed). A checkpoint of a run calibrated
+with `calibration.temperature=auto` records a temperature: the exported model divides its logits by
+it before the softmax (`--uncalibrated`: not), and the class file says which (`temperature`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Export a trained transferlab model with its preprocessing inside: input uint8 RGB images\n"
             "(N x 3 x S x S, S the run's image size, values 0..255), output class probabilities\n"
             "(N x classes). The class names, in output order, and the preprocessing are written\n"
-            "beside it to FILE.classes.json. The export is checked against PyTorch before it is written."
+            "beside it to FILE.classes.json. The export is checked against PyTorch before it is written.\n"
+            "A run calibrated with calibration.temperature=auto divides its logits by its temperature\n"
+            "(--uncalibrated: not)."
         ),
         epilog=(
             "examples:\n"
@@ -68,13 +72,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the file to write (default: model.onnx or model.pt in the current folder)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="export the model's own probabilities: without the temperature a run with "
+        "calibration.temperature=auto recorded in its checkpoint (applied by default)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        export(args.model, args.format, args.out or Path(f"model{FORMATS[args.format]}"), args.force)
+        out = args.out or Path(f"model{FORMATS[args.format]}")
+        export(args.model, args.format, out, args.force, calibrated=not args.uncalibrated)
     except UserError as error:
         exit_with(error)
 
@@ -83,7 +94,8 @@ def classes_file(out: Path) -> Path:
     return out.with_name(out.name + ".classes.json")
 
 
-def export(model: str, fmt: str, out: Path, force: bool) -> None:
+def export(model: str, fmt: str, out: Path, force: bool, calibrated: bool = True) -> None:
+    """`calibrated`: the exported probabilities are divided by the checkpoint's temperature, if it has one."""
     targets = (out, classes_file(out))
     check_writable(targets, force)  # before anything is loaded
     if fmt == "onnx":
@@ -96,12 +108,13 @@ def export(model: str, fmt: str, out: Path, force: bool) -> None:
     for target in targets:
         check_not_an_input(target, "--out", [model_file])
     trained = load_trained(model_file, setting="RUN_DIR_OR_CKPT")
-    classifier = trained.classifier()
+    classifier = trained.classifier(calibrated)
     example = torch.randint(0, 256, (2, 3, trained.image_size, trained.image_size), dtype=torch.uint8)
     exported = (to_onnx if fmt == "onnx" else to_torchscript)(classifier, example)
     difference = check_parity(fmt, exported, classifier, trained.image_size)
     write_file(out, lambda f: f.write(exported))
-    write_file(targets[1], lambda f: f.write(json.dumps(trained.describe(), indent=2).encode() + b"\n"))
+    described = trained.describe(calibrated)
+    write_file(targets[1], lambda f: f.write(json.dumps(described, indent=2).encode() + b"\n"))
     size = trained.image_size
     print(
         f"wrote {out}: {fmt}, input images uint8 N x 3 x {size} x {size} (RGB, 0..255), output probabilities N x {len(trained.class_names)}"
@@ -109,6 +122,9 @@ def export(model: str, fmt: str, out: Path, force: bool) -> None:
     print(
         f"wrote {targets[1]}: the {len(trained.class_names)} class names in output order, and the preprocessing"
     )
+    calibration = trained.calibration_line(calibrated)
+    if calibration:
+        print(calibration)
     print(
         f"checked: max |probability difference| vs PyTorch {difference:.1e} on 8 random images"
         if difference is not None

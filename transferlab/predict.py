@@ -4,7 +4,8 @@ Images are read and prepared as the run's evaluation images were (decoded to RGB
 resized to the run's image size and center-cropped, as `data=imagefolder` does; then the
 run's normalization), in batches. Files that cannot be read are skipped with one warning
 each and counted at the end; when none can be read, nothing is written and the command
-exits 2.
+exits 2. A checkpoint calibrated with `calibration.temperature=auto` records a temperature: the
+logits are divided by it before the softmax, and a line says so (`--uncalibrated`: not).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Classify images with a trained transferlab model. The run's image size, normalization and\n"
             "class names come from its checkpoint; images are resized (short side) and center-cropped\n"
             "to the run's size. Prints a table and writes a CSV: path, class, probability (and the next\n"
-            "classes with --top-k). Files that cannot be read are skipped with a warning."
+            "classes with --top-k). Files that cannot be read are skipped with a warning. A run calibrated\n"
+            "with calibration.temperature=auto divides its logits by its temperature (--uncalibrated: not)."
         ),
         epilog=(
             "examples:\n"
@@ -80,6 +82,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="images per forward pass (default: 64)",
     )
     parser.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="the model's own probabilities: do not divide the logits by the temperature a run with "
+        "calibration.temperature=auto recorded in its checkpoint (applied by default)",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -110,7 +118,10 @@ def predict(args: argparse.Namespace) -> None:
         raise UserError(
             f"--top-k {args.top_k} is more than the model's {len(trained.class_names)} classes; use --top-k {len(trained.class_names)} or less"
         )
-    rows, unreadable = classify(trained, found.files, args.batch_size, args.top_k, pick_device(args.device))
+    calibrated = not args.uncalibrated
+    rows, unreadable = classify(
+        trained, found.files, args.batch_size, args.top_k, pick_device(args.device), calibrated
+    )
     skipped = found.skipped + unreadable
     if not rows:
         raise UserError(
@@ -119,6 +130,9 @@ def predict(args: argparse.Namespace) -> None:
         )
     write_csv(args.out, rows, args.top_k)
     print_table(rows, args.top_k, args.out)
+    calibration = trained.calibration_line(calibrated)
+    if calibration:
+        print(calibration)
     print(f"{plural(len(rows), 'image')} classified by {trained.checkpoint}; predictions in {args.out}")
     if skipped:
         warn(f"{len(skipped)} of {plural(found.count(), 'file')} skipped (see the warnings above)")
@@ -225,10 +239,11 @@ class Prediction:
 
 
 def classify(
-    trained, files: list[Path], batch_size: int, top_k: int, device: torch.device
+    trained, files: list[Path], batch_size: int, top_k: int, device: torch.device, calibrated: bool = True
 ) -> tuple[list[Prediction], list[Path]]:
-    """Predictions for the readable files, and the files that could not be read (each warned about)."""
-    classifier = trained.classifier().to(device)
+    """Predictions for the readable files, and the files that could not be read (each warned about);
+    `calibrated`: with the checkpoint's temperature, if it has one."""
+    classifier = trained.classifier(calibrated).to(device)
     rows, unreadable = [], []
     # A bar only when there is more than one batch to wait for (and only on a terminal: disable=None).
     with tqdm(

@@ -28,6 +28,7 @@ from transferlab.cli.sweeps import exit_if_jobs_failed, job_failures_handled
 from transferlab.config import config_dir
 from transferlab.methods.probe import probe_record
 from transferlab.run.budget import check_validates
+from transferlab.run.calibration import calibrate_after_test
 from transferlab.run.confusion import per_class_results
 from transferlab.run.fit import fit_or_solve
 from transferlab.run.hparams import log_hyperparameters
@@ -104,6 +105,12 @@ def run(cfg: DictConfig) -> float | None:
         metrics = fit_or_solve(cfg, built, output_dir, plan)
     # After a test: test/acc_per_class, and confusion_matrix.csv/.png in the run dir (nothing without a test).
     metrics.update(per_class_results(trainer, model, output_dir))
+    # After a test: reliability.png; with calibration.temperature=auto the temperature fitted on
+    # validation, the calibrated test metrics, and the tested checkpoint records the temperature.
+    calibration = calibrate_after_test(
+        cfg.get("calibration"), trainer, model, datamodule, output_dir, metrics.get("best_checkpoint")
+    )
+    metrics.update(calibration.metrics)
     metrics.update(
         # Computing (or loading) cached backbone features happens before fit: counted apart.
         features_time_s=round(built.features_time_s, 3),
@@ -112,7 +119,9 @@ def run(cfg: DictConfig) -> float | None:
     )
     if trainer.is_global_zero:
         # linear_probe / lp_ft: the L2 grid and the choice go into run_info.json
-        write_results(cfg, output_dir, metrics, plan, probe=probe_record(trainer))
+        write_results(
+            cfg, output_dir, metrics, plan, probe=probe_record(trainer), calibration=calibration.record
+        )
     return metrics.get(optimized_metric(cfg))
 
 

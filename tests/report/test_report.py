@@ -132,7 +132,7 @@ def test_markdown_has_mean_std_interval_and_n_over_two_seeds(sweep_report):
     title = "## Mean ± std [95% interval] over seeds"
     assert title in text
     grouped = text.split(title)[1]
-    header = "| mode | data.fewshot.per_class | n | val/acc_best (%) | test/acc (%) | time (s) |"
+    header = "| mode | data.fewshot.per_class | n | val/acc_best (%) | test/acc (%) | test/ece | time (s) |"
     assert header in grouped
     for mode in ("frozen", "finetune"):
         for k in ("2", "4"):

@@ -523,3 +523,36 @@ def test_arms_with_different_epochs_say_so(tmp_path):
         fake_run(tmp_path / "e" / f"{seed}_t", ["mode=finetune"], {"test/acc": 0.4}, seed=seed)
     report.main([str(tmp_path / "e"), "--out", str(tmp_path / "r2")])
     assert "different numbers of epochs" not in (tmp_path / "r2" / "report.md").read_text()
+
+
+# ---- calibration columns -------------------------------------------------------------------------
+def test_calibration_columns_are_shown_where_runs_have_them(tmp_path):
+    """Issue 21: test/ece (and test/ece_calibrated) after the accuracies; a run from before has `-`."""
+    fake_run(tmp_path / "s" / "0_f", ["mode=frozen"], {"test/acc": 0.5, "test/ece": 0.1}, seed=0)
+    fake_run(tmp_path / "s" / "1_f", ["mode=frozen"], {"test/acc": 0.5, "test/ece": 0.3}, seed=1)
+    calibrated = {"test/acc": 0.4, "test/ece": 0.2, "test/ece_calibrated": 0.05}
+    fake_run(tmp_path / "s" / "2_t", ["mode=finetune"], calibrated, seed=0)
+    fake_run(tmp_path / "s" / "3_t", ["mode=finetune"], {"test/acc": 0.4}, seed=1)  # before issue 21
+    report.main([str(tmp_path / "s")])
+    text = (tmp_path / "s" / "report.md").read_text()
+    runs = section(text, "Runs")
+    assert "| test/acc (%) | test/ece | test/ece_calibrated | epochs |" in runs
+    assert "| 50.0 | 0.1000 | - | 1 |" in runs and "| 40.0 | 0.2000 | 0.0500 | 1 |" in runs
+    assert "| 40.0 | - | - | 1 |" in runs
+    grouped = section(text, "Mean ± std [95% interval] over seeds")
+    assert "| test/ece | test/ece_calibrated | time (s) |" in grouped
+    assert "| 0.2000 ± 0.1414 | - |" in grouped  # frozen: mean and std of 0.1, 0.3
+    assert "`test/ece`: top-label expected calibration error" in text
+    rows = {r["run"]: r for r in read_csv(tmp_path / "s" / "report.csv")}
+    assert (rows["2"]["test/ece"], rows["2"]["test/ece_calibrated"], rows["3"]["test/ece"]) == (
+        "0.2",
+        "0.05",
+        "",
+    )
+
+    # runs that have neither: no column, no note
+    fake_run(tmp_path / "o" / "0_f", ["mode=frozen"], {"test/acc": 0.5}, seed=0)
+    fake_run(tmp_path / "o" / "1_t", ["mode=finetune"], {"test/acc": 0.4}, seed=0)
+    report.main([str(tmp_path / "o")])
+    older = (tmp_path / "o" / "report.md").read_text()
+    assert "test/ece" not in older and "test/ece" not in read_csv(tmp_path / "o" / "report.csv")[0]

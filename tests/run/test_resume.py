@@ -469,6 +469,26 @@ def test_a_checkpoint_from_before_label_smoothing_still_resumes(tmp_path):
     assert "model.label_smoothing (0.0 -> 0.1)" in config_changes(OmegaConf.create(before_the_key), smoothed)
 
 
+def test_a_checkpoint_from_before_the_calibration_group_still_resumes(tmp_path):
+    """Runs trained before `calibration` existed (issue 21) resume with any calibration: it changes no
+    trained number (RESUME_MAY_CHANGE), so `ckpt_path=last test=true calibration=auto` calibrates them."""
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    from transferlab.run.resume import config_changes, settings_as_it_ran
+
+    current = compose_config(["backbone=cnn_small"], tmp_path)
+    before_the_group = OmegaConf.to_container(current, resolve=False)
+    del before_the_group["calibration"]
+    for calibration in ("none", "auto"):
+        now = compose_config(["backbone=cnn_small", f"calibration={calibration}"], tmp_path)
+        assert config_changes(OmegaConf.create(before_the_group), now) == []
+        assert settings_as_it_ran(OmegaConf.create(before_the_group), now) == {}  # nothing to set back
+    # and a calibrated run resumes uncalibrated, or the other way round
+    auto = OmegaConf.to_container(compose_config(["calibration=auto"], tmp_path), resolve=False)
+    assert config_changes(OmegaConf.create(auto), compose_config([], tmp_path)) == []
+
+
 def test_a_checkpoint_from_before_the_regularizer_group_still_resumes(tmp_path):
     """Runs trained before `regularizer` existed trained without a penalty: regularizer=none."""
     from conftest import compose_config

@@ -128,7 +128,14 @@ def rebuild_arguments(
         "data_info": dict(data),
         "channels_last": bool(record.get("channels_last", False)),
         "architecture": architecture,
+        # calibration.temperature=auto: fitted after the run's test; None in older or uncalibrated checkpoints
+        "temperature": _temperature(record.get("temperature")),
     }
+
+
+def _temperature(value: Any) -> float | None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number and 0 < value < float("inf") else None
 
 
 def _is_architecture(architecture: Any) -> bool:

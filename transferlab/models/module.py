@@ -13,9 +13,18 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+)
 
 from transferlab.models.architecture import rebuild_arguments
+from transferlab.models.calibration import (
+    ECE_BINS,
+    LogitsAndLabels,
+    MulticlassBrierScore,
+)
 from transferlab.store.rundir import current_run_config
 from transferlab.utils.errors import UserError, bad_argument
 
@@ -44,6 +53,7 @@ class TransferModule(L.LightningModule):
         regularizer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
         architecture: dict | None = None,
         label_smoothing: float = 0.0,
+        temperature: float | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -75,6 +85,10 @@ class TransferModule(L.LightningModule):
             self.head.compile()
         # Set by `transferlab.build` when the data module serves precomputed backbone features.
         self.inputs_are_features = False
+        # The temperature fitted on validation after the test (`calibration.temperature=auto`,
+        # transferlab/run/calibration.py), recorded in the checkpoint; None: uncalibrated. `forward`
+        # returns the raw logits; `probabilities` and the exported model divide them by it.
+        self.temperature = None if temperature is None else float(temperature)
 
         def accuracy(top_k: int = 1) -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
@@ -93,6 +107,14 @@ class TransferModule(L.LightningModule):
         # (transferlab/run/confusion.py). Not in the state dict: torchmetrics states are not persistent.
         self.test_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
         self.test_confusion_matrix: torch.Tensor | None = None
+        # Calibration of the test's probabilities (transferlab/models/calibration.py): test/nll is
+        # test/loss under the name calibration uses; top-label ECE over 15 bins; the Brier score.
+        self.test_nll = MeanMetric()
+        self.test_ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=ECE_BINS, norm="l1")
+        self.test_brier = MulticlassBrierScore()
+        # The last test's logits and labels (CPU), for the temperature and the reliability diagram.
+        self.test_outputs = LogitsAndLabels()
+        self.test_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -164,17 +186,37 @@ class TransferModule(L.LightningModule):
             self.test_acc5(logits, labels)
             self.log("test/acc_top5", self.test_acc5, on_step=False, on_epoch=True)
         self.test_confusion.update(logits.detach(), labels)
+        probabilities = logits.detach().float().softmax(dim=1)
+        self.test_nll(loss, weight=labels.shape[0])
+        self.log("test/nll", self.test_nll, on_step=False, on_epoch=True)
+        self.test_ece(probabilities, labels)
+        self.log("test/ece", self.test_ece, on_step=False, on_epoch=True)
+        self.test_brier(probabilities, labels)
+        self.log("test/brier", self.test_brier, on_step=False, on_epoch=True)
+        self.test_outputs.update(logits, labels)
 
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
+        self.test_outputs.reset()
+        self.test_logits = None
 
     def on_test_epoch_end(self) -> None:
         # compute() sums the counts over DDP ranks: every rank holds the whole test set's matrix.
         self.test_confusion_matrix = self.test_confusion.compute().cpu()
+        if self.test_outputs.update_count:  # gathered over DDP ranks too
+            logits, labels = self.test_outputs.compute()
+            self.test_logits = (logits.cpu(), labels.cpu())
+        self.test_outputs.reset()  # the copy above is what stays: no second one on the device
+
+    def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """softmax(logits / temperature), or of the raw logits when uncalibrated or without a temperature."""
+        if calibrated and self.temperature is not None:
+            logits = logits / self.temperature
+        return logits.softmax(dim=1)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(inputs).softmax(dim=1)
+        return self.probabilities(self(inputs))
 
     # ---- optimization --------------------------------------------------------------------
     def base_lr(self) -> float:
@@ -240,6 +282,8 @@ class TransferModule(L.LightningModule):
             # What `load_from_checkpoint(path)` rebuilds the network from, without the config.
             "architecture": self.architecture,
             "channels_last": self.channels_last,
+            # Fitted on validation after the test (calibration.temperature=auto); predict and export apply it.
+            "temperature": self.temperature,
             # The experiment's settings: a resume from this checkpoint, in any run dir, is compared with them.
             "config": self._run_config(),
         }

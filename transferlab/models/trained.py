@@ -42,23 +42,28 @@ class Preprocess(nn.Module):
 
 
 class Classifier(nn.Module):
-    """uint8 images in, class probabilities out: preprocessing, the trained network, softmax.
+    """uint8 images in, class probabilities out: preprocessing, the trained network, softmax
+    (of the logits divided by `temperature`, when one is given: a calibrated model's).
 
     It holds the model's backbone and head, not the LightningModule: tracing (ONNX, TorchScript)
     visits every submodule, and a LightningModule's metrics and trainer do not trace.
     """
 
-    def __init__(self, preprocess: Preprocess, model: nn.Module):
+    def __init__(self, preprocess: Preprocess, model: nn.Module, temperature: float | None = None):
         super().__init__()
         self.preprocess = preprocess
         self.backbone, self.head = model.backbone, model.head
         self.channels_last = bool(getattr(model, "channels_last", False))
+        self.temperature = temperature  # a constant of the traced graph
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         inputs = self.preprocess(images)
         if self.channels_last:  # the layout the network's weights are in, as in TransferModule.embed
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(inputs)).softmax(dim=1)
+        logits = self.head(self.backbone(inputs))
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        return logits.softmax(dim=1)
 
 
 @dataclass
@@ -72,15 +77,29 @@ class TrainedModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     normalization: str
+    #: fitted on the run's validation split after its test (calibration.temperature=auto); None: uncalibrated
+    temperature: float | None = None
 
     def preprocess(self) -> Preprocess:
         return Preprocess(self.image_size, self.mean, self.std)
 
-    def classifier(self) -> Classifier:
-        return Classifier(self.preprocess(), self.model).eval()
+    def classifier(self, calibrated: bool = True) -> Classifier:
+        """The model as images -> probabilities; divided by the checkpoint's temperature unless not `calibrated`."""
+        return Classifier(self.preprocess(), self.model, self.temperature if calibrated else None).eval()
 
-    def describe(self) -> dict[str, Any]:
-        """The interface of `classifier()`, for whoever runs it elsewhere (the exported model's class file)."""
+    def calibration_line(self, calibrated: bool, option: str = "--uncalibrated") -> str | None:
+        """What a command says about the temperature: applied, or not (`option` given); None without one."""
+        if self.temperature is None:
+            return None
+        if calibrated:
+            return (
+                f"calibrated: logits divided by the temperature {self.temperature:.4g} fitted on the run's "
+                f"validation split ({option}: the model's own probabilities)"
+            )
+        return f"uncalibrated ({option}): the checkpoint's temperature {self.temperature:.4g} is not applied"
+
+    def describe(self, calibrated: bool = True) -> dict[str, Any]:
+        """The interface of `classifier(calibrated)`, for whoever runs it elsewhere (the exported model's class file)."""
         return {
             "classes": list(self.class_names),
             "input": {
@@ -95,6 +114,8 @@ class TrainedModel:
                 "mean": list(self.mean),
                 "std": list(self.std),
             },
+            # the temperature the output probabilities are divided by (null: the model's own)
+            "temperature": self.temperature if calibrated else None,
             "checkpoint": str(self.checkpoint.resolve()),
         }
 
@@ -112,4 +133,5 @@ def load_trained(path: str | os.PathLike, setting: str = "checkpoint_path") -> T
         mean=tuple(float(m) for m in data["mean"]),
         std=tuple(float(s) for s in data["std"]),
         normalization=str(data.get("normalization") or "recorded"),
+        temperature=model.temperature,
     )

@@ -10,6 +10,7 @@ from transferlab.report.compare import (
     REPEAT_KEYS,
     accuracy_metrics,
     arm_value,
+    calibration_metrics,
     differing_overrides,
     grouped_table,
     has_key,
@@ -36,6 +37,7 @@ class Analysis:
     crossovers: list[CrossoverRow]
     arm_names: dict[str, str] = field(default_factory=dict)
     arm_epochs: dict[str, list[str]] = field(default_factory=dict)  # each arm's trainer.max_epochs values
+    calibration: list[str] = field(default_factory=list)  # test/ece, test/ece_calibrated where runs have them
 
     @property
     def table_keys(self) -> list[str]:
@@ -75,6 +77,7 @@ def analyse(runs: list[Run], options: Options | None = None) -> Analysis:
         crossovers=crossover_rows(pairing, options.bootstrap_seed),
         arm_names=arm_names(runs, options.arms),
         arm_epochs=arm_epochs(runs, options.arms),
+        calibration=calibration_metrics(runs),
     )
 
 

@@ -25,6 +25,9 @@ ACCURACY_METRICS = ("val/acc_best", "test/acc")
 CURVE_END_METRICS = ("train/acc", "val/acc")
 #: metrics averaged over seeds (mean ± std, no interval) besides the accuracies
 TIME_METRICS = (TIME,)
+#: calibration of the test's probabilities (top-label ECE; after temperature scaling with
+#: calibration.temperature=auto): shown where some run has them, mean ± std over seeds like the time
+CALIBRATION_METRICS = ("test/ece", "test/ece_calibrated")
 FEWSHOT_KEYS = ("data.fewshot.per_class", "data.fewshot.fraction")
 
 
@@ -205,18 +208,24 @@ def accuracy_metrics(runs: list[Run]) -> list[str]:
     return found
 
 
+def calibration_metrics(runs: list[Run]) -> list[str]:
+    """The CALIBRATION_METRICS that some run has as a number (runs from before them have none)."""
+    return [m for m in CALIBRATION_METRICS if any(is_number(r.metrics.get(m)) for r in runs)]
+
+
 def grouped_table(runs: list[Run], keys: list[str], ci: str = "t", seed: int = 0) -> list[dict[str, Any]]:
     """Per setting: n, and for each metric its Summary over the seeds (`"<metric>"`) with mean and
     std (None for a single run) also under `"<metric> mean"` and `"<metric> std"`; accuracies get
-    a 95% interval (`ci`: t or bootstrap, seeded by `seed`)."""
+    a 95% interval (`ci`: t or bootstrap, seeded by `seed`), calibration and time mean and std only."""
+    accuracies = accuracy_metrics(runs)
     rows = []
     for values, group in group_runs(runs, keys).items():
         row: dict[str, Any] = dict(zip(group_keys(keys), values))
         row["n"] = len(group)
         row["runs"] = group
-        for metric in [*accuracy_metrics(runs), *TIME_METRICS]:
+        for metric in [*accuracies, *calibration_metrics(runs), *TIME_METRICS]:
             numbers = [r.metrics[metric] for r in group if is_number(r.metrics.get(metric))]
-            summary = summarize(numbers, ci, seed) if metric not in TIME_METRICS else _mean_std_only(numbers)
+            summary = summarize(numbers, ci, seed) if metric in accuracies else _mean_std_only(numbers)
             row[metric] = summary
             row[f"{metric} mean"], row[f"{metric} std"] = summary.mean, summary.std
         rows.append(row)

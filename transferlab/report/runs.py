@@ -121,6 +121,8 @@ class BrokenRun(UserError):
 SHOWN_METRICS = (
     "val/acc_best",
     "test/acc",
+    "test/ece",
+    "test/ece_calibrated",
     "epochs",
     "train_time_s",
     "features_time_s",

@@ -53,7 +53,8 @@ def summary_table(analysis: Analysis) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": run.name, "run_dir": str(run.path)}
         row.update({k: arm_value(run, k) for k in arm_column})
         row.update({k: run.setting(k) for k in keys})
-        row.update({metric: run.metrics.get(metric) for metric in (*analysis.accuracies, *CSV_OTHER_METRICS)})
+        shown = (*analysis.accuracies, *analysis.calibration, *CSV_OTHER_METRICS)
+        row.update({metric: run.metrics.get(metric) for metric in shown})
         setting = setting_of[id(run)]
         row["n"] = setting["n"]
         for metric in analysis.accuracies:
@@ -93,6 +94,15 @@ def report_markdown(
         f"- Same in every run: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'no common overrides'}",
         "- Accuracies in percent; time: training plus computing cached backbone features "
         "(`features_time_s`, frozen mode), in seconds",
+        *(
+            [
+                "- `test/ece`: top-label expected calibration error of the test's probabilities (15 equal-width "
+                "confidence bins, 0 is perfectly calibrated); `test/ece_calibrated`: after temperature scaling "
+                "on the validation split (`calibration.temperature=auto`)"
+            ]
+            if analysis.calibration
+            else []
+        ),
         "",
         tables_markdown(analysis),
     ]
@@ -116,14 +126,14 @@ def summary_markdown(runs: list[Run], analysis: Analysis | None = None) -> str:
 def tables_markdown(analysis: Analysis) -> str:
     runs, keys = analysis.runs, analysis.table_keys
     accuracy_titles = [f"{m} (%)" for m in analysis.accuracies]
-    headers = ["run", *keys, *accuracy_titles, *(title for _, title in OTHER_COLUMNS)]
+    headers = ["run", *keys, *accuracy_titles, *analysis.calibration, *(title for _, title in OTHER_COLUMNS)]
     cells = []
     for run in ordered_runs(runs, analysis.settings):
         settings = [_shown_setting(run, k) for k in keys]
         accuracies = [_percent(run.metrics.get(m)) for m in analysis.accuracies]
-        cells.append(
-            [run.name, *settings, *accuracies, *(_format(m, run.metrics.get(m)) for m, _ in OTHER_COLUMNS)]
-        )
+        calibration = [_format(m, run.metrics.get(m)) for m in analysis.calibration]
+        others = [_format(m, run.metrics.get(m)) for m, _ in OTHER_COLUMNS]
+        cells.append([run.name, *settings, *accuracies, *calibration, *others])
     parts = ["## Runs", "", markdown_table(headers, cells)]
     if seeds_repeat(runs, analysis.settings):
         parts += [
@@ -149,13 +159,16 @@ def _grouped_markdown(analysis: Analysis) -> str:
         *settings,
         "n",
         *(f"{m} (%)" for m in analysis.accuracies),
+        *analysis.calibration,
         *(dict(OTHER_COLUMNS)[m] for m in TIME_METRICS),
     ]
     cells = []
     for row in analysis.grouped:
         accuracies = [interval_cell(row[m]) for m in analysis.accuracies]
-        times = [_mean_std(m, row[f"{m} mean"], row[f"{m} std"]) for m in TIME_METRICS]
-        cells.append([*(_grouped_setting(row, k) for k in settings), row["n"], *accuracies, *times])
+        spread = [
+            _mean_std(m, row[f"{m} mean"], row[f"{m} std"]) for m in (*analysis.calibration, *TIME_METRICS)
+        ]
+        cells.append([*(_grouped_setting(row, k) for k in settings), row["n"], *accuracies, *spread])
     return markdown_table(headers, cells)
 
 

@@ -132,13 +132,11 @@ def _title(model) -> str:
     return "Confusion matrix: " + ", ".join(str(part) for part in (dataset, backbone) if part)
 
 
-def log_figure(trainer, figure) -> None:
-    """The picture in TensorBoard's Images tab, at the step the run ended."""
+def log_figure(trainer, figure, tag: str = TENSORBOARD_TAG) -> None:
+    """The picture in TensorBoard's Images tab under `tag`, at the step the run ended."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(
-                TENSORBOARD_TAG, figure, global_step=trainer.global_step, close=False
-            )
+            logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
             logger.experiment.flush()
 
 

@@ -24,7 +24,9 @@ def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:
     params.update(component_names(settings))
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            _declare_hparams(logger, params, metric_tags=("val/acc_best", "test/acc", "test/loss"))
+            _declare_hparams(
+                logger, params, metric_tags=("val/acc_best", "test/acc", "test/loss", "test/ece")
+            )
         else:
             logger.log_hyperparams(params)
 

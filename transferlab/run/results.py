@@ -54,23 +54,40 @@ def best_checkpoint_entry(best: str | Path | None, output_dir: Path) -> dict[str
 
 
 def write_results(
-    cfg: DictConfig, output_dir: Path, metrics: dict, plan: ResumePlan | None, probe: dict | None = None
+    cfg: DictConfig,
+    output_dir: Path,
+    metrics: dict,
+    plan: ResumePlan | None,
+    probe: dict | None = None,
+    calibration: dict | None = None,
 ) -> None:
-    """`probe`: what a linear probe (mode=linear_probe, lp_ft) chose, recorded in run_info.json."""
+    """`probe`: what a linear probe (mode=linear_probe, lp_ft) chose; `calibration`: the temperature
+    fitted after the test and how (`run.calibration`); both recorded in run_info.json."""
     run_dir = RunDir(output_dir)
     run_dir.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    run_dir.run_info.write_text(json.dumps(run_record(cfg, output_dir, plan, probe), indent=2) + "\n")
+    record = run_record(cfg, output_dir, plan, probe, calibration)
+    run_dir.run_info.write_text(json.dumps(record, indent=2) + "\n")
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     log.info("outputs in %s", output_dir)
 
 
-def run_record(cfg: DictConfig, output_dir: Path, plan: ResumePlan | None, probe: dict | None = None) -> dict:
+def run_record(
+    cfg: DictConfig,
+    output_dir: Path,
+    plan: ResumePlan | None,
+    probe: dict | None = None,
+    calibration: dict | None = None,
+) -> dict:
     """run_info.json: how the run began, and one entry per resume (a longer budget is recorded there);
-    `linear_probe`: the probe's grid and choice (an LP-FT resume restores it from its checkpoint)."""
+    `linear_probe`: the probe's grid and choice (an LP-FT resume restores it from its checkpoint);
+    `temperature` and `calibration`: the temperature fitted after the test, and on what."""
     info = run_info(cfg)
     record = info if plan is None else (RunDir(output_dir).read_run_info() or info)
     if probe is not None:
         record["linear_probe"] = probe
+    if calibration is not None:
+        record["temperature"] = calibration["temperature"]
+        record["calibration"] = calibration
     if plan is None:
         return record
     record.setdefault("resumes", []).append(
@@ -97,8 +114,10 @@ def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule,
     if plan.test:
         results = trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics.update({k: as_number(v) for k, v in (results[0] if results else {}).items()})
-        # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json)
-        metrics.setdefault("val/acc_best", as_number(model.val_acc_best.compute()))
+        # the best checkpoint holds the best validation accuracy (a killed run has no metrics.json);
+        # read only when missing: computing it warns on stderr (its state was restored, not updated)
+        if "val/acc_best" not in metrics:
+            metrics["val/acc_best"] = as_number(model.val_acc_best.compute())
     metrics.setdefault("epochs", plan.epochs_done)
     metrics.setdefault("train_time_s", round(_checkpoint_train_time(plan.checkpoint), 3))
     return metrics

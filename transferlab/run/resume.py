@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab.config import config_dir, dotted_settings
 from transferlab.methods.modes import facts_before_they_were_stated
 from transferlab.models.architecture import current_target
+from transferlab.run.calibration import fits_temperature
 from transferlab.store.rundir import ResumeSource, RunDir, resume_source
 from transferlab.utils.errors import UserError
 
@@ -50,6 +51,9 @@ RESUME_MAY_CHANGE = (
     "callbacks.last_checkpoint._target_",
     "callbacks.schedule_follows_budget",
     "label",  # the run's name in report tables and legends
+    # temperature scaling after the test (issue 21): no trained number changes, not even the accuracy;
+    # a finished run resumed with ckpt_path=last test=true calibration.temperature=auto calibrates
+    "calibration",
 )
 #: settings that moved: old key -> new key. A checkpoint written before the move recorded the
 #: old key (and the new one as an interpolation of it); it is compared under the new name.
@@ -109,6 +113,7 @@ class ResumePlan:
     previous_max_epochs: int  # the budget the run last trained to
     finished: bool  # metrics.json is there
     test: bool  # this command tests the best checkpoint
+    calibrates: bool = False  # and fits a temperature after the test (calibration.temperature=auto)
 
     @property
     def budget_raised(self) -> bool:
@@ -123,9 +128,11 @@ class ResumePlan:
 
     @property
     def nothing_to_do(self) -> bool:
-        """A finished run with no epoch left to train and no test left to run."""
-        untested = self.test and not any(k.startswith("test/") for k in self.previous_metrics())
-        return self.finished and not self.trains and not untested
+        """A finished run with no epoch left to train, no test left to run and no temperature left to fit."""
+        previous = self.previous_metrics()
+        untested = self.test and not any(k.startswith("test/") for k in previous)
+        uncalibrated = self.test and self.calibrates and "temperature" not in previous
+        return self.finished and not self.trains and not untested and not uncalibrated
 
     def describe(self) -> str:
         return (
@@ -173,7 +180,14 @@ def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumeP
             f"set trainer.max_epochs>={epochs_done}"
         )
     return ResumePlan(
-        run_dir, checkpoint, epochs_done, max_epochs, previous, source.finished, bool(cfg.get("test", True))
+        run_dir,
+        checkpoint,
+        epochs_done,
+        max_epochs,
+        previous,
+        source.finished,
+        bool(cfg.get("test", True)),
+        calibrates=fits_temperature(cfg.get("calibration")),
     )
 
 

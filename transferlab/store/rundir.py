@@ -6,6 +6,7 @@
       metrics.json, run_info.json          results; provenance, resumes, a probe's choice
       fewshot_indices.json                 the training images of a few-shot run
       confusion_matrix.csv, .png           per-class results of the test
+      reliability.png                      the test's reliability diagram (before and after calibration)
       failed.json                          a sweep job that failed, and why
       checkpoints/last.ckpt                every epoch, for ckpt_path=last
       checkpoints/best-epochNNN.ckpt       the best epoch by val/acc (best-lbfgs.ckpt: a linear probe's solve)
@@ -34,6 +35,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.store.files import write_atomically
 from transferlab.utils.errors import UserError
 
 
@@ -47,6 +49,7 @@ class RunDir:
     FEWSHOT_INDICES = "fewshot_indices.json"
     CONFUSION_CSV = "confusion_matrix.csv"
     CONFUSION_PNG = "confusion_matrix.png"
+    RELIABILITY_PNG = "reliability.png"
     FAILED = "failed.json"
     TRAIN_LOG = "train.log"
     CHECKPOINTS = "checkpoints"
@@ -94,6 +97,10 @@ class RunDir:
     @property
     def confusion_png(self) -> Path:
         return self.path / self.CONFUSION_PNG
+
+    @property
+    def reliability_png(self) -> Path:
+        return self.path / self.RELIABILITY_PNG
 
     @property
     def failed(self) -> Path:
@@ -235,6 +242,17 @@ def transferlab_record(checkpoint: dict) -> dict:
     """What `TransferModule.on_save_checkpoint` recorded (data, backbone, classes, config); {} for other checkpoints."""
     record = checkpoint.get("transferlab")
     return record if isinstance(record, dict) else {}
+
+
+def add_to_record(path: Path, entries: dict[str, Any]) -> None:
+    """Set `entries` in transferlab's record of the checkpoint at `path` (what it learnt after it was
+    saved: the temperature fitted after its test); the rest of the file is kept, and it is rewritten
+    atomically (a killed rewrite leaves the checkpoint as it was)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(checkpoint.get("transferlab"), dict):
+        checkpoint["transferlab"] = {}
+    checkpoint["transferlab"].update(entries)
+    write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
 
 
 def recorded_best(last: Path) -> Path | None:
