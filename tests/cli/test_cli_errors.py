@@ -339,7 +339,12 @@ COMMAND_LINE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("extra, expected", [c[1:] for c in HYDRA_CASES], ids=[c[0] for c in HYDRA_CASES])
+def cases(table, fast=()):
+    """`table`'s (id, *values) rows as parameters; each a real process, so all but the `fast` ids are slow."""
+    return [pytest.param(*c[1:], id=c[0], marks=() if c[0] in fast else pytest.mark.slow) for c in table]
+
+
+@pytest.mark.parametrize("extra, expected", cases(HYDRA_CASES, fast={"unknown-backbone"}))
 def test_unknown_config_choice_is_refused_by_hydra(extra, expected, cifar10_root, torch_home, tmp_path):
     result = cli([f"data.root={cifar10_root}", *BASE, *extra, "hydra.run.dir=run"], tmp_path, torch_home)
     assert result.returncode != 0
@@ -349,7 +354,7 @@ def test_unknown_config_choice_is_refused_by_hydra(extra, expected, cifar10_root
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("extra, expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+@pytest.mark.parametrize("extra, expected", cases(CLI_CASES, fast={"batch-size"}))
 def test_bad_input_is_refused_in_one_line(extra, expected, files, cifar10_root, torch_home, tmp_path):
     extra = [a.format(**files) for a in extra]
     run_dir = [] if any(a.startswith("hydra.run.dir=") for a in extra) else ["hydra.run.dir=run"]
@@ -364,9 +369,7 @@ def test_bad_input_is_refused_in_one_line(extra, expected, files, cifar10_root, 
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize(
-    "extra, expected", [c[1:] for c in DEGENERATE_CASES], ids=[c[0] for c in DEGENERATE_CASES]
-)
+@pytest.mark.parametrize("extra, expected", cases(DEGENERATE_CASES, fast={"max-epochs-zero"}))
 def test_degenerate_settings_are_refused_in_one_line_before_reading_data(
     extra, expected, cifar10_root, torch_home, tmp_path
 ):
@@ -518,6 +521,7 @@ def test_unknown_choices_are_hydra_config_errors(choice, tmp_path):
         compose_config([choice], tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", ["HYDRA_FULL_ERROR", "TRANSFERLAB_DEBUG"])
 def test_debug_shows_the_traceback(switch, cifar10_root, torch_home, tmp_path):
     args = [f"data.root={cifar10_root}", *BASE, "data.batch_size=0", "hydra.run.dir=run"]
@@ -527,6 +531,7 @@ def test_debug_shows_the_traceback(switch, cifar10_root, torch_home, tmp_path):
     assert "data.batch_size=0 must be a positive integer" in result.stderr
 
 
+@pytest.mark.slow
 def test_second_command_into_a_finished_run_dir_changes_nothing(cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     run_training([f"data.root={cifar10_root}", *BASE], run_dir)

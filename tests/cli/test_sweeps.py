@@ -26,6 +26,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     )
 
 
+@pytest.mark.slow
 def test_failed_job_is_recorded_and_the_others_run(cifar10_root, torch_home, tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = sweep(
@@ -52,6 +53,7 @@ def test_failed_job_is_recorded_and_the_others_run(cifar10_root, torch_home, tmp
     assert summary == [f"transferlab: error: 1 of 3 jobs failed: {failed} (see failed.json in each)"]
 
 
+@pytest.mark.slow
 def test_search_goes_on_after_a_failed_trial_and_never_tests(cifar10_root, torch_home, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep_dir = tmp_path / "search"

@@ -75,8 +75,16 @@ def random_images(count: int, size: int) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("model", ["cnn_small", "lite0"])
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize(
+    "model, fmt",
+    [
+        ("cnn_small", "onnx"),  # the fast tier's export, through the real command
+        pytest.param("cnn_small", "torchscript", marks=pytest.mark.slow),
+        pytest.param("lite0", "onnx", marks=pytest.mark.slow),
+        pytest.param("lite0", "torchscript", marks=pytest.mark.slow),
+    ],
+    ids=["onnx-cnn_small", "torchscript-cnn_small", "onnx-lite0", "torchscript-lite0"],
+)
 def test_exported_model_gives_pytorch_probabilities(request, model, fmt, tmp_path, torch_home):
     run_dir = request.getfixturevalue("cnn_run" if model == "cnn_small" else "lite0_run")
     out = tmp_path / f"model.{fmt}"
@@ -103,6 +111,7 @@ def test_exported_model_gives_pytorch_probabilities(request, model, fmt, tmp_pat
     assert described["input"]["shape"] == ["N", 3, size, size]
 
 
+@pytest.mark.slow
 def test_existing_export_is_not_overwritten(cnn_run, tmp_path, torch_home):
     (tmp_path / "model.onnx.classes.json").write_text("mine\n")
 
@@ -141,6 +150,7 @@ def _export_under_a_file(tmp_path: Path, run: Path) -> tuple[list[str], str]:
     ], f"cannot write --out {out}: {tmp_path / 'notes.txt'} is a file, not a folder"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make_args",
     [_export_over_the_checkpoint, _export_under_a_file],
@@ -189,6 +199,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_load_from_checkpoint_alone_in_a_fresh_process(cnn_run, lite0_run, tmp_path, torch_home):
     """A run dir (its best checkpoint) and a checkpoint file, each with no other argument."""
     lite0_best = sorted((lite0_run / "checkpoints").glob("best-*.ckpt"))[-1]

@@ -93,6 +93,7 @@ def test_predicts_a_folder_skipping_unreadable_files(cnn_run, tmp_path, torch_ho
     assert all(any(r["path"] in line and r["class"] in line for line in table) for r in rows)
 
 
+@pytest.mark.slow
 def test_nothing_readable_is_one_error_line_and_no_file(cnn_run, tmp_path, torch_home):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "broken.jpg").write_bytes(b"no jpeg")
@@ -169,6 +170,7 @@ def _run_dir_with_empty_last(run_dir: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make_model, extra, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
 )
@@ -186,6 +188,7 @@ def test_bad_model_or_option_is_one_line(cnn_run, tmp_path, torch_home, make_mod
     assert not (tmp_path / "predictions.csv").exists()
 
 
+@pytest.mark.slow
 def test_existing_csv_is_kept(cnn_run, tmp_path, torch_home):
     write_photos(tmp_path / "photos", [(32, 32)])
     (tmp_path / "predictions.csv").write_text("mine\n")
@@ -246,6 +249,7 @@ BAD_OUT = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_out", [c[1] for c in BAD_OUT], ids=[c[0] for c in BAD_OUT])
 def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_anything_is_classified(
     cnn_run, tmp_path, torch_home, make_out
@@ -265,6 +269,7 @@ def test_an_out_that_cannot_or_must_not_be_written_is_one_line_before_anything_i
     } == before  # nothing of the user's touched
 
 
+@pytest.mark.slow
 def test_a_read_only_out_folder_is_one_line_before_anything_is_classified(cnn_run, tmp_path, torch_home):
     """A real read-only bind mount (root can write into a chmod-ed folder; needs root to mount)."""
     import subprocess
@@ -291,6 +296,7 @@ def test_a_read_only_out_folder_is_one_line_before_anything_is_classified(cnn_ru
     ], result.stderr
 
 
+@pytest.mark.slow
 def test_an_animated_gif_is_classified_by_its_first_frame(cnn_run, tmp_path, torch_home):
     from PIL import Image
 

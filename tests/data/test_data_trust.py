@@ -459,7 +459,13 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        pytest.param(*c[1:], id=c[0], marks=() if c[0] == "one-class-as-string" else pytest.mark.slow)
+        for c in CLI_CASES
+    ],
+)  # a real process each: one in the fast tier
 def test_bad_data_is_refused_in_one_line(bad_roots, tmp_path, torch_home, args, expected):
     line = one_line_refusal([a.format(**bad_roots) for a in args], tmp_path, torch_home)
     assert expected.format(**bad_roots) in line, line

@@ -44,6 +44,7 @@ def _cache_files(cache: Path) -> list[Path]:
     return sorted((cache / "features").glob("*.pt"))
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_training_agree(cifar10_root, tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
     cached = run_training(
@@ -62,6 +63,7 @@ def test_cached_and_uncached_training_agree(cifar10_root, tmp_path, monkeypatch)
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_damaged_files_are_rebuilt(cifar10_root, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
     overrides = [*FROZEN, f"data.root={cifar10_root}", "trainer.max_epochs=1"]
@@ -162,6 +164,7 @@ POOL_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, job, earlier, reuses", POOL_CASES, ids=[c[0] for c in POOL_CASES])
 def test_pool_is_part_of_the_cache_key(case, job, earlier, reuses, pool_sweep):
     logs, metrics = _job_logs(pool_sweep / "sweep"), _job_metrics(pool_sweep / "sweep")
@@ -178,14 +181,16 @@ def test_pool_is_part_of_the_cache_key(case, job, earlier, reuses, pool_sweep):
     assert widths == [512] * 6 + [2048] * 3
 
 
-def test_pixels_rewritten_in_place_are_recomputed(cifar10_root, torch_home, tmp_path):
+@pytest.mark.slow
+def test_pixels_rewritten_in_place_are_recomputed(cifar10_root, tmp_path, monkeypatch, caplog):
     """Same file names, same labels, new pixels: the old features must not come back."""
     import shutil
 
+    # in-process: what is tested is the cache, not the command line (the pool sweep above is one)
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
     root = Path(shutil.copytree(cifar10_root, tmp_path / "data"))
     args = [*SMALL_VGG, f"data.root={root}", "backbone.pool=avg"]
-    first = _cli([*args, "hydra.run.dir=first"], tmp_path, torch_home, tmp_path / "cache")
-    assert first.returncode == 0, first.stderr[-3000:]
+    run_training(args, tmp_path / "first")
 
     batch_file = root / "cifar-10-batches-py" / "data_batch_1"
     with open(batch_file, "rb") as f:
@@ -193,11 +198,10 @@ def test_pixels_rewritten_in_place_are_recomputed(cifar10_root, torch_home, tmp_
     batch[b"data"] = 255 - batch[b"data"]  # every pixel changes; labels and names stay
     with open(batch_file, "wb") as f:
         pickle.dump(batch, f, protocol=2)
-    second = _cli([*args, "hydra.run.dir=second"], tmp_path, torch_home, tmp_path / "cache")
-    assert second.returncode == 0, second.stderr[-3000:]
-
-    log = (tmp_path / "second" / "train.log").read_text()
-    assert COMPUTED in log, log[-3000:]  # the training split holds images of data_batch_1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="transferlab.data.features"):
+        run_training(args, tmp_path / "second")
+    assert COMPUTED in caplog.text, caplog.text[-3000:]  # the training split holds images of data_batch_1
     before, after = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("first", "second"))
     assert after["train/loss"] != pytest.approx(before["train/loss"], abs=1e-6)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, tiny_run
+from conftest import cli, run_training, tiny_run
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -163,22 +163,13 @@ def _data(root: Path) -> list[str]:
     return [f"data.root={root}", "data.download=false"]
 
 
-def test_linear_probe_run_writes_the_usual_metrics_and_a_checkpoint_other_runs_load(
-    cifar10_root, torch_home, tmp_path
-):
+@pytest.mark.slow
+def test_linear_probe_run_writes_the_usual_metrics_and_a_checkpoint_other_runs_load(cifar10_root, tmp_path):
+    # in-process: what is tested is the run dirs' files, not the command line
     probe_dir = tmp_path / "probe"
-    probe = cli(
-        [
-            *tiny_run(),
-            *_data(cifar10_root),
-            "mode=linear_probe",
-            "mode.l2_grid=[0.001,0.1,10]",
-            f"hydra.run.dir={probe_dir}",
-        ],
-        tmp_path,
-        torch_home,
+    run_training(
+        [*tiny_run(), *_data(cifar10_root), "mode=linear_probe", "mode.l2_grid=[0.001,0.1,10]"], probe_dir
     )
-    assert probe.returncode == 0, probe.stderr
     metrics = json.loads((probe_dir / "metrics.json").read_text())
     for key in (
         "test/acc",
@@ -206,19 +197,16 @@ def test_linear_probe_run_writes_the_usual_metrics_and_a_checkpoint_other_runs_l
 
     # A later run starts from the probe's run dir, with L2-SP towards those weights: penalty logged.
     follow = tmp_path / "follow"
-    result = cli(
+    run_training(
         [
             *tiny_run(),
             *_data(cifar10_root),
             f"backbone.weights={probe_dir}",
             "regularizer=l2sp",
             "optimizer.lr=0.001",
-            f"hydra.run.dir={follow}",
         ],
-        tmp_path,
-        torch_home,
+        follow,
     )
-    assert result.returncode == 0, result.stderr
     followed = json.loads((follow / "metrics.json").read_text())
     assert followed["train/penalty"] > 0 and "test/acc" in followed
 
@@ -265,6 +253,7 @@ def _probe_choice(run_dir: Path) -> dict:
     return {k: v for k, v in record.items() if k != "solve_time_s"}
 
 
+@pytest.mark.slow
 def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar10_root, torch_home, tmp_path):
     env = _test_env()
     whole = tmp_path / "whole"
@@ -302,6 +291,7 @@ def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar1
         assert _probe_choice(killed_dir) == _probe_choice(whole)
 
 
+@pytest.mark.slow
 def test_an_lp_ft_run_dir_from_before_the_probe_state_still_resumes(cifar10_root, torch_home, tmp_path):
     """A run dir of the LP-FT before issue 19: no probe-lbfgs.ckpt, the probe never ranked, and every
     BatchNorm in train mode (its config recorded without mode.callback.train_bn, TrainAll's default
@@ -387,6 +377,7 @@ def test_meaningless_method_combinations_are_refused_before_anything_is_built(ov
         check_config(compose_config(["backbone=cnn_small", *overrides], tmp_path), tmp_path / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [MEANINGLESS[0], MEANINGLESS[5], MEANINGLESS[10]])
 def test_meaningless_method_combinations_are_one_line_exit_2(
     overrides, message, cifar10_root, torch_home, tmp_path

@@ -298,6 +298,7 @@ def save_cnn_small_checkpoint(path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_rank_command(cifar10_root, torch_home, tmp_path):
     """cnn_small (random init: LEEP/NCE n/a) and efficientnet_lite0 (real weights, its ImageNet head)
     at a small image size; then the same run dir again is refused and left as it was."""
@@ -378,6 +379,7 @@ def test_rank_command(cifar10_root, torch_home, tmp_path):
     assert (run_dir / "rank.csv").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_random_init_backbone_is_the_same_network_wherever_it_stands(cifar10_root, torch_home, tmp_path):
     """Random init comes from the seed, as in a training run: listed twice (with a label) it scores the
     same, where before each build drew new random numbers and the ranking changed with the order."""
@@ -421,8 +423,9 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(
-    "args, message", [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT]
-)
+    "args, message",
+    [pytest.param(*c[1:], id=c[0], marks=() if c[0] == "empty" else pytest.mark.slow) for c in BAD_INPUT],
+)  # a real process each: one in the fast tier
 def test_rank_bad_input(args, message, cifar10_root, torch_home, tmp_path, transferlab_cache):
     run_dir = tmp_path / "rank"
     result = cli(

@@ -78,6 +78,7 @@ def _job_dirs(sweep: Path) -> list[Path]:
 
 
 # ---- finding runs --------------------------------------------------------------------------
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_finds_every_job_of_the_sweep_from_the_sweep_or_its_parent(sweep_dir):
     jobs = [p.resolve() for p in _job_dirs(sweep_dir)]
     assert len(jobs) == 8
@@ -98,6 +99,7 @@ def test_setting_falls_back_to_the_config_and_names_groups_by_their_name():
 
 
 # ---- tables --------------------------------------------------------------------------------
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_csv_has_one_row_per_run_grouped_by_setting(sweep_report):
     rows = _csv_rows(sweep_report)
     assert len(rows) == 8
@@ -124,6 +126,7 @@ def test_csv_has_one_row_per_run_grouped_by_setting(sweep_report):
         assert (int(row["params_trainable"]) < int(row["params_total"])) == frozen
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_markdown_has_mean_std_interval_and_n_over_two_seeds(sweep_report):
     from scipy.stats import t
 
@@ -153,6 +156,7 @@ def test_markdown_has_mean_std_interval_and_n_over_two_seeds(sweep_report):
     assert "the interval covers that variance" in grouped
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_grouped_table_numbers(sweep_dir):
     runs = report.load_runs([sweep_dir])
     keys = compare.differing_overrides(runs)
@@ -185,6 +189,7 @@ def _assert_png(path: Path, min_width: int) -> None:
     assert width >= min_width and height >= 400
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_figures_are_real_pngs_and_linked_from_the_markdown(sweep_report):
     _assert_png(sweep_report / "curves.png", min_width=1000)
     _assert_png(sweep_report / "sample_efficiency.png", min_width=600)
@@ -193,6 +198,7 @@ def test_figures_are_real_pngs_and_linked_from_the_markdown(sweep_report):
     assert "![Sample efficiency](sample_efficiency.png)" in text
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_sample_efficiency_has_one_line_per_mode_with_seed_spread(sweep_dir):
     runs = report.load_runs([sweep_dir])
     lines = compare.sample_efficiency_points(runs, compare.differing_overrides(runs))
@@ -202,6 +208,7 @@ def test_sample_efficiency_has_one_line_per_mode_with_seed_spread(sweep_dir):
         assert all(n == 2 for *_, n in points)
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_no_sample_efficiency_when_the_fewshot_size_is_the_same(sweep_dir, tmp_path):
     same_size = [
         str(p)
@@ -219,12 +226,14 @@ def test_no_sample_efficiency_when_the_fewshot_size_is_the_same(sweep_dir, tmp_p
     assert "Sample efficiency" not in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_run_dir_arguments_write_into_the_current_dir(sweep_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report.main([str(_job_dirs(sweep_dir)[0])])
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "report.csv", "curves.png"}
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_frozen_runs_count_their_feature_extraction_in_the_time_column(sweep_report):
     rows = [r for r in _csv_rows(sweep_report) if r["mode"] == "frozen"]
     assert any(float(r["features_time_s"]) > 0 for r in rows)  # the cache was computed by one of them
@@ -248,6 +257,7 @@ def test_settings_are_rounded_for_reading(value, shown):
     assert compare.readable(value) == shown
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_titles_name_the_data_the_backbone_and_what_varies(sweep_dir):
     runs = report.load_runs([sweep_dir])
     keys = compare.differing_overrides(runs)
@@ -311,6 +321,7 @@ def test_the_epoch_axis_shows_no_epoch_that_did_not_happen(epochs):
     assert all(float(t).is_integer() and epochs[0] <= t <= epochs[-1] for t in ticks) and ticks
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_the_curves_figure_has_one_line_per_setting(sweep_dir, monkeypatch):
     drawn = []
     plt = figures._pyplot()
@@ -352,6 +363,7 @@ def probe_sweep_dir(tmp_path_factory, cifar10_root, torch_home) -> Path:
     return sweep
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_a_run_without_epochs_is_a_labelled_level_not_a_point_at_epoch_one(probe_sweep_dir, monkeypatch):
     plt = figures._pyplot()
     drawn, levels, legends = [], [], []
@@ -416,6 +428,7 @@ def test_a_resumed_run_shows_the_budget_it_trained_with(tmp_path, resumed_to, mo
 
 
 # ---- curves and hyperparameters in the event files -----------------------------------------
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_curves_come_from_the_event_files_one_point_per_epoch(sweep_dir):
     run_dir = _job_dirs(sweep_dir)[0]
     curves = read_curves(run_dir, CURVE_TAGS)
@@ -436,6 +449,7 @@ def _event_data(run_dir: Path):
     return accumulator
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_event_files_hold_final_metrics_and_hparams_for_the_hparams_tab(sweep_dir):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -562,6 +576,7 @@ def report_of_failures(sweep_with_failures) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 @pytest.mark.parametrize(
     "name, records, status, error",
     UNFINISHED_CASES,
@@ -583,6 +598,7 @@ def test_failed_and_unfinished_jobs_are_listed(
     assert "second line" not in section  # the first line of the error only
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_unfinished_jobs_stay_out_of_the_tables(sweep_with_failures, report_of_failures):
     assert len(_csv_rows(sweep_with_failures)) == 2
     text = (sweep_with_failures / "report.md").read_text()
@@ -590,12 +606,14 @@ def test_unfinished_jobs_stay_out_of_the_tables(sweep_with_failures, report_of_f
     assert "3 jobs did not finish (not in the tables):" in report_of_failures.stdout
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_the_command_writes_nothing_to_stderr_when_it_succeeds(report_of_failures):
     # Such as runpy's warning that transferlab.report.__main__ was imported before it ran,
     # which the package's __init__ would cause by importing `main` eagerly.
     assert report_of_failures.returncode == 0 and report_of_failures.stderr == ""
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_a_sweep_where_no_job_finished_lists_them_and_fails(
     sweep_with_failures, tmp_path, capsys, monkeypatch
 ):
@@ -651,6 +669,7 @@ def report_of_broken_runs(sweep_dir, tmp_path_factory):
     return sweep, done.stdout, done.stderr
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 @pytest.mark.parametrize("name, corrupt, reason", BROKEN_METRICS, ids=[c[0] for c in BROKEN_METRICS])
 def test_a_broken_metrics_file_lists_its_run_as_failed_and_reports_the_rest(
     report_of_broken_runs, name, corrupt, reason
@@ -686,6 +705,7 @@ def _disk_full_at_the_csv(monkeypatch):
     monkeypatch.setattr(output, "write_csv", fill)
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 @pytest.mark.parametrize(
     "make_unwritable, reason",
     [(_read_only_probe, "Read-only file system"), (_disk_full_at_the_csv, "No space left on device")],
@@ -707,6 +727,7 @@ def test_an_unwritable_report_folder_is_one_line_naming_out(
     ]
 
 
+@pytest.mark.slow  # reads the module's sweep (a real `-m` process)
 def test_a_read_only_sweep_dir_is_one_line_through_the_command(sweep_dir, tmp_path):
     """A real read-only bind mount of the sweep dir (needs root to mount)."""
     mount_point = tmp_path / "read_only"

@@ -96,6 +96,7 @@ def test_save_replaces_the_file_and_creates_its_folder(tmp_path):
 
 
 # ---- kill -9 and resume -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(cifar10_root, torch_home, tmp_path):
     data = f"data.root={cifar10_root}"
     run_training([data, *RESUMABLE], tmp_path / "uninterrupted")
@@ -146,6 +147,7 @@ def test_best_validation_accuracy_is_saved_in_checkpoints():
 
 
 # ---- divergence ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cifar10_root, torch_home, tmp_path):
     # Epoch 0 trains normally; the step scheduler then multiplies the learning rate by 1e30.
     explode = ["trainer.max_epochs=2", "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=1e30"]
@@ -233,6 +235,7 @@ RESUME_REFUSALS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, expected", [c[1:] for c in RESUME_REFUSALS], ids=[c[0] for c in RESUME_REFUSALS]
 )
@@ -249,6 +252,7 @@ def test_resume_that_changes_the_experiment_is_refused_and_writes_nothing(
 
 
 # settings that change no trained number may differ (RESUME_MAY_CHANGE in transferlab/run/resume.py)
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [[], ["data.num_workers=1", "data.eval_batch_size=7", "test=true"]],
@@ -264,6 +268,7 @@ def test_finished_run_resumed_with_nothing_to_do_is_a_no_op(extra, finished, tor
     assert file_hashes(run_dir) == before  # metrics.json, run_info.json, logs: byte for byte; no new file
 
 
+@pytest.mark.slow
 def test_resume_tests_an_untested_run_then_trains_a_longer_budget(cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     args = [f"data.root={cifar10_root}", *SHORT, f"hydra.run.dir={run_dir}"]
@@ -307,6 +312,7 @@ def checkpoint_state(path: Path, monitored: bool) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_moved_run_dir_resumes_with_its_best_checkpoint(cifar10_root, torch_home, tmp_path):
     # A high constant rate: the validation accuracy jumps around, so a forgotten best score shows.
     args = [f"data.root={cifar10_root}", *SHORT, "optimizer.lr=0.2", "scheduler=none"]
@@ -385,6 +391,7 @@ FOREIGN_RESUME_REFUSALS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, expected", [c[1:] for c in FOREIGN_RESUME_REFUSALS], ids=[c[0] for c in FOREIGN_RESUME_REFUSALS]
 )
@@ -421,6 +428,7 @@ def logged_learning_rates(run_dir: Path) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+@pytest.mark.slow
 def test_raised_budget_stretches_the_cosine_schedule(cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     args = [f"data.root={cifar10_root}", *SHORT, "scheduler=cosine", f"hydra.run.dir={run_dir}"]
@@ -438,6 +446,7 @@ def test_raised_budget_stretches_the_cosine_schedule(cifar10_root, torch_home, t
     assert resumed[-1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 4 / 5)) / 2, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_raised_budget_stretches_the_warmup_cosine_schedule(cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     warmup = ["scheduler=warmup_cosine", "scheduler.warmup_epochs=1", "scheduler.start_factor=0.5"]

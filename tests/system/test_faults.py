@@ -72,6 +72,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypat
 
 
 # ---- a full or read-only feature cache -----------------------------------------------------
+@pytest.mark.slow
 def test_unwritable_cache_folder_is_refused_before_extraction(cifar10_root, torch_home, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
@@ -183,6 +184,7 @@ def _as_killed_during_first_save(run_dir: Path) -> None:
     (run_dir / "checkpoints" / f".last.ckpt.tmp-{DEAD_PID}").write_bytes(b"half a checkpoint")
 
 
+@pytest.mark.slow
 def test_a_run_killed_during_its_first_save_can_be_restarted_and_resumed(cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     args = [f"data.root={cifar10_root}", *FROZEN_SMALL, f"hydra.run.dir={run_dir}"]
@@ -223,6 +225,7 @@ runpy.run_module("transferlab", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_full_run_dir_at_the_checkpoint_save_is_one_line(cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     args = [f"data.root={cifar10_root}", *FROZEN_SMALL, f"hydra.run.dir={run_dir}"]

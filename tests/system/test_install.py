@@ -44,6 +44,7 @@ def test_wheel_contains_the_configs(wheel_site):
     assert "transferlab/conf/experiment/vgg_finetune.yaml" in names
 
 
+@pytest.mark.slow
 def test_installed_copy_composes_from_another_folder(wheel_site, torch_home, tmp_path):
     _, site = wheel_site
     env = cli_env(torch_home, PYTHONPATH=str(site))

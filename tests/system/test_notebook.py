@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import JOB, REPO, tiny_run
 
 NOTEBOOK = REPO / "notebooks" / "compare_modes.ipynb"
@@ -46,6 +47,7 @@ def test_notebook_is_stored_without_outputs():
     assert sum(c.cell_type == "markdown" for c in notebook.cells) >= 3
 
 
+@pytest.mark.slow
 def test_notebook_runs_a_sweep_and_shows_table_and_curves(tmp_path, cifar10_root, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

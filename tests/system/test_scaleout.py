@@ -12,6 +12,7 @@ from conftest import cli_env, tiny_run
 TINY = tiny_run({"head": "linear", "data.batch_size": 16})
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_write_one_set_of_outputs(cifar10_root, torch_home, tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
@@ -43,6 +44,7 @@ def test_ddp_two_cpu_processes_write_one_set_of_outputs(cifar10_root, torch_home
     assert "MEMBER: 2/2" in result.stdout + result.stderr and "gloo" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_one_job_per_run(cifar10_root, torch_home, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
@@ -71,6 +73,7 @@ def test_submitit_local_launcher_runs_one_job_per_run(cifar10_root, torch_home, 
     assert (sweep / ".submitit").is_dir()  # the jobs went through submitit
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best(cifar10_root, torch_home, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "search"
@@ -107,3 +110,23 @@ def test_optuna_search_runs_trials_and_reports_the_best(cifar10_root, torch_home
     overrides = [(t / ".hydra" / "overrides.yaml").read_text() for t in trials]
     assert all("optimizer.lr=" in o and "backbone.conv_block=" in o for o in overrides)
     assert overrides[0] != overrides[1]
+
+
+def test_the_scale_out_configs_compose_as_the_runs_above_use_them(tmp_path):
+    """The fast tier's check of this file: trainer=ddp and the submitit launcher compose (no process)."""
+    from conftest import compose_config
+    from hydra import compose, initialize_config_dir
+
+    from transferlab.config import config_dir
+
+    trainer = compose_config(["trainer=ddp", "trainer.devices=2", *TINY], tmp_path).trainer
+    assert (trainer.strategy, trainer.devices, trainer.num_nodes) == ("ddp", 2, 1)
+    assert trainer.accelerator == "cpu"  # the tiny run's, over the ddp config's auto
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+            return_hydra_config=True,
+        )
+    assert "submitit" in cfg.hydra.launcher._target_.lower() and cfg.hydra.launcher.timeout_min == 10
