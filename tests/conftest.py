@@ -93,6 +93,9 @@ def one_thread():
 
 def cli_env(torch_home: Path, **extra) -> dict[str, str]:
     env = dict(os.environ, TORCH_HOME=str(torch_home), PYTHONWARNINGS="ignore")
+    # The checkout these tests are in, whatever checkout the environment's editable install names
+    # (a second git worktree): the processes run the code under test.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     # os.environ already carries the test's TRANSFERLAB_CACHE (set by the autouse fixture).
     env.pop("TRANSFERLAB_DEBUG", None)
     env.pop("HYDRA_FULL_ERROR", None)

@@ -70,7 +70,10 @@ def check_config_itself(cfg: DictConfig) -> None:
 
 def check_required(cfg: DictConfig) -> None:
     """Settings a config leaves as `???` (an experiment's `source`, `backbone=torchvision`'s name)."""
-    missing = sorted(OmegaConf.missing_keys(cfg), key=_config_order(cfg))
+    # Read without resolving: `${hydra:...}` settings resolve only inside a Hydra job, and this check
+    # also runs before Hydra (cli.overrides); an interpolation of a `???` setting is that setting's.
+    settings = dotted_settings(OmegaConf.to_container(cfg, resolve=False))
+    missing = sorted((key for key, value in settings.items() if value == "???"), key=_config_order(cfg))
     if missing:
         raise UserError(
             f"{', '.join(missing)} must be set (the config leaves {'it' if len(missing) == 1 else 'them'} as ???); "

@@ -1,4 +1,4 @@
-"""`python -m transferlab`: compose the config, build data + model + trainer, fit, test, write.
+"""One job of `python -m transferlab`: build data + model + trainer, fit, test, write.
 
 The configs (`conf/`) do the composing, `transferlab.build` checks and instantiates what they
 describe, and this file only runs it: refuse bad input before anything starts, fit or solve
@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig
 
 from transferlab.build import build, check_config
-from transferlab.cli.overrides import (
-    check_command_line,
-    resume_before_hydra,
-    resume_overrides,
-    run_dir_owned_before_hydra,
-)
-from transferlab.cli.sweeps import exit_if_jobs_failed, job_failures_handled
-from transferlab.config import config_dir
+from transferlab.cli.sweeps import job_failures_handled
 from transferlab.methods.probe import probe_record
 from transferlab.run.budget import check_validates
 from transferlab.run.calibration import calibrate_after_test
@@ -35,40 +26,14 @@ from transferlab.run.hparams import log_hyperparameters
 from transferlab.run.interrupts import ctrl_c_reported
 from transferlab.run.results import optimized_metric, write_results
 from transferlab.store.lock import TRAIN, owned
-from transferlab.utils.errors import full_tracebacks_when_debugging, user_errors_as_one_line
+from transferlab.utils.errors import user_errors_as_one_line
 from transferlab.utils.quietlogs import quiet_third_party, route_lightning_logs_through_root
 
 log = logging.getLogger("transferlab")
 
 
-def main(cfg: DictConfig | None = None) -> float | None:
-    """`python -m transferlab` and the `transferlab` command: check the run dir, then run Hydra."""
-    if cfg is None:
-        full_tracebacks_when_debugging()
-        argv = sys.argv[1:]
-        # Before Hydra: it saves .hydra/config.yaml into the run dir before `run` could refuse it.
-        with user_errors_as_one_line():
-            check_command_line(argv)
-            added, plan = resume_before_hydra(argv)
-            argv += added  # an older run resumes as it ran
-        if plan is not None and plan.nothing_to_do:
-            print(f"transferlab: {plan.describe()}", flush=True)  # and Hydra never starts: nothing written
-            return None
-        sys.argv = [sys.argv[0], *argv, *resume_overrides(argv)]
-        # One owner of the run dir, taken before Hydra writes .hydra/ into it (store.lock).
-        with run_dir_owned_before_hydra(argv, TRAIN):
-            try:
-                result = hydra_main(cfg)
-            except SystemExit:
-                exit_if_jobs_failed()  # a sweeper that gave up (Hydra printed why): still name the failed jobs
-                raise
-        exit_if_jobs_failed()  # after a sweep (-m): one summary line, exit 1
-        return result
-    return hydra_main(cfg)
-
-
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
+def run_job(cfg: DictConfig) -> float | None:
+    """One Hydra job of `python -m transferlab` (transferlab.__main__ checked the command line)."""
     try:
         # The job's run dir, owned from the job's start: a single run named on the command line owns
         # it since before Hydra (this is the same lock); the default run dir and each job of a sweep

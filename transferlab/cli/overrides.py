@@ -23,7 +23,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
-from transferlab.config import compose, dotted_settings
+from transferlab.config import check_config_itself, check_required, compose, dotted_settings
+from transferlab.run.budget import check_training_budget
 from transferlab.run.resume import (
     ResumePlan,
     check_resume,
@@ -134,7 +135,13 @@ def check_overrides_compose(argv: Sequence[str]) -> None:
     cfg = _compose_or_refuse(args.config_name or "train", args.overrides)
     if cfg is not None:
         _check_deletions(args.overrides, args.config_name or "train")
+        check_required(cfg)  # before the interpolations: `${source}` of an unset source says "set source"
         _check_interpolations(cfg, args.overrides)
+        if (args.config_name or "train") == "train":
+            # The checks that read the composed config alone, here too: answered before torch and
+            # Lightning are imported (the job repeats them, build.check_config, with the rest).
+            check_config_itself(cfg)
+            check_training_budget(cfg.trainer, test=bool(cfg.get("test", True)))
 
 
 def command_line_overrides(argv: Sequence[str]) -> dict[str, str | None]:

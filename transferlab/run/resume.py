@@ -18,9 +18,6 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import config_dir, dotted_settings
-from transferlab.methods.modes import facts_before_they_were_stated
-from transferlab.models.architecture import current_target
-from transferlab.run.calibration import fits_temperature
 from transferlab.store.rundir import ResumeSource, RunDir, resume_source
 from transferlab.utils.errors import UserError
 
@@ -68,12 +65,8 @@ ADDED_SETTINGS = {
     "regularizer.name": "none",  # the regularizer group (issue 15): no penalty
     "model.label_smoothing": 0.0,  # issue 19: runs before it trained on plain cross-entropy
     # a mode's facts, stated in conf/mode/*.yaml since the layout of issue 23: what its name meant then
-    "mode.backbone_fixed": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))[
-        "backbone_fixed"
-    ],
-    "mode.head_solve": lambda recorded: facts_before_they_were_stated(recorded.get("mode.name"))[
-        "head_solve"
-    ],
+    "mode.backbone_fixed": lambda recorded: _facts_of(recorded.get("mode.name"))["backbone_fixed"],
+    "mode.head_solve": lambda recorded: _facts_of(recorded.get("mode.name"))["head_solve"],
     # TrainAll's BatchNorm rule (issue 19): before it, TrainAll (finetune, scratch, lp_ft) put every
     # BatchNorm in train mode, what `train_bn: true` does; lp_ft now passes `${mode.train_bn}` (false)
     "mode.callback.train_bn": True,
@@ -187,7 +180,7 @@ def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumeP
         previous,
         source.finished,
         bool(cfg.get("test", True)),
-        calibrates=fits_temperature(cfg.get("calibration")),
+        calibrates=_fits_temperature(cfg.get("calibration")),
     )
 
 
@@ -309,11 +302,31 @@ def _as_settings_are_now(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+# Imported when used, not with this module: the command line's checks (cli.overrides, before Hydra)
+# run before Lightning and torch are imported (transferlab.__main__), and these modules import them.
+def _facts_of(mode_name: Any) -> dict[str, Any]:
+    from transferlab.methods.modes import facts_before_they_were_stated
+
+    return facts_before_they_were_stated(mode_name)
+
+
+def _current_target(target: Any) -> Any:
+    from transferlab.models.architecture import current_target
+
+    return current_target(target)
+
+
+def _fits_temperature(calibration: Any) -> bool:
+    from transferlab.run.calibration import fits_temperature
+
+    return fits_temperature(calibration)
+
+
 def _under_current_names(settings: dict[str, Any]) -> dict[str, Any]:
     """`settings` with each moved key's value under its new key; the new key's old value was the
     interpolation `${old key}` (or absent), which now stands for the value itself."""
     settings = {
-        key: current_target(value) if key.endswith("._target_") else value for key, value in settings.items()
+        key: _current_target(value) if key.endswith("._target_") else value for key, value in settings.items()
     }
     for old, new in RENAMED_SETTINGS.items():
         if old in settings and settings.get(new, f"${{{old}}}") == f"${{{old}}}":

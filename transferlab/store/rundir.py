@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -235,6 +234,8 @@ def _version(path: Path) -> tuple[str, int, int]:
 @functools.lru_cache(maxsize=8)
 def _load(path: str, mtime_ns: int, size: int) -> Any:
     # The file's version is part of the key: a checkpoint rewritten since is read again.
+    import torch  # here: the command line's checks run before torch is imported (transferlab.__main__)
+
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
@@ -248,6 +249,8 @@ def add_to_record(path: Path, entries: dict[str, Any]) -> None:
     """Set `entries` in transferlab's record of the checkpoint at `path` (what it learnt after it was
     saved: the temperature fitted after its test); the rest of the file is kept, and it is rewritten
     atomically (a killed rewrite leaves the checkpoint as it was)."""
+    import torch
+
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if not isinstance(checkpoint.get("transferlab"), dict):
         checkpoint["transferlab"] = {}
