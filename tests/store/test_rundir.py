@@ -50,7 +50,7 @@ def test_a_checkpoint_is_read_once_per_version_of_its_file(tmp_path, monkeypatch
     torch.save({"state_dict": {}, "transferlab": {"num_classes": 3}}, path)
     loads = []
     real_load = torch.load
-    monkeypatch.setattr(rundir.torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     assert transferlab_record(read_checkpoint(path, "ckpt_path")) == {"num_classes": 3}
     read_checkpoint(path, "ckpt_path")
     assert len(loads) == 1  # the record, the epochs and the clock of one resume: one load
