@@ -580,14 +580,12 @@ def test_the_settings_a_changed_preset_had_are_put_back_with_group_options_found
     recorded = compose_config(
         [*base, "scheduler=warmup_cosine", "optimizer.lr=0.05", "data.augment=true"], tmp_path
     )
-    back = settings_of_changed_presets(recorded, lambda extra: compose_config([*base, *extra], tmp_path), [])
+    back = settings_of_changed_presets(recorded, lambda extra: compose_config([*base, *extra], tmp_path))
     assert back == ["scheduler=warmup_cosine", "++data.augment=true", "++optimizer.lr=0.05"]
     assert config_changes(recorded, compose_config([*base, *back], tmp_path)) == []
     # nothing changed: nothing to put back
     assert (
-        settings_of_changed_presets(
-            recorded, lambda extra: compose_config([*base, *back, *extra], tmp_path), []
-        )
+        settings_of_changed_presets(recorded, lambda extra: compose_config([*base, *back, *extra], tmp_path))
         == []
     )
 
@@ -603,7 +601,7 @@ def test_a_changed_preset_whose_group_option_no_longer_exists_is_not_guessed(tmp
         recorded.scheduler = OmegaConf.create({"_target_": "some.removed.Schedule", "_partial_": True})
     assert (
         settings_of_changed_presets(
-            recorded, lambda extra: compose_config(["backbone=cnn_small", *extra], tmp_path), []
+            recorded, lambda extra: compose_config(["backbone=cnn_small", *extra], tmp_path)
         )
         is None
     )

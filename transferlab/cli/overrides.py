@@ -394,7 +394,7 @@ def _presets_as_they_were(
     if source is None or source.trained_config is None:
         return []
     putting_back = settings_of_changed_presets(
-        source.trained_config, lambda extra: compose(name, [*command, *added, *extra]), []
+        source.trained_config, lambda extra: compose(name, [*command, *added, *extra])
     )
     if putting_back:
         print(

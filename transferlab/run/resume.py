@@ -220,7 +220,7 @@ def settings_as_it_ran(saved: DictConfig, current: DictConfig) -> dict[str, str]
 
 
 def settings_of_changed_presets(
-    saved: DictConfig, compose_with: Callable[[list[str]], DictConfig], overrides: list[str]
+    saved: DictConfig, compose_with: Callable[[list[str]], DictConfig]
 ) -> list[str] | None:
     """For a run resumed with the command line it was started with, whose presets or defaults have
     changed since (the lite0 recipes chose new values on validation): the overrides that put back
@@ -228,7 +228,7 @@ def settings_of_changed_presets(
     resume is refused as any other mismatch). Group options are found by the `_target_` they set."""
     added: list[str] = []
     for _ in range(2):  # groups first (they bring their own keys), then the leaves left
-        changed = _changed_settings(saved, compose_with([*overrides, *added]))
+        changed = _changed_settings(saved, compose_with(added))
         if not changed:
             return added
         groups = {key.rsplit(".", 1)[0] for key, _ in changed if key.endswith("._target_")}
@@ -239,7 +239,7 @@ def settings_of_changed_presets(
             added += options
             continue
         added += [_override_putting_back(key, value) for key, value in changed]
-    return added if not _changed_settings(saved, compose_with([*overrides, *added])) else None
+    return added if not _changed_settings(saved, compose_with(added)) else None
 
 
 def _changed_settings(saved: DictConfig, current: DictConfig) -> list[tuple[str, Any]]:
