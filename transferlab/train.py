@@ -24,7 +24,7 @@ from transferlab.run.confusion import per_class_results
 from transferlab.run.fit import fit_or_solve
 from transferlab.run.hparams import log_hyperparameters
 from transferlab.run.interrupts import ctrl_c_reported
-from transferlab.run.results import optimized_metric, write_results
+from transferlab.run.results import optimized_metric, whole_features_time, write_results
 from transferlab.store.lock import TRAIN, owned
 from transferlab.utils.errors import user_errors_as_one_line
 from transferlab.utils.quietlogs import quiet_third_party, route_lightning_logs_through_root
@@ -78,14 +78,21 @@ def run(cfg: DictConfig) -> float | None:
     metrics.update(calibration.metrics)
     metrics.update(
         # Computing (or loading) cached backbone features happens before fit: counted apart.
-        features_time_s=round(built.features_time_s, 3),
+        # the whole run's: a resumed LP-FT run does not repeat the first process's probe features
+        features_time_s=round(whole_features_time(trainer, plan, built.features_time_s), 3),
         params_total=sum(p.numel() for p in model.parameters()),
         params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if trainer.is_global_zero:
         # linear_probe / lp_ft: the L2 grid and the choice go into run_info.json
         write_results(
-            cfg, output_dir, metrics, plan, probe=probe_record(trainer), calibration=calibration.record
+            cfg,
+            output_dir,
+            metrics,
+            plan,
+            probe=probe_record(trainer),
+            calibration=calibration.record,
+            backbone_weights=model.backbone.weights_source,
         )
     return metrics.get(optimized_metric(cfg))
 

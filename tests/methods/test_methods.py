@@ -209,6 +209,13 @@ def test_linear_probe_run_writes_the_usual_metrics_and_a_checkpoint_other_runs_l
     )
     followed = json.loads((follow / "metrics.json").read_text())
     assert followed["train/penalty"] > 0 and "test/acc" in followed
+    # run_info.json records the weights each backbone started from, as loaded (what analyses key on)
+    started_from = json.loads((follow / "run_info.json").read_text())["backbone_weights"]
+    assert (
+        Path(started_from).is_absolute()
+        and Path(started_from).parent == (probe_dir / "checkpoints").resolve()
+    )
+    assert json.loads((probe_dir / "run_info.json").read_text())["backbone_weights"] == "random init"
 
 
 class KillMidEpoch:
@@ -287,6 +294,8 @@ def test_lp_ft_killed_while_fine_tuning_resumes_without_redoing_the_probe(cifar1
         assert log.count("probe state (before fine-tuning)") == 1, kill_at  # validated once
         assert "the probe stage is not repeated" in log
         assert _without_time(killed_dir) == _without_time(whole), kill_at
+        # the probe's features were the killed process's: the whole run's time still counts them
+        assert json.loads(run.metrics.read_text())["features_time_s"] > 0, kill_at
         # restored from the checkpoint: run_info.json did not exist when the run was killed
         assert _probe_choice(killed_dir) == _probe_choice(whole)
 
@@ -364,6 +373,14 @@ MEANINGLESS = [
     (["mode=lp_ft", "mode.l2_grid=0.1"], "mode.l2_grid=0.1 must be a non-empty list"),
     (["mode=lp_ft", "mode.train_bn=maybe"], "mode.train_bn='maybe' must be true or false"),
     (["mode=lp_ft", "mode.callback.train_bn=2"], "mode.callback.train_bn=2 must be true or false"),
+    # a probe solves and chooses on the whole splits: a batch limit would report other images' metrics
+    *(
+        (
+            ["mode=linear_probe", f"trainer.{key}={value}"],
+            f"mode=linear_probe solves and chooses on the whole splits, so trainer.{key}={value}",
+        )
+        for key, value in (("limit_val_batches", 1), ("limit_test_batches", 0.5), ("limit_train_batches", 3))
+    ),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -22,9 +23,12 @@ def rank_csv(path, rows):
     return path
 
 
-def run(tmp_path, name, backbone, weights, acc):
+def run(tmp_path, name, backbone, weights, acc, loaded=None):
+    """A finished run; `loaded`: the weights it recorded as loaded (None: an older run that did not)."""
     config = OmegaConf.create({"backbone": {"weights": str(weights)}})
-    return Run(tmp_path / name, {}, config, {"test/acc": acc}, choices={"backbone": backbone})
+    return Run(
+        tmp_path / name, {}, config, {"test/acc": acc}, choices={"backbone": backbone}, weights_loaded=loaded
+    )
 
 
 def test_rows_match_runs_by_option_or_by_the_checkpoint_they_read_and_tau_is_kendalls(tmp_path):
@@ -75,3 +79,80 @@ def test_a_file_that_is_not_a_ranking_or_matches_no_run_is_one_line(tmp_path):
     )
     with pytest.raises(UserError, match="none of its backbones"):
         write_agreement(table, [run(tmp_path, "b0", "b", "imagenet", 0.5)], tmp_path)
+
+
+SCORE_CELLS = {"logme": 1.0, "h_score": 1.0, "leep": "", "nce": "nan"}
+
+
+def test_runs_join_a_row_by_the_weights_they_loaded_not_by_the_backbone_their_config_names(tmp_path):
+    rows = [
+        {"backbone": "a", "weights": "pkg a", **SCORE_CELLS, "logme": 1.0},
+        {"backbone": "b", "weights": "pkg b", **SCORE_CELLS, "logme": 2.0},
+    ]
+    table = rank_csv(tmp_path / "rank.csv", rows)
+    runs = [
+        run(tmp_path, "a_ft", "a", "imagenet", 0.50, loaded="pkg a"),
+        # mode=scratch of backbone a: its config names a's weights, it loaded none
+        run(tmp_path, "a_scratch", "a", "imagenet", 0.10, loaded="random init"),
+        run(tmp_path, "a_other", "a", "imagenet", 0.20, loaded="pkg a-v2"),  # other weights of a
+        run(tmp_path, "b_ft", "b", "imagenet", 0.60, loaded="pkg b"),
+        run(tmp_path, "b_old", "b", "imagenet", 0.70),  # recorded nothing: matched by its config, said so
+    ]
+    ranked = match_runs(read_rank_table(table), runs)
+    assert [sorted(b.accuracies) for b in ranked] == [[0.50], [0.60, 0.70]]
+    assert [b.unrecorded for b in ranked] == [0, 1]
+    _, text = write_agreement(table, runs, tmp_path)
+    assert "1 of the runs predate run_info.json's backbone_weights" in text
+
+
+def test_an_older_run_is_random_init_where_its_config_says_so(tmp_path):
+    from transferlab.report.runs import _weights_loaded
+
+    info = tmp_path / "run_info.json"
+    config = lambda mode, weights: OmegaConf.create({"mode": mode, "backbone": {"weights": weights}})  # noqa: E731
+    assert (
+        _weights_loaded(info, config({"name": "scratch", "pretrained": False}, "imagenet")) == "random init"
+    )
+    assert (
+        _weights_loaded(info, config({"name": "scratch"}, "imagenet")) == "random init"
+    )  # before mode.pretrained
+    assert _weights_loaded(info, config({"name": "finetune", "pretrained": True}, "none")) == "random init"
+    assert _weights_loaded(info, config({"name": "finetune", "pretrained": True}, "imagenet")) is None
+    info.write_text('{"backbone_weights": "torchvision:X"}')
+    assert (
+        _weights_loaded(info, config({"name": "scratch"}, "imagenet")) == "torchvision:X"
+    )  # the record wins
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            [
+                {"backbone": "a", "weights": "x", **SCORE_CELLS},
+                {"backbone": "a", "weights": "y", **SCORE_CELLS},
+            ],
+            "names backbone a twice (lines 2 and 3)",
+        ),
+        (
+            [{"backbone": "a", "weights": "x", **SCORE_CELLS, "logme": "1.2.3"}],
+            "line 2: logme='1.2.3' is neither",
+        ),
+        ([{"backbone": "a", "weights": "x", **SCORE_CELLS, "h_score": "inf"}], "h_score='inf' is neither"),
+        ([{"backbone": "a", "weights": "x", **SCORE_CELLS, "leep": "n/a"}], "leep='n/a' is neither"),
+        ([{"backbone": "", "weights": "x", **SCORE_CELLS}], "line 2: no backbone named"),
+    ],
+)
+def test_a_ranking_it_cannot_interpret_is_refused_not_guessed(tmp_path, rows, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_rank_table(rank_csv(tmp_path / "rank.csv", rows))
+
+
+def test_a_score_left_empty_or_nan_is_n_a(tmp_path):
+    table = rank_csv(tmp_path / "rank.csv", [{"backbone": "a", "weights": "x", **SCORE_CELLS}])
+    (ranked,) = match_runs(read_rank_table(table), [])
+    assert (
+        math.isnan(ranked.scores["leep"])
+        and math.isnan(ranked.scores["nce"])
+        and ranked.scores["logme"] == 1.0
+    )

@@ -352,7 +352,15 @@ def probe_sweep_dir(tmp_path_factory, cifar10_root, torch_home) -> Path:
         "-m",
         "mode=linear_probe,finetune",
         "backbone=cnn_small",
-        *tiny_run(JOB),
+        # whole splits: a probe solves and chooses on them, and refuses batch limits
+        *tiny_run(
+            {
+                **JOB,
+                **dict.fromkeys(
+                    ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches")
+                ),
+            }
+        ),
         "callbacks.progress_bar=null",
         f"data.root={cifar10_root}",
         f"hydra.sweep.dir={sweep}",

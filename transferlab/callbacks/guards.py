@@ -307,17 +307,21 @@ def stretch_cosine(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, t_max:
 
 
 class TrainingClock(Callback):
-    """The training time of the whole run, across resumes.
+    """The training time of the whole run, across resumes, and the time its cached features took.
 
     The time trained so far goes into every checkpoint, so a resumed run reports the
     interrupted part plus its own (the time after the last checkpoint was lost with the
-    epochs it trained, which the resume repeats).
+    epochs it trained, which the resume repeats). The features' time goes in too: a resumed
+    LP-FT run does not repeat its probe stage, whose features were the first process's.
     """
 
     def __init__(self) -> None:
         self.before = 0.0  # seconds trained before this process, read from the checkpoint
         self._restored = 0.0  # the last checkpoint's time, whatever stage restored it
         self.added = 0.0  # training done outside fit in this process (LP-FT's probe solve)
+        self.features_before = 0.0  # features computed by the processes before this one
+        self._features_restored = 0.0
+        self.features = 0.0  # this process's (set before fit)
         self._started: float | None = None
         self._stopped: float | None = None
 
@@ -329,6 +333,7 @@ class TrainingClock(Callback):
         # and taking the best epoch's time as "before" would count those epochs twice.
         # (on_train_start: after the checkpoint is restored, whichever the strategy's order.)
         self.before = self._restored
+        self.features_before = self._features_restored
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stopped = time.perf_counter()
@@ -346,11 +351,17 @@ class TrainingClock(Callback):
     def total(self) -> float:
         return self.before + self.added + self.elapsed()
 
+    def features_total(self) -> float:
+        """Seconds the run's cached features took, in every process that trained it."""
+        return self.features_before + self.features
+
     def state_dict(self) -> dict[str, float]:
-        return {"train_time_s": self.total()}
+        return {"train_time_s": self.total(), "features_time_s": self.features_total()}
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self._restored = float(state_dict.get("train_time_s", 0.0))
+        # checkpoints written before the clock kept it: the features of those processes are unknown (0)
+        self._features_restored = float(state_dict.get("features_time_s", 0.0))
 
 
 def state_dict_difference(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:

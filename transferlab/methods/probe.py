@@ -178,9 +178,12 @@ def probe_from_config(mode: Any) -> LinearProbe:
 
 
 # ---- checks before anything is built ------------------------------------------------------
-def check_probe(facts: Mode, mode: Any, head_target: str, ckpt_path: Any, caches_features: bool) -> None:
+def check_probe(
+    facts: Mode, mode: Any, head_target: str, ckpt_path: Any, caches_features: bool, trainer: Any = None
+) -> None:
     """A mode that solves for its head: a linear head, a valid grid; one that solves instead of a fit
-    also needs features that can be computed once, and has nothing to resume."""
+    also needs features that can be computed once, has nothing to resume, and is measured on the
+    splits it solved and chose on."""
     if not facts.solves_head:
         return
     if not str(head_target).endswith("linear_head"):
@@ -201,6 +204,21 @@ def check_probe(facts: Mode, mode: Any, head_target: str, ckpt_path: Any, caches
             f"mode={facts.name} fits on the backbone's features computed once, without augmentation; set "
             "data.augment=false, mode.train_bn=false and data.cache_features=auto (or true)"
         )
+    _check_whole_splits(facts.name, trainer)
+
+
+def _check_whole_splits(name: str, trainer: Any) -> None:
+    # The solve and the choice of its L2 strength read every training and validation feature; the
+    # trainer's batch limits would cut only the reported val/acc and test/acc, which would then
+    # describe other images than the grid record (run_info.json) does.
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = (trainer or {}).get(key)
+        whole = value is None or (isinstance(value, float) and value == 1.0)  # an int counts batches
+        if not whole:
+            raise UserError(
+                f"mode={name} solves and chooses on the whole splits, so trainer.{key}={value} would report "
+                f"metrics of other images than it chose on; drop trainer.{key} (use data.fewshot.per_class for a smaller run)"
+            )
 
 
 # ---- mode=linear_probe: a solve instead of a fit ------------------------------------------------

@@ -1,9 +1,11 @@
 """Does a transferability ranking order the backbones as fine-tuning did? (`report --rank rank.csv`)
 
-Each row of a `python -m transferlab.rank` table is matched with the finished runs that used its
-backbone: a row whose weights came from a file or run dir matches the runs that started from that
-file (`backbone.weights=PATH`); the others match runs by the backbone option they name
-(`backbone=efficientnet_lite1`) with that option's own weights. The accuracy of a backbone is the
+Each row of a `python -m transferlab.rank` table is matched with the finished runs whose backbone
+started from the weights it ranked, as each run recorded them when they were loaded (run_info.json
+`backbone_weights`): a row whose weights came from a file or run dir matches the runs that started
+from that file; the others match runs of the same backbone option with the same weights, so a
+`mode=scratch` run (random init) never joins a pretrained row. Older runs that did not record
+their weights are matched by the backbone option their config names (the table says how many). The accuracy of a backbone is the
 mean test accuracy of its runs; Kendall's tau-b compares each score's order with that order, and
 the weighted tau (scipy.stats.weightedtau, as published transferability tables report it) weighs
 the top of the orders most.
@@ -30,6 +32,7 @@ class RankedBackbone:
     label: str
     scores: dict[str, float]
     accuracies: list[float]  # test/acc of the matching runs
+    unrecorded: int = 0  # of them, older runs that did not record their weights (matched by config)
 
 
 def read_rank_table(path: Path) -> list[dict[str, str]]:
@@ -44,33 +47,85 @@ def read_rank_table(path: Path) -> list[dict[str, str]]:
         raise UserError(
             f"--rank {path} is not a rank.csv of python -m transferlab.rank (columns backbone, weights, {', '.join(SCORES)})"
         )
+    check_rows(rows, path)
     return rows
 
 
+def check_rows(rows: list[dict[str, str]], path: Path) -> None:
+    """One row per backbone, every score a number or n/a: a table that names a backbone twice
+    would count it twice in tau, and a cell that cannot be read is not "no source classifier"."""
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        label = row.get("backbone") or ""
+        if not label:
+            raise UserError(
+                f"--rank {path}, line {line}: no backbone named; give the rank.csv that python -m transferlab.rank wrote"
+            )
+        if label in seen:
+            raise UserError(
+                f"--rank {path} names backbone {label} twice (lines {seen[label]} and {line}), so tau would count it twice; "
+                "keep one row per backbone (rerun python -m transferlab.rank)"
+            )
+        seen[label] = line
+        for name in SCORES:
+            _score_cell(row.get(name), path, line, name)
+
+
+def _score_cell(text: str | None, path: Path, line: int, name: str) -> float:
+    """A score as rank.csv writes it: a finite number, or empty / `nan` where it is n/a."""
+    if text is None or text.strip().lower() in ("", "nan"):
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise UserError(
+            f"--rank {path}, line {line}: {name}={text!r} is neither a finite score nor n/a (empty or nan); "
+            "give the rank.csv that python -m transferlab.rank wrote"
+        )
+    return value
+
+
 def match_runs(rows: list[dict[str, str]], runs: list[Run]) -> list[RankedBackbone]:
+    """Each row with the runs whose backbone started from the weights it ranked: by the weights each
+    run recorded as loaded (run_info.json), so a random-init run never joins a pretrained row."""
     ranked = []
     for row in rows:
         matching = [run for run in runs if _uses(run, row) and "test/acc" in run.metrics]
-        scores = {name: _number(row[name]) for name in SCORES}
+        scores = {name: _score_cell(row[name], Path("rank.csv"), 0, name) for name in SCORES}
         ranked.append(
-            RankedBackbone(row["backbone"], scores, [float(run.metrics["test/acc"]) for run in matching])
+            RankedBackbone(
+                row["backbone"],
+                scores,
+                [float(run.metrics["test/acc"]) for run in matching],
+                unrecorded=sum(run.weights_loaded is None for run in matching),
+            )
         )
     return ranked
 
 
 def _uses(run: Run, row: dict[str, str]) -> bool:
+    if run.weights_loaded is not None:
+        # What the run loaded. A file (a checkpoint, a run dir's best) is the same file whatever the
+        # backbone's label; a named source (torchvision:..., a pip package's) also needs the same backbone.
+        if _is_file_source(row["weights"]) or _is_file_source(run.weights_loaded):
+            return _same_file(run.weights_loaded, row["weights"])
+        return run.weights_loaded == row["weights"] and run.choices.get("backbone") == row["backbone"]
+    # An older run that did not record its weights: matched by what its config names
     weights = _config_value(run.config, "backbone.weights")
     if weights not in ("", "null", "none", "imagenet") and Path(weights).exists():
         # a file or run dir: the ranking's weights column names the checkpoint file it read
         return row["weights"].startswith(str(Path(weights).resolve())) or row["weights"].startswith(weights)
-    return run.choices.get("backbone") == row["backbone"]
+    return row["weights"] != "random init" and run.choices.get("backbone") == row["backbone"]
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return math.nan
+def _is_file_source(source: str) -> bool:
+    return source.endswith((".ckpt", ".pt", ".pth", ".bin", ".safetensors")) or Path(source).is_file()
+
+
+def _same_file(a: str, b: str) -> bool:
+    return a == b or Path(a).resolve() == Path(b).resolve()
 
 
 def agreement(ranked: list[RankedBackbone], weighted: bool = False) -> dict[str, float]:
@@ -100,6 +155,13 @@ def agreement_markdown(ranked: list[RankedBackbone], rank_csv: Path) -> str:
         lines.append(f"| {b.label} | {shown} | {accuracy} | {len(b.accuracies)} |")
     lines.append("| **Kendall's tau-b with test/acc** | " + _tau_cells(tau) + " | | |")
     lines.append("| **weighted tau with test/acc** | " + _tau_cells(weighted) + " | | |")
+    unrecorded = sum(b.unrecorded for b in ranked)
+    if unrecorded:
+        lines += [
+            "",
+            f"{unrecorded} of the runs predate run_info.json's backbone_weights: matched by the backbone their "
+            "config names, assuming they loaded its weights.",
+        ]
     missing = [b.label for b in ranked if not b.accuracies]
     if missing:
         lines += ["", f"No finished run used {', '.join(missing)}: left out of tau."]

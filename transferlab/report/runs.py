@@ -42,6 +42,9 @@ class Run:
     fewshot_counts: dict[str, int] | None = field(default=None, repr=False)
     #: the config group choices Hydra recorded (`.hydra/hydra.yaml`): `{"data": "cifar10", "backbone": ...}`
     choices: dict[str, str] = field(default_factory=dict, repr=False)
+    #: the weights the backbone started from, as loaded (run_info.json `backbone_weights`; "random init"
+    #: for a mode that is not pretrained); None for an older run that recorded neither
+    weights_loaded: str | None = field(default=None, repr=False)
 
     def component(self, group: str) -> str:
         """What a config group built: its `name` (a torchvision/timm backbone's model), else the
@@ -147,7 +150,33 @@ def load_run(path: Path) -> Run:
         metrics=with_run_time(read_metrics(path / "metrics.json")),
         fewshot_counts=_read_fewshot_counts(path / "fewshot_indices.json"),
         choices=_read_choices(path / ".hydra" / "hydra.yaml"),
+        weights_loaded=_weights_loaded(path / "run_info.json", config),
     )
+
+
+def _weights_loaded(run_info_file: Path, config) -> str | None:
+    """What the backbone started from, as the run recorded it; an older run's only where its config
+    leaves no doubt (a mode that is not pretrained starts from random init, whatever backbone.weights says)."""
+    try:
+        recorded = json.loads(run_info_file.read_text()).get("backbone_weights")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    pretrained = _config_value(config, "mode.pretrained")
+    not_pretrained = pretrained == "false" or (
+        pretrained == MISSING and _config_value(config, "mode.name") == "scratch"
+    )
+    # models.weights.NO_WEIGHTS, spelled here: the report reads runs without importing torch
+    if not_pretrained or _config_value(config, "backbone.weights").lower() in (
+        "none",
+        "null",
+        "false",
+        "random",
+        "",
+    ):
+        return "random init"
+    return None
 
 
 def _resumed_max_epochs(run_info_file: Path) -> int | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from transferlab.callbacks.guards import TrainingClock
 from transferlab.methods.probe import (
     probe_from_config,
     probe_head_before_fit,
@@ -52,12 +53,14 @@ def fit_or_solve(cfg: DictConfig, built, output_dir: Path, plan: ResumePlan | No
             use_disk,
             resuming=plan is not None,
         )
+        training_clock(trainer).features = built.features_time_s  # the probe state's checkpoint records it
         if plan is None:  # the probe state is validated and saved; it is the best until an epoch beats it
             validate_probe_state(trainer, model, datamodule, RunDir(output_dir).probe_state)
     if plan is not None and not plan.trains:
         # A finished run resumed to be tested (e.g. the chosen trial of a search): nothing to train.
         return test_without_training(trainer, model, datamodule, plan)
     resume_from = checkpoint_path(cfg.ckpt_path, output_dir)
+    training_clock(trainer).features = built.features_time_s  # into every checkpoint the fit saves
     trainer.fit(model, datamodule=datamodule, ckpt_path=None if resume_from is None else str(resume_from))
     metrics = {
         k: as_number(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))
@@ -67,3 +70,7 @@ def fit_or_solve(cfg: DictConfig, built, output_dir: Path, plan: ResumePlan | No
         metrics.update(test_best(trainer, model, datamodule))
     metrics.update(epochs=trainer.current_epoch, train_time_s=round(whole_train_time(trainer, plan), 3))
     return metrics
+
+
+def training_clock(trainer) -> TrainingClock:
+    return next(c for c in trainer.callbacks if isinstance(c, TrainingClock))

@@ -60,15 +60,27 @@ def write_results(
     plan: ResumePlan | None,
     probe: dict | None = None,
     calibration: dict | None = None,
+    backbone_weights: str | None = None,
 ) -> None:
     """`probe`: what a linear probe (mode=linear_probe, lp_ft) chose; `calibration`: the temperature
-    fitted after the test and how (`run.calibration`); both recorded in run_info.json."""
+    fitted after the test and how (`run.calibration`); `backbone_weights`: what the backbone started
+    from, as loaded; all recorded in run_info.json."""
     run_dir = RunDir(output_dir)
     run_dir.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     record = run_record(cfg, output_dir, plan, probe, calibration)
+    if backbone_weights is not None:
+        # The first process's record stands: a resume builds from the same starting weights.
+        record.setdefault("backbone_weights", recorded_weights(backbone_weights))
     run_dir.run_info.write_text(json.dumps(record, indent=2) + "\n")
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     log.info("outputs in %s", output_dir)
+
+
+def recorded_weights(source: str) -> str:
+    """A weights source as run_info.json records it: a file by its absolute path (analyses compare
+    it with the path a ranking read), anything else (`torchvision:...`, `random init`) as it is."""
+    path = Path(source)
+    return str(path.resolve()) if path.is_file() else source
 
 
 def run_record(
@@ -134,6 +146,16 @@ def whole_train_time(trainer: L.Trainer, plan: ResumePlan | None) -> float:
     clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
     previous = plan.previous_metrics().get("train_time_s") if plan is not None else None
     return clock.elapsed() + previous if previous is not None else clock.total()
+
+
+def whole_features_time(trainer: L.Trainer, plan: ResumePlan | None, this_process: float) -> float:
+    """The cached features' time of the whole run: this process's plus the earlier ones' (a finished
+    run's metrics.json, else the checkpoint's clock), as train_time_s counts training."""
+    previous = plan.previous_metrics().get("features_time_s") if plan is not None else None
+    if previous is None:
+        clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
+        previous = clock.features_before if clock is not None else 0.0
+    return float(previous) + this_process
 
 
 def optimized_metric(cfg: DictConfig) -> str:
