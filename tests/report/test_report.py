@@ -759,3 +759,22 @@ def test_a_read_only_sweep_dir_is_one_line_through_the_command(sweep_dir, tmp_pa
     assert done.stderr.splitlines() == [
         f"transferlab: error: cannot write the report to {mount_point} (Read-only file system); pick another folder with --out"
     ]
+
+
+def test_the_report_says_when_runs_were_tested_on_different_numbers_of_images(tmp_path):
+    from transferlab.report.runs import Run
+    from transferlab.report.tables import tested_images_lines
+
+    def run(name, metrics):
+        return Run(tmp_path / name, {}, None, {"test/acc": 0.5, **metrics}, name=name)
+
+    assert tested_images_lines([run("a", {"test/images": 1000}), run("b", {"test/images": 1000})]) == [
+        "- Every run tested on the same number of test images: 1,000"
+    ]
+    (differ,) = tested_images_lines([run("a", {"test/images": 1000}), run("b", {"test/images": 64})])
+    assert "**Test images differ between runs** (a 1,000, b 64;" in differ
+    (older,) = tested_images_lines([run("a", {"test/images": 1000}), run("b", {})])
+    assert "b unrecorded" in older
+    assert (
+        tested_images_lines([run("a", {}), run("b", {})]) == []
+    )  # runs that predate the count: nothing said

@@ -59,6 +59,8 @@ def test_metrics_json_has_accuracy_per_class_by_name_consistent_with_test_acc(sc
     # the matrix counts the same test images as test/acc, which stays the micro accuracy
     assert sum(correct) / sum(tested) == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert isinstance(metrics["test/acc"], float)
+    # and metrics.json says how many that was (what the report compares across runs)
+    assert metrics["test/images"] == sum(tested) > 0
 
 
 @pytest.mark.slow

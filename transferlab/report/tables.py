@@ -94,6 +94,7 @@ def report_markdown(
         f"- Same in every run: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'no common overrides'}",
         "- Accuracies in percent; time: training plus computing cached backbone features "
         "(`features_time_s`, frozen mode), in seconds",
+        *tested_images_lines(runs),
         *(
             [
                 "- `test/ece`: top-label expected calibration error of the test's probabilities (15 equal-width "
@@ -116,6 +117,22 @@ def report_markdown(
     if unfinished:
         lines.append(unfinished_markdown(unfinished))
     return "\n".join(lines)
+
+
+def tested_images_lines(runs: list[Run]) -> list[str]:
+    """How many test images each run's test numbers describe (metrics.json `test/images`), said
+    loudly when they differ: a test/acc over part of the split is not comparable with one over all."""
+    counts = {run.name: run.metrics.get("test/images") for run in runs if "test/acc" in run.metrics}
+    known = {n for n in counts.values() if n is not None}
+    if not known:
+        return []
+    if len(known) == 1 and None not in counts.values():
+        return [f"- Every run tested on the same number of test images: {known.pop():,}"]
+    shown = ", ".join(f"{name} {'unrecorded' if n is None else f'{n:,}'}" for name, n in counts.items())
+    return [
+        f"- **Test images differ between runs** ({shown}; `trainer.limit_test_batches`): their test numbers "
+        "are not over the same images"
+    ]
 
 
 def summary_markdown(runs: list[Run], analysis: Analysis | None = None) -> str:

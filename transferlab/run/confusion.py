@@ -44,7 +44,11 @@ def per_class_results(trainer, model, output_dir: Path) -> dict:
         figure.savefig(run_dir.confusion_png, dpi=110)
         log_figure(trainer, figure)
         _close(figure)
-    return {"test/acc_per_class": dict(zip(names, accuracy_per_class(matrix)))}
+    # the images the test numbers describe (all of the split, or what trainer.limit_test_batches left)
+    return {
+        "test/acc_per_class": dict(zip(names, accuracy_per_class(matrix))),
+        "test/images": int(matrix.sum()),
+    }
 
 
 def class_names(model, num_classes: int) -> list[str]:
