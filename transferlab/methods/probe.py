@@ -191,7 +191,13 @@ def check_probe(
         raise UserError(
             f"mode={facts.name} solves for a linear head (logistic regression), but head={name}; use head=linear"
         )
-    probe_from_config(mode)  # its own argument checks
+    from transferlab.methods.neighbors import (
+        is_neighbor_mode,
+        neighbors_from_config,
+    )  # it imports this module
+
+    # its own argument checks: the kNN / NCM settings, or the probe's grid
+    neighbors_from_config(mode) if is_neighbor_mode(mode) else probe_from_config(mode)
     if facts.fits:
         return
     if resumes(ckpt_path):

@@ -13,7 +13,7 @@ from transferlab.models.backbones import (
     truncated_resnet,
     vgg_blocks,
 )
-from transferlab.models.heads import linear_head, mlp_head
+from transferlab.models.heads import knn_head, linear_head, mlp_head, ncm_head
 from transferlab.models.module import TransferModule
 from transferlab.models.timm_backbones import efficientnet_lite, timm_backbone
 
@@ -22,8 +22,10 @@ __all__ = [
     "TransferModule",
     "cnn_small",
     "efficientnet_lite",
+    "knn_head",
     "linear_head",
     "mlp_head",
+    "ncm_head",
     "timm_backbone",
     "torchvision_backbone",
     "truncated_resnet",

@@ -13,6 +13,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from transferlab.callbacks.guards import TrainingClock
+from transferlab.methods.neighbors import (
+    is_neighbor_mode,
+    neighbors_from_config,
+    solve_neighbors_instead_of_fit,
+)
 from transferlab.methods.probe import (
     probe_from_config,
     probe_head_before_fit,
@@ -35,6 +40,11 @@ def fit_or_solve(cfg: DictConfig, built, output_dir: Path, plan: ResumePlan | No
     """The run's metrics: train/*, val/*, test/* (with `test`), epochs, train_time_s, best_checkpoint."""
     trainer, model, datamodule, mode = built.trainer, built.model, built.datamodule, built.mode
     test = bool(cfg.get("test", True))
+    if mode.head_solve == "instead_of_fit" and is_neighbor_mode(cfg.mode):  # kNN / NCM (methods/neighbors.py)
+        classifier = neighbors_from_config(cfg.mode)
+        checkpoint = RunDir(output_dir).solved(classifier.solver)
+        metrics = solve_neighbors_instead_of_fit(trainer, model, datamodule, classifier, checkpoint, test)
+        return {**metrics, **best_checkpoint_entry(checkpoint, output_dir)}
     if mode.head_solve == "instead_of_fit":  # one L-BFGS solve, no epochs (methods/probe.py)
         probe = probe_from_config(cfg.mode)
         checkpoint = RunDir(output_dir).probe

@@ -96,7 +96,8 @@ def run_record(
     info = run_info(cfg)
     record = info if plan is None else (RunDir(output_dir).read_run_info() or info)
     if probe is not None:
-        record["linear_probe"] = probe
+        # the L-BFGS probe's under `linear_probe`; a kNN / NCM solve's under its solver's name
+        record[probe.get("solver", "linear_probe")] = probe
     if calibration is not None:
         record["temperature"] = calibration["temperature"]
         record["calibration"] = calibration

@@ -9,7 +9,8 @@
       reliability.png                      the test's reliability diagram (before and after calibration)
       failed.json                          a sweep job that failed, and why
       checkpoints/last.ckpt                every epoch, for ckpt_path=last
-      checkpoints/best-epochNNN.ckpt       the best epoch by val/acc (best-lbfgs.ckpt: a linear probe's solve)
+      checkpoints/best-epochNNN.ckpt       the best epoch by val/acc (best-lbfgs.ckpt: a linear probe's solve;
+                                           best-knn.ckpt, best-ncm.ckpt: mode=knn, mode=ncm)
       checkpoints/probe-lbfgs.ckpt         LP-FT's probe state (before fine-tuning), validated: the best
                                            checkpoint until an epoch beats its val/acc
       tensorboard/                         the curves
@@ -120,6 +121,10 @@ class RunDir:
     @property
     def probe(self) -> Path:
         return self.checkpoints / self.PROBE
+
+    def solved(self, solver: str) -> Path:
+        """The checkpoint of a solve instead of a fit: best-knn.ckpt, best-ncm.ckpt (best-lbfgs.ckpt: `probe`)."""
+        return self.checkpoints / f"best-{solver}.ckpt"
 
     @property
     def probe_state(self) -> Path:
