@@ -79,12 +79,16 @@ def test_cache_is_reused_and_damaged_files_are_rebuilt(cifar10_root, tmp_path, m
     record = torch.load(files[1], weights_only=True)
     record["key"] = "something else"  # stale: written for other data
     torch.save(record, files[1])
+    record = torch.load(files[2], weights_only=True)
+    record["features"][0, 0] = float("nan")  # its own key, but not what a backbone computes
+    torch.save(record, files[2])
     with caplog.at_level("WARNING"):
         third = run_training(overrides, tmp_path / "c")
-    assert "unreadable" in caplog.text and "does not match" in caplog.text
+    assert "unreadable" in caplog.text and caplog.text.count("does not match") == 2
     assert third["test/acc"] == pytest.approx(first["test/acc"])
-    for f in files[:2]:
-        assert torch.load(f, weights_only=True)["key"] == f.stem  # rebuilt properly
+    for f in files[:3]:
+        rebuilt = torch.load(f, weights_only=True)
+        assert rebuilt["key"] == f.stem and torch.isfinite(rebuilt["features"]).all()  # rebuilt properly
 
 
 def test_cached_checkpoint_predicts_on_images(cifar10_root, tmp_path):

@@ -229,7 +229,13 @@ def _load(path: Path, split: Split) -> torch.Tensor | None:
         record = torch.load(path, map_location="cpu", weights_only=True)
         features, labels = record["features"], record["labels"]
         valid = (
-            record.get("key") == key and features.shape[0] == len(split) and torch.equal(labels, split.labels)
+            record.get("key") == key
+            and isinstance(features, torch.Tensor)
+            and features.dim() == 2
+            and features.dtype.is_floating_point
+            and features.shape[0] == len(split)
+            and torch.equal(labels, split.labels)
+            and bool(torch.isfinite(features).all())  # a file edited, or written by a run that diverged
         )
     except Exception as e:  # a truncated or foreign file
         log.warning("feature cache %s is unreadable (%s); rebuilding it", path, type(e).__name__)

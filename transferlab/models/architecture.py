@@ -99,7 +99,8 @@ def rebuild_arguments(
     a checkpoint written before transferlab recorded its architecture is refused in one line.
     """
     file = checkpoint_file(path, setting)
-    record = transferlab_record(read_checkpoint(file, setting))
+    checkpoint = read_checkpoint(file, setting)
+    record = transferlab_record(checkpoint)
     if not record:
         raise UserError(
             f"{setting}={file} is not a transferlab checkpoint (it has no transferlab record); "
@@ -121,16 +122,77 @@ def rebuild_arguments(
     backbone = _instantiate(architecture["backbone"], file, "backbone")
     for name, value in (architecture.get("backbone_attributes") or {}).items():
         _set_attribute(backbone, name, value)
+    head = _instantiate(architecture["head"], file, "head")
+    num_classes = check_weights_fit(file, setting, checkpoint["state_dict"], backbone, head, record)
     return file, {
         "backbone": backbone,
-        "head": _instantiate(architecture["head"], file, "head"),
-        "num_classes": int(record["num_classes"]),
+        "head": head,
+        "num_classes": num_classes,
         "data_info": dict(data),
         "channels_last": bool(record.get("channels_last", False)),
         "architecture": architecture,
         # calibration.temperature=auto: fitted after the run's test; None in older or uncalibrated checkpoints
         "temperature": _temperature(record.get("temperature")),
     }
+
+
+def check_weights_fit(
+    file: Path, setting: str, state_dict: Any, backbone: nn.Module, head: nn.Module, record: dict
+) -> int:
+    """The checkpoint's tensors fit the network it records, and its class names its outputs (a
+    checkpoint of another package version, or edited, would otherwise end in a traceback deep in
+    load_state_dict, or name every prediction after the wrong class). Returns the number of classes."""
+    own = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    own.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    saved = state_dict if isinstance(state_dict, dict) else {}
+    saved = {k: v for k, v in saved.items() if str(k).startswith(("backbone.", "head."))}
+    junk = next((k for k, v in saved.items() if not hasattr(v, "shape")), None)
+    difference = (
+        f"{junk} is a {type(saved[junk]).__name__}, not a tensor" if junk else _difference(saved, own)
+    )
+    if difference:
+        raise UserError(
+            f"{setting}={file}: its weights do not fit the network it records ({difference}); it was written by "
+            "another version of transferlab or changed since: train it again, or give another checkpoint"
+        )
+    outputs = _outputs(head, own)
+    recorded = record.get("num_classes")
+    names = (record.get("data") or {}).get("class_names") or []
+    if (
+        not isinstance(recorded, int)
+        or isinstance(recorded, bool)
+        or recorded != outputs
+        or len(names) != outputs
+    ):
+        raise UserError(
+            f"{setting}={file} records {len(names)} class names and num_classes={recorded!r} for a network of "
+            f"{outputs} outputs: its predictions could not be named; train it again, or give another checkpoint"
+        )
+    return outputs
+
+
+def _difference(saved: dict, own: dict) -> str | None:
+    missing = [key for key in own if key not in saved]
+    if missing:
+        return f"it has no {missing[0]} ({len(missing)} tensors missing)"
+    unexpected = [key for key in saved if key not in own]
+    if unexpected:
+        return f"it has {unexpected[0]}, which the network lacks ({len(unexpected)} such tensors)"
+    for key, tensor in own.items():
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            return f"{key} is {tuple(saved[key].shape)} in it but {tuple(tensor.shape)} in the network"
+    return None
+
+
+def _outputs(head: nn.Module, own: dict) -> int:
+    """The head's number of outputs: its num_classes attribute (kNN), else its last Linear's."""
+    if isinstance(getattr(head, "num_classes", None), int):
+        return head.num_classes
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1].out_features
+    means = own.get("head.means")  # NCM: one mean per class
+    return int(means.shape[0]) if means is not None else -1
 
 
 def _temperature(value: Any) -> float | None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from transferlab.report.agreement import write_agreement
+from transferlab.report.agreement import ranked_backbones, write_agreement
 from transferlab.report.analysis import check_arm
 from transferlab.report.compare import DEFAULT_ARM, set_apart
 from transferlab.report.output import remove_stale_selection, write_report, write_selection
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         set_apart(unfinished, runs)
         check_arm(runs, options, given=args.arms is not None)  # before anything is written
         selection = select(runs, rule) if rule else None  # so is every bad --select-by
+        ranked = ranked_backbones(args.rank, runs) if args.rank else None  # and a rank.csv it cannot read
         if selection and not selection.over_given:
             print(f"--over not given: choosing over {','.join(selection.over)}", flush=True)
         out_dir = args.out or default_out_dir(args.paths)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             remove_stale_selection(out_dir)  # an earlier report's choice must not stand beside these runs
         if args.rank:
-            written["rank_agreement"], agreement_text = write_agreement(args.rank, runs, out_dir)
+            written["rank_agreement"], agreement_text = write_agreement(args.rank, runs, out_dir, ranked)
             print(agreement_text, flush=True)
     except UserError as error:
         exit_with(error)

@@ -37,11 +37,15 @@ class RankedBackbone:
 
 def read_rank_table(path: Path) -> list[dict[str, str]]:
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise UserError(
             f"--rank {path}: cannot read it ({e.strerror or type(e).__name__}); give the rank.csv that python -m transferlab.rank wrote"
+        ) from None
+    except (UnicodeDecodeError, csv.Error) as e:  # a binary file, NUL bytes
+        raise UserError(
+            f"--rank {path} is not a text table ({type(e).__name__}); give the rank.csv that python -m transferlab.rank wrote"
         ) from None
     if not rows or not {"backbone", "weights", *SCORES} <= set(rows[0]):
         raise UserError(
@@ -56,6 +60,11 @@ def check_rows(rows: list[dict[str, str]], path: Path) -> None:
     would count it twice in tau, and a cell that cannot be read is not "no source classifier"."""
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if None in row or None in row.values():  # csv.DictReader's marks of too many or too few cells
+            raise UserError(
+                f"--rank {path}, line {line}: not as many cells as the header has columns (truncated or edited); "
+                "rerun python -m transferlab.rank"
+            )
         label = row.get("backbone") or ""
         if not label:
             raise UserError(
@@ -172,12 +181,20 @@ def _tau_cells(tau: dict[str, float]) -> str:
     return " | ".join("n/a" if math.isnan(t) else f"**{t:+.2f}**" for t in tau.values())
 
 
-def write_agreement(rank_csv: Path, runs: list[Run], out_dir: Path) -> tuple[Path, str]:
+def ranked_backbones(rank_csv: Path, runs: list[Run]) -> list[RankedBackbone]:
+    """The ranking read, checked and matched with the runs: called before the report writes anything."""
     ranked = match_runs(read_rank_table(rank_csv), runs)
     if not any(b.accuracies for b in ranked):
         raise UserError(
             f"--rank {rank_csv}: none of its backbones ({', '.join(b.label for b in ranked)}) was used by the runs given; give the runs that fine-tuned them"
         )
+    return ranked
+
+
+def write_agreement(
+    rank_csv: Path, runs: list[Run], out_dir: Path, ranked: list[RankedBackbone] | None = None
+) -> tuple[Path, str]:
+    ranked = ranked if ranked is not None else ranked_backbones(rank_csv, runs)
     text = agreement_markdown(ranked, rank_csv)
     path = Path(out_dir) / AGREEMENT_FILE
     path.write_text(text)

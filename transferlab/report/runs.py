@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.store.rundir import read_json
 from transferlab.utils.errors import UserError
 
 #: how deep below a sweep dir run folders are looked for (job folders, or sweep/group/job)
@@ -157,10 +158,7 @@ def load_run(path: Path) -> Run:
 def _weights_loaded(run_info_file: Path, config) -> str | None:
     """What the backbone started from, as the run recorded it; an older run's only where its config
     leaves no doubt (a mode that is not pretrained starts from random init, whatever backbone.weights says)."""
-    try:
-        recorded = json.loads(run_info_file.read_text()).get("backbone_weights")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    recorded = read_run_file(run_info_file).get("backbone_weights")
     if isinstance(recorded, str) and recorded:
         return recorded
     pretrained = _config_value(config, "mode.pretrained")
@@ -184,10 +182,11 @@ def _resumed_max_epochs(run_info_file: Path) -> int | None:
 
     A resume may raise trainer.max_epochs, and Hydra's files in the run dir keep the first
     command's value: without this a run that trained 3 epochs would read max_epochs=2."""
-    try:
-        resumes = json.loads(run_info_file.read_text()).get("resumes") or []
-    except (OSError, ValueError, AttributeError):
-        return None
+    resumes = read_run_file(run_info_file).get("resumes") or []
+    if not isinstance(resumes, list):
+        raise BrokenRun(
+            f"{run_info_file}: its resumes are a {type(resumes).__name__}, not a list: remove the run or rerun it"
+        )
     budgets = [
         r.get("max_epochs") for r in resumes if isinstance(r, dict) and isinstance(r.get("max_epochs"), int)
     ]
@@ -322,9 +321,25 @@ def _read_choices(hydra_file: Path) -> dict[str, str]:
 
 
 def _read_fewshot_counts(counts_file: Path) -> dict[str, int] | None:
+    """The training images per class a few-shot run recorded; None for a run that used them all."""
     if not counts_file.is_file():
         return None
-    return json.loads(counts_file.read_text()).get("per_class")
+    counts = read_run_file(counts_file).get("per_class")
+    if not isinstance(counts, dict) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts.values()
+    ):
+        raise BrokenRun(
+            f"{counts_file} does not record a count of training images per class: remove the run or rerun it"
+        )
+    return counts
+
+
+def read_run_file(path: Path) -> dict:
+    """A run's JSON file, {} when missing; broken: the run is listed as failed, with the file named."""
+    try:
+        return read_json(path)
+    except UserError as error:
+        raise BrokenRun(str(error)) from None
 
 
 def _config_value(config, key: str) -> str:

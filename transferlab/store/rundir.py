@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +198,29 @@ class RunDir:
         return OmegaConf.load(self.config) if self.config.is_file() else None
 
     def read_metrics(self) -> dict:
-        return read_json(self.metrics)
+        """metrics.json, with the numbers a resume adds to checked ({} before the run finished)."""
+        metrics = read_json(self.metrics)
+        for key in ("train_time_s", "features_time_s", "epochs"):
+            value = metrics.get(key, 0)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise UserError(
+                    f"{self.metrics}: {key}={value!r} is not a finite number >= 0; {BROKEN_JSON_FIX[self.METRICS]}"
+                )
+        return metrics
 
     def read_run_info(self) -> dict:
-        return read_json(self.run_info)
+        """run_info.json ({} before the run wrote one), its list of resumes checked."""
+        info = read_json(self.run_info)
+        if not isinstance(info.get("resumes", []), list):
+            raise UserError(
+                f"{self.run_info}: its resumes are a {type(info['resumes']).__name__}, not a list; {BROKEN_JSON_FIX[self.RUN_INFO]}"
+            )
+        return info
 
     def check_writable(self, resuming: bool) -> None:
         """Refuse to write into a run dir that already holds a run, unless resuming it."""
@@ -431,12 +451,37 @@ def current_run_config() -> dict | None:
     return OmegaConf.to_container(OmegaConf.load(saved), resolve=False) if saved.is_file() else None
 
 
+#: what to do about a run's JSON file that is there but broken, by file name
+BROKEN_JSON_FIX = {
+    "metrics.json": "delete it and resume with ckpt_path=last (the checkpoints hold the run), or start a new run dir",
+    "run_info.json": "restore it, or delete it (a resume then records a new one, without the run's earlier history)",
+    ".transferlab.made-by": "delete it (the next command records which kind made the folder)",
+}
+
+
 def read_json(path: Path) -> dict:
-    """A JSON file the run wrote (metrics.json, run_info.json); {} when missing or unreadable."""
+    """A JSON object the run wrote (metrics.json, run_info.json, ...); {} when the file is missing.
+
+    One that is there but unreadable, not JSON, or not an object is refused in one line naming it:
+    read as {} it would pass for a run that recorded nothing (a finished run taken for a fresh one,
+    its recorded history replaced)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return {}
+    except (OSError, UnicodeDecodeError) as e:
+        problem = f"cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+    else:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            problem = "is not valid JSON (truncated or edited?)"
+        else:
+            if isinstance(value, dict):
+                return value
+            problem = f"holds a {type(value).__name__}, not a JSON object"
+    fix = BROKEN_JSON_FIX.get(path.name, "restore or delete it")
+    raise UserError(f"{path} {problem}; {fix}")
 
 
 def checkpoint_file(path: str | os.PathLike, setting: str) -> Path:
