@@ -57,7 +57,9 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     mode = check_mode(cfg.mode, cfg.trainer.get("max_epochs"), weights)
     cached = mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))
     check_probe(mode, cfg.mode, cfg.head.get("_target_", ""), cfg.get("ckpt_path"), cached, cfg.trainer)
-    check_regularizer(cfg.get("regularizer"), mode, mode.starting_weights(weights))
+    check_regularizer(
+        cfg.get("regularizer"), mode, mode.starting_weights(weights), cfg.data.get("batch_size")
+    )
     check_components(cfg.optimizer, cfg.get("scheduler"), cfg.head)
     check_learning_rate_ratios(cfg.model.backbone_lr_ratio, cfg.model.layer_decay)
     check_label_smoothing(cfg.model.get("label_smoothing", 0.0), solved_by=None if mode.fits else mode.name)

@@ -10,6 +10,8 @@ deep inside a constructor, or in Lightning), groups replaced by a value, and the
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,6 +54,15 @@ NUMERIC_SETTINGS = {
     "trainer.limit_train_batches": (float, True),
     "trainer.limit_val_batches": (float, True),
     "trainer.limit_test_batches": (float, True),
+}
+#: where a numeric setting means what it says (finite numbers outside give overflow, or no training)
+NUMERIC_RANGES = {
+    "optimizer.lr": (
+        1e-10,
+        10,
+        "a step that large diverges at once, one that small never moves (the presets use 1e-4 to 1e-1)",
+    ),
+    "optimizer.weight_decay": (0, 1, "a decay above 1 per unit rate shrinks every weight to 0"),
 }
 #: settings that must be groups of settings (or null), as `++data.fewshot=5` would replace one by a number
 MAPPING_SETTINGS = {"data.fewshot": "data.fewshot.per_class=5 or data.fewshot.fraction=0.1"}
@@ -96,6 +107,12 @@ def check_numbers(cfg: DictConfig) -> None:
         if not _is_number(value, kind):
             wanted = "an integer" if kind is int else "a number"
             raise UserError(f"{key}={value!r} is not {wanted}{' (or null)' if nullable else ''}")
+        if not math.isfinite(value):  # inf and nan pass as floats, and break every computation they reach
+            raise UserError(f"{key}={value!r} is not a finite number")
+        if key in NUMERIC_RANGES:
+            low, high, meaning = NUMERIC_RANGES[key]
+            if not low <= value <= high:
+                raise UserError(f"{key}={value!r} is outside [{low:g}, {high:g}]: {meaning}")
 
 
 def _is_number(value: Any, kind: type) -> bool:

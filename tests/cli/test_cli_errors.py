@@ -230,7 +230,7 @@ DEGENERATE_IN_PROCESS = [
     ("no-test-batches", ["trainer.limit_test_batches=0"], "tests nothing (use test=false to skip the test)"),
     ("max-steps-zero", ["+trainer.max_steps=0"], "trainer.max_steps=0 trains nothing"),
     ("seed-negative", ["seed=-1"], "seed=-1 must be an integer in [0, 4294967295]"),
-    ("weight-decay-negative", ["optimizer.weight_decay=-1"], "optimizer: Invalid weight_decay value: -1"),
+    ("weight-decay-negative", ["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 is outside [0, 1]"),
     (
         "adamw-beta",
         ["optimizer=adamw", "+optimizer.betas=[0.9,1.5]"],

@@ -210,7 +210,9 @@ def test_the_report_lists_a_run_with_a_broken_file_as_failed_naming_the_file(nam
         ),
     ],
 )
-def test_report_refuses_a_rank_csv_it_cannot_read_before_writing_report_md(content, message, tmp_path, capsys):
+def test_report_refuses_a_rank_csv_it_cannot_read_before_writing_report_md(
+    content, message, tmp_path, capsys
+):
     from transferlab.report.__main__ import main
 
     run = tmp_path / "runs" / "a"

@@ -67,6 +67,12 @@ class ProbeResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("weight", "bias")}
 
 
+#: the L2 strengths where the probe's objective is finite and the penalty means something, on
+#: features scaled to unit root mean square: above 1e4 the weights are ~0 (the bias alone), and
+#: far above it the penalty's gradient overflows inside L-BFGS; below 1e-12 it is no penalty
+L2_RANGE = (1e-12, 1e4)
+
+
 class LinearProbe:
     """Multinomial logistic regression: mean cross-entropy + l2 * ||W||^2 (the bias is not penalized).
 
@@ -86,6 +92,13 @@ class LinearProbe:
         if not grid or not all(_is_number(v) and v > 0 and math.isfinite(v) for v in grid):
             raise UserError(
                 f"mode.l2_grid={l2_grid!r} must be a non-empty list of positive numbers (e.g. [1e-6,1e-4,1e-2,1])"
+            )
+        low, high = L2_RANGE
+        outside = [v for v in grid if not low <= v <= high]
+        if outside:
+            raise UserError(
+                f"mode.l2_grid has {outside[0]!r}, outside [{low:g}, {high:g}]: on the standardized features a "
+                f"larger L2 leaves the bias alone and overflows L-BFGS, a smaller one is no penalty; keep the grid inside"
             )
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise UserError(f"mode.max_iter={max_iter!r} must be an integer >= 1 (L-BFGS iterations per fit)")

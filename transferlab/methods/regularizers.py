@@ -53,8 +53,7 @@ class L2SP(Regularizer):
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01):
         for name, value in (("alpha", alpha), ("beta", beta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise UserError(f"regularizer.{name}={value!r} must be a number >= 0")
+            check_strength(name, value)
         self.alpha, self.beta = float(alpha), float(beta)
         self.reference: dict[str, torch.Tensor] = {}
 
@@ -96,19 +95,42 @@ class BSS(Regularizer):
     """
 
     def __init__(self, eta: float = 0.001, k: int = 1):
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-            raise UserError(f"regularizer.eta={eta!r} must be a number >= 0")
+        check_strength("eta", eta)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UserError(
                 f"regularizer.k={k!r} must be an integer >= 1 (the number of smallest singular values)"
             )
         self.eta, self.k = float(eta), k
 
+        self._warned = False
+
     def __call__(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
         flat = features.flatten(1).float()
         singular = torch.linalg.svdvals(flat)  # descending; min(B, D) of them
-        # A batch with fewer than k images has fewer singular values: all of them are penalized.
+        if self.k >= singular.numel() and not self._warned:
+            # check_regularizer refuses k >= data.batch_size; a smaller last batch still gets here
+            log.warning(
+                "regularizer=bss: a batch of %d images has %d singular values, so k=%d penalizes all of them "
+                "(plain feature-norm decay, not BSS); said once",
+                flat.shape[0],
+                singular.numel(),
+                self.k,
+            )
+            self._warned = True
         return self.eta * singular[-min(self.k, singular.numel()) :].pow(2).sum()
+
+
+#: the largest penalty strength accepted: far beyond the papers' values (1e-4 to 1e-1), a strength
+#: this large makes the penalty the whole loss, and beyond about 1e30 it overflows in float32
+MAX_STRENGTH = 1e4
+
+
+def check_strength(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_STRENGTH:
+        raise UserError(
+            f"regularizer.{name}={value!r} must be a number in [0, {MAX_STRENGTH:g}] (the papers use 1e-4 to 1e-1; "
+            "larger makes the penalty the whole loss)"
+        )
 
 
 def build_regularizer(settings: Any) -> Regularizer | None:
@@ -127,10 +149,11 @@ def build_regularizer(settings: Any) -> Regularizer | None:
         raise
 
 
-def check_regularizer(settings: Any, mode: Mode, weights: Any) -> None:
+def check_regularizer(settings: Any, mode: Mode, weights: Any, batch_size: int | None = None) -> None:
     """Refuse the combinations where a penalty would be meaningless (before anything is built).
 
-    `mode`: the mode's facts; `weights`: what the backbone starts from (random init for scratch).
+    `mode`: the mode's facts; `weights`: what the backbone starts from (random init for scratch);
+    `batch_size`: data.batch_size (BSS penalizes the k smallest of a batch's min(B, D) singular values).
     """
     name = (settings or {}).get("name", "none")
     if name == "none":
@@ -161,6 +184,12 @@ def check_regularizer(settings: Any, mode: Mode, weights: Any) -> None:
                 "regularizer=l2sp with mode=%s: the backbone does not train, only the head's beta term applies",
                 mode.name,
             )
+    if name == "bss" and isinstance(batch_size, int) and settings.get("k", 1) >= batch_size:
+        raise UserError(
+            f"regularizer.k={settings.get('k')} with data.batch_size={batch_size}: a batch has at most {batch_size} "
+            f"singular values, so every one would be penalized (plain feature-norm decay, not BSS); set regularizer.k<"
+            f"{batch_size} (the paper: 1) or raise data.batch_size"
+        )
     if name == "bss" and mode.backbone_fixed:
         raise UserError(
             f"regularizer=bss with mode={mode.name}: the backbone does not train, so a penalty on its features changes "

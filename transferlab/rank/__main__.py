@@ -257,6 +257,7 @@ def run(cfg: DictConfig) -> list[dict]:
     check_data_root(cfg.data)
     candidates = [prepare_seeded(entry, cfg, output_dir) for entry in entries]
     check_same_images(candidates)
+    warn_if_too_few_per_class(candidates[0].datamodule.train.labels)
     device = feature_device(str(cfg.rank.device))
     described = describe_run(cfg, candidates[0].datamodule)
     rows = []
@@ -268,7 +269,7 @@ def run(cfg: DictConfig) -> list[dict]:
             candidate.name,
             candidate.backbone.weights_source,
         )
-        rows.append(score(candidate, device, cfg.rank.h_score_shrinkage))
+        rows.append(score(candidate, device, cfg.rank.h_score_shrinkage, use_disk=feature_cache_on(cfg.data)))
         candidate.datamodule = None  # its images are no longer needed
     add_ranks(rows)
     csv_path, md_path = write_tables(rows, output_dir, described)
@@ -336,18 +337,48 @@ def check_same_images(candidates: list[Candidate]) -> None:
             )
 
 
+#: the fewest training images per class at which the scores mean what their papers mean: with one
+#: or two, every class mean is (almost) an image itself and the scores sit at their extremes
+#: (unshrunk H-score C - 1, NCE 0 when the source's most probable class differs per image)
+MIN_PER_CLASS = 3
+
+
+def warn_if_too_few_per_class(labels) -> None:
+    """One warning, for the whole ranking, when some class has fewer than MIN_PER_CLASS images."""
+    import torch
+
+    counts = torch.bincount(labels.long())
+    present = counts[counts > 0]
+    fewest = int(present.min()) if present.numel() else 0
+    if fewest < MIN_PER_CLASS:
+        log.warning(
+            "a class has only %d training image%s: the scores sit at their extremes (H-score near C - 1, NCE near 0) "
+            "and rank the backbones by chance; give at least %d per class (data.fewshot.per_class)",
+            fewest,
+            "" if fewest == 1 else "s",
+            MIN_PER_CLASS,
+        )
+
+
 def feature_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if _cuda() else "cpu"
     return setting
 
 
-def score(candidate: Candidate, device: str, shrinkage) -> dict:
-    """Features of the training split (cached), then each score, timed."""
+def feature_cache_on(data) -> bool:
+    """`data.cache_features`, as a training run reads it: false keeps the features in memory only."""
+    return str(data.get("cache_features", "auto")).lower() != "false"
+
+
+def score(candidate: Candidate, device: str, shrinkage, use_disk: bool = True) -> dict:
+    """Features of the training split (cached unless `use_disk` is off), then each score, timed."""
     from transferlab.data.features import feature_splits  # heavy: torch and Lightning
 
     started = time.perf_counter()
-    train = feature_splits(candidate.backbone, candidate.datamodule, device, names=("train",))["train"]
+    train = feature_splits(
+        candidate.backbone, candidate.datamodule, device, use_disk=use_disk, names=("train",)
+    )["train"]
     features_time = time.perf_counter() - started
     features, labels = train.images.double().numpy(), train.labels.numpy()
     started = time.perf_counter()
