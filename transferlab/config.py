@@ -11,7 +11,6 @@ deep inside a constructor, or in Lightning), groups replaced by a value, and the
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Any, Sequence
 
