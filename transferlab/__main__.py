@@ -33,7 +33,8 @@ def main() -> float | None:
         check_command_line(argv)
         added, plan = resume_before_hydra(argv)
         argv += added  # an older run resumes as it ran
-    if plan is not None and plan.nothing_to_do:
+        nothing_to_do = plan is not None and plan.nothing_to_do  # reads metrics.json: refused if broken
+    if nothing_to_do:
         print(f"transferlab: {plan.describe()}", flush=True)  # and Hydra never starts: nothing written
         return None
     sys.argv = [sys.argv[0], *argv, *resume_overrides(argv)]

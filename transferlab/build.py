@@ -20,6 +20,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig
 
 from transferlab.callbacks.guards import AtomicCheckpointIO, TrainingClock
@@ -35,6 +36,7 @@ from transferlab.models.architecture import architecture_record
 from transferlab.models.module import check_components, check_label_smoothing, check_learning_rate_ratios
 from transferlab.run.budget import check_training_budget
 from transferlab.run.calibration import check_calibration
+from transferlab.run.precision import check_precision
 from transferlab.run.results import check_optimized_metric
 from transferlab.run.resume import ResumePlan, check_resume
 from transferlab.store.rundir import RunDir, resumes
@@ -51,6 +53,7 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     check_config_itself(cfg)
     test = bool(cfg.get("test", True))
     check_training_budget(cfg.trainer, test=test)
+    check_precision(cfg.trainer, cuda_available=torch.cuda.is_available)
     check_optimized_metric(cfg.get("optimized_metric"), test=test)
     check_calibration(cfg.get("calibration"), test=test)
     weights = cfg.backbone.get("weights")

@@ -62,6 +62,9 @@ NUMERIC_RANGES = {
         "a step that large diverges at once, one that small never moves (the presets use 1e-4 to 1e-1)",
     ),
     "optimizer.weight_decay": (0, 1, "a decay above 1 per unit rate shrinks every weight to 0"),
+    # only an upper bound: the data module says "a positive integer" below 1
+    "data.batch_size": (None, 2**20, "more images than any split here holds, almost surely a typo"),
+    "data.eval_batch_size": (None, 2**20, "more images than any split here holds, almost surely a typo"),
 }
 #: settings that must be groups of settings (or null), as `++data.fewshot=5` would replace one by a number
 MAPPING_SETTINGS = {"data.fewshot": "data.fewshot.per_class=5 or data.fewshot.fraction=0.1"}
@@ -110,7 +113,9 @@ def check_numbers(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is not a finite number")
         if key in NUMERIC_RANGES:
             low, high, meaning = NUMERIC_RANGES[key]
-            if not low <= value <= high:
+            if low is None and value > high:
+                raise UserError(f"{key}={value!r} is above {high}: {meaning}")
+            if low is not None and not low <= value <= high:
                 raise UserError(f"{key}={value!r} is outside [{low:g}, {high:g}]: {meaning}")
 
 

@@ -177,6 +177,11 @@ def find_images(patterns: Sequence[str]) -> FoundFiles:
     """Files named, in folders (recursively: image extensions only, hidden files left out) or matched by globs."""
     from transferlab.data.imagefolder import IMAGE_EXTENSIONS  # heavy: transferlab.data imports Lightning
 
+    if not any(map(_names_something, patterns)):  # one line, not a warning per path and then an error
+        raise UserError(
+            f"nothing to predict: no such file or folder: {', '.join(patterns)}; give image files, "
+            "or folders that hold them"
+        )
     found, seen = FoundFiles(), set()
     for pattern in patterns:
         for path, named in _expand(pattern):
@@ -195,6 +200,11 @@ def find_images(patterns: Sequence[str]) -> FoundFiles:
 
 
 _MISSING = Path("\0missing")
+
+
+def _names_something(pattern: str) -> bool:
+    path = Path(pattern).expanduser()
+    return path.exists() or (glob.has_magic(pattern) and bool(glob.glob(str(path), recursive=True)))
 
 
 def _expand(pattern: str) -> Iterator[tuple[Path, bool]]:

@@ -60,9 +60,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 # (id, extra arguments ({name} is a path from the `files` fixture), text the message must contain)
 # One case per place a check lives; `IN_PROCESS_CASES` below covers the others without a process each.
-HYDRA_CASES = [
-    ("unknown-backbone", ["backbone=foo"], "Could not find 'backbone/foo'"),
-    ("unknown-experiment", ["experiment=foo"], "Could not find 'experiment/foo'"),
+CHOICE_CASES = [
+    ("unknown-backbone", ["backbone=foo"], "backbone=foo is not a choice of backbone (choices: cnn_small,"),
+    (
+        "mistyped-mode",
+        ["mode=frozzen"],
+        "mode=frozzen is not a choice of mode; did you mean frozen? (choices: finetune, frozen,",
+    ),
+    (
+        "mistyped-experiment",
+        ["experiment=vgg_frozn"],
+        "experiment=vgg_frozn is not a choice of experiment; did you mean vgg_frozen?",
+    ),
 ]
 CLI_CASES = [
     ("batch-size", ["data.batch_size=0"], "data.batch_size=0 must be a positive integer"),
@@ -344,13 +353,12 @@ def cases(table, fast=()):
     return [pytest.param(*c[1:], id=c[0], marks=() if c[0] in fast else pytest.mark.slow) for c in table]
 
 
-@pytest.mark.parametrize("extra, expected", cases(HYDRA_CASES, fast={"unknown-backbone"}))
-def test_unknown_config_choice_is_refused_by_hydra(extra, expected, cifar10_root, torch_home, tmp_path):
+@pytest.mark.parametrize("extra, expected", cases(CHOICE_CASES, fast={"mistyped-mode"}))
+def test_unknown_config_choice_is_refused_in_one_line(extra, expected, cifar10_root, torch_home, tmp_path):
     result = cli([f"data.root={cifar10_root}", *BASE, *extra, "hydra.run.dir=run"], tmp_path, torch_home)
-    assert result.returncode != 0
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line (Hydra's spans 16)
     assert expected in result.stderr
-    assert "Available options" in result.stderr
-    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -415,26 +423,16 @@ def test_command_line_mistakes_are_refused_before_hydra(extra, expected, tmp_pat
 @pytest.mark.parametrize(
     "argv",
     [
-        ["backbone=foo"],
         ["-m", "seed=1,2"],
         ["~logger"],
         ["+data.extra=1"],
         ["data.classes=[cat,dog]"],
         ["--cfg", "job", "nosuchkey=1"],
     ],
-    ids=["unknown-choice-left-to-hydra", "sweep", "delete-a-group", "add-a-key", "list", "no-job"],
+    ids=["sweep", "delete-a-group", "add-a-key", "list", "no-job"],
 )
 def test_command_line_check_accepts_what_composes(argv, tmp_path):
     check_command_line([*argv, f"hydra.run.dir={tmp_path / 'run'}"])  # raises nothing
-
-
-def test_command_line_check_is_fast(tmp_path):
-    import time
-
-    check_command_line([f"hydra.run.dir={tmp_path / 'warm'}"])  # imports Hydra once
-    start = time.perf_counter()
-    check_command_line(["backbone=cnn_small", "data.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert time.perf_counter() - start < 1.0
 
 
 def test_optimized_metric_names_come_from_the_model():

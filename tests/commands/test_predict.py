@@ -112,6 +112,18 @@ def test_nothing_readable_is_one_error_line_and_no_file(cnn_run, tmp_path, torch
     assert not (tmp_path / "predictions.csv").exists()
 
 
+@pytest.mark.parametrize("paths", [["missing.png"], ["missing.png", "nowhere", "*.nomatch"]])
+def test_paths_that_name_nothing_are_one_line_before_the_model_is_read(paths, tmp_path):
+    from transferlab.predict import find_images
+    from transferlab.utils.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        find_images([str(tmp_path / p) for p in paths])
+    message = str(refused.value)
+    assert message.startswith("nothing to predict: no such file or folder:") and "\n" not in message
+    assert all(p in message for p in paths)
+
+
 def _foreign_lightning_checkpoint(folder: Path, cnn_run: Path) -> Path:
     checkpoint = torch.load(cnn_run / "checkpoints" / "last.ckpt", weights_only=False)
     del checkpoint["transferlab"]

@@ -30,6 +30,21 @@ OUT_OF_RANGE = [
     (["optimizer.lr=0"], "optimizer.lr=0 is outside [1e-10, 10]"),
     (["optimizer.weight_decay=2"], "optimizer.weight_decay=2 is outside [0, 1]"),
     (["head.dropout=inf"], "head.dropout=inf is not a finite number"),
+    (
+        ["data.batch_size=100000000000"],
+        "data.batch_size=100000000000 is above 1048576: more images than any split here holds",
+    ),
+    (["data.eval_batch_size=2000000"], "data.eval_batch_size=2000000 is above"),
+    # precision: fp16 on the CPU (Lightning would train bf16-mixed instead), and a name it lacks
+    (
+        ["trainer.accelerator=cpu", "trainer.precision=16-mixed"],
+        "trainer.precision=16-mixed is fp16, which needs a GPU",
+    ),
+    (
+        ["trainer.accelerator=cpu", "trainer.precision=16-true"],
+        "trainer.precision=16-true is fp16, which needs a GPU",
+    ),
+    (["trainer.precision=half"], "trainer.precision=half is not a precision; use one of 32-true"),
     (["mode=linear_probe", "mode.l2_grid=[1e300]"], "mode.l2_grid has 1e+300, outside [1e-12, 10000]"),
     (["mode=lp_ft", "mode.l2_grid=[0.1,1e-20]"], "mode.l2_grid has 1e-20, outside"),
     (
@@ -64,6 +79,8 @@ def test_numbers_outside_their_meaningful_range_are_refused_before_anything_is_b
     "overrides",
     [
         ["optimizer.lr=10"],
+        ["data.batch_size=1048576"],
+        ["trainer.accelerator=cpu", "trainer.precision=bf16-mixed"],
         ["mode=linear_probe", "mode.l2_grid=[1e-12,10000]"],
         ["mode=finetune", "regularizer=bss", "regularizer.k=31", "data.batch_size=32"],
         ["mode=finetune", "regularizer=bss", "regularizer.eta=10000"],

@@ -136,6 +136,21 @@ def test_a_run_file_that_is_not_what_it_claims_is_refused_naming_it(name, conten
     assert read() == {}
 
 
+@pytest.mark.parametrize("content", ["{{{: [", "a: [1, 2\nb: 3", b"\x00\xff\x13binary"])
+@pytest.mark.parametrize("name", ["config.yaml", "overrides.yaml"])
+def test_a_saved_hydra_record_that_is_not_yaml_is_refused_naming_it(name, content, tmp_path):
+    from transferlab.store.rundir import read_yaml
+
+    path = tmp_path / ".hydra" / name
+    path.parent.mkdir()
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError) as refused:
+        read_yaml(path)
+    assert str(path) in str(refused.value) and "\n" not in str(refused.value)
+    path.unlink()
+    assert read_yaml(path) is None
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
@@ -171,6 +186,30 @@ def test_resuming_a_run_whose_metrics_json_is_broken_is_one_line_and_the_advice_
     resumed = cli(args, tmp_path, torch_home)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((run / "metrics.json").read_text())["test/acc"] >= 0
+
+
+@pytest.mark.slow
+def test_resuming_a_run_whose_saved_config_is_broken_is_one_line_and_changes_nothing(
+    cnn_run, tmp_path, torch_home, cifar10_root
+):
+    from conftest import CNN_RUN
+
+    run, _ = _copy_run(cnn_run, tmp_path)
+    (run / ".hydra").mkdir(exist_ok=True)  # a run made in-process has no Hydra record of its own
+    (run / ".hydra" / "config.yaml").write_text("{{{: [")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    args = [
+        *CNN_RUN,
+        f"data.root={cifar10_root}",
+        f"hydra.run.dir={run}",
+        "ckpt_path=last",
+        "trainer.max_epochs=3",
+    ]
+    done = cli(args, tmp_path, torch_home)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = _error_lines(done.stderr)
+    assert ".hydra/config.yaml is not valid YAML (line 1)" in line and "start a new run dir" in line
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(

@@ -118,8 +118,9 @@ def check_overrides_compose(argv: Sequence[str]) -> None:
     what Hydra would report over many: a grammar error, a mistyped key, `~key` of a setting the
     run reads, an interpolation `${...}` that names no setting.
 
-    Unknown config group choices (backbone=foo) are left to Hydra: its message lists the
-    choices. A sweep (-m) is only parsed: its values are lists until the sweeper picks one.
+    An unknown group choice (backbone=foo) gets one line with the nearest choice and the list
+    (Hydra's own message spans 16 lines). A sweep (-m) is only parsed: its values are lists
+    until the sweeper picks one, and Hydra reports a bad choice in it.
     """
     args = hydra_args_parser().parse_args(list(argv))
     for text in args.overrides:
@@ -133,15 +134,14 @@ def check_overrides_compose(argv: Sequence[str]) -> None:
     if args.multirun or args.config_path or args.config_dir:
         return
     cfg = _compose_or_refuse(args.config_name or "train", args.overrides)
-    if cfg is not None:
-        _check_deletions(args.overrides, args.config_name or "train")
-        check_required(cfg)  # before the interpolations: `${source}` of an unset source says "set source"
-        _check_interpolations(cfg, args.overrides)
-        if (args.config_name or "train") == "train":
-            # The checks that read the composed config alone, here too: answered before torch and
-            # Lightning are imported (the job repeats them, build.check_config, with the rest).
-            check_config_itself(cfg)
-            check_training_budget(cfg.trainer, test=bool(cfg.get("test", True)))
+    _check_deletions(args.overrides, args.config_name or "train")
+    check_required(cfg)  # before the interpolations: `${source}` of an unset source says "set source"
+    _check_interpolations(cfg, args.overrides)
+    if (args.config_name or "train") == "train":
+        # The checks that read the composed config alone, here too: answered before torch and
+        # Lightning are imported (the job repeats them, build.check_config, with the rest).
+        check_config_itself(cfg)
+        check_training_budget(cfg.trainer, test=bool(cfg.get("test", True)))
 
 
 def command_line_overrides(argv: Sequence[str]) -> dict[str, str | None]:
@@ -179,12 +179,12 @@ def _override_key(text: str) -> str:
         return text.split("=", 1)[0].lstrip("~+")
 
 
-def _compose_or_refuse(config_name: str, overrides: Sequence[str]) -> DictConfig | None:
-    """The composed config; None when Hydra should report the failure itself (an unknown choice)."""
+def _compose_or_refuse(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """The composed config, or a one-line refusal of what does not compose."""
     try:
         return compose(config_name, overrides)
-    except MissingConfigException:
-        return None  # backbone=foo: Hydra's message lists the available choices
+    except MissingConfigException as error:
+        raise _unknown_choice(error) from None
     except ConfigCompositionException as error:
         cause = error.__cause__
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
@@ -194,6 +194,20 @@ def _compose_or_refuse(config_name: str, overrides: Sequence[str]) -> DictConfig
         ) from None
     except Exception as error:  # a value of the wrong type for a typed node, ...
         raise UserError(f"the overrides do not compose: {first_line(error)}") from None
+
+
+def _unknown_choice(error: MissingConfigException) -> UserError:
+    """`mode=frozzen`: the group, the nearest choice and all of them, in one line."""
+    missing = str(error.missing_cfg_file or "")
+    if "/" not in missing or not error.options:
+        return UserError(first_line(error))  # a config file itself missing (--config-name foo)
+    group, choice = missing.rsplit("/", 1)
+    close = difflib.get_close_matches(choice, error.options, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return UserError(
+        f"{group}={choice} is not a choice of {group}{hint} (choices: {', '.join(error.options)}; "
+        f"each is a file in conf/{group}/)"
+    )
 
 
 def _unknown_key(key: str, config_name: str, overrides: Sequence[str]) -> UserError:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transferlab.store.files import write_atomically
 from transferlab.utils.errors import UserError
@@ -195,7 +195,7 @@ class RunDir:
 
     def saved_config(self) -> DictConfig | None:
         """The config the run began with (`.hydra/config.yaml`), if Hydra saved one."""
-        return OmegaConf.load(self.config) if self.config.is_file() else None
+        return read_yaml(self.config)
 
     def read_metrics(self) -> dict:
         """metrics.json, with the numbers a resume adds to checked ({} before the run finished)."""
@@ -448,7 +448,8 @@ def current_run_config() -> dict | None:
     if not hydra_cfg.output_subdir:
         return None
     saved = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir / RunDir.CONFIG.name
-    return OmegaConf.to_container(OmegaConf.load(saved), resolve=False) if saved.is_file() else None
+    config = read_yaml(saved)
+    return None if config is None else OmegaConf.to_container(config, resolve=False)
 
 
 #: what to do about a run's JSON file that is there but broken, by file name
@@ -482,6 +483,29 @@ def read_json(path: Path) -> dict:
             problem = f"holds a {type(value).__name__}, not a JSON object"
     fix = BROKEN_JSON_FIX.get(path.name, "restore or delete it")
     raise UserError(f"{path} {problem}; {fix}")
+
+
+#: what to do about a run's saved config (`.hydra/*.yaml`) that is there but broken
+BROKEN_YAML_FIX = (
+    "restore it from a copy, or start a new run dir (a resume compares the command with this record, "
+    "so a run dir without a readable one cannot resume)"
+)
+
+
+def read_yaml(path: Path) -> DictConfig | ListConfig | None:
+    """A YAML record Hydra saved into a run dir (`.hydra/config.yaml`, ...); None when it is missing.
+    One that is there but cannot be read or parsed is refused in one line naming it (YAML's own
+    error spans many)."""
+    try:
+        return OmegaConf.load(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        problem = f"cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+    except Exception as e:  # yaml's ScannerError, ParserError, ...: a truncated or hand-edited file
+        where = getattr(e, "problem_mark", None)
+        problem = f"is not valid YAML{f' (line {where.line + 1})' if where else ''}"
+    raise UserError(f"{path} {problem}; {BROKEN_YAML_FIX}")
 
 
 def checkpoint_file(path: str | os.PathLike, setting: str) -> Path:
