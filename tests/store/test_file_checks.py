@@ -48,11 +48,11 @@ CHECKPOINT_EDITS = {
     ),
     "a tensor missing": (
         lambda c: c["state_dict"].pop(sorted(k for k in c["state_dict"] if k.startswith("backbone."))[0]),
-        "its weights do not fit the network it records (it has no backbone.",
+        "its weights do not fit the network it records (the checkpoint has no backbone.",
     ),
     "an extra tensor": (
         lambda c: c["state_dict"].__setitem__("backbone.extra.weight", torch.zeros(2)),
-        "(it has backbone.extra.weight, which the network lacks",
+        "(the checkpoint has backbone.extra.weight, which this model lacks",
     ),
     "a value that is not a tensor": (
         lambda c: c["state_dict"].__setitem__(_last_head_weight(c["state_dict"]), "junk"),

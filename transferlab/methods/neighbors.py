@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from transferlab.methods.modes import freeze
 from transferlab.models.heads import KnnHead, NcmHead, votes_as_logits
 from transferlab.utils.errors import UserError
-from transferlab.utils.numbers import as_number
 
 log = logging.getLogger("transferlab")
 
@@ -83,7 +82,10 @@ def solve_neighbors_instead_of_fit(
     trainer, model, datamodule, classifier: NeighborClassifier, checkpoint: Path, test: bool
 ) -> dict:
     """Store, choose k (kNN), validate, checkpoint, test; returns the metrics (written like any run's)."""
-    from transferlab.methods.probe import ProbeRecord  # probe checks this mode's settings through here
+    from transferlab.methods.probe import (
+        ProbeRecord,
+        validate_save_and_test,
+    )  # probe checks this mode's settings through here
 
     freeze([model.backbone])  # the backbone never trains; the head has no parameters at all
     started = time.perf_counter()
@@ -112,12 +114,7 @@ def solve_neighbors_instead_of_fit(
     solve_time = time.perf_counter() - started
     train_loss, train_acc = training_metrics(head, features, labels)
     metrics = {"train/loss": train_loss, "train/acc": train_acc}
-    validated = trainer.validate(model, datamodule=datamodule, verbose=False)
-    metrics.update({k: as_number(v) for k, v in (validated[0] if validated else {}).items()})
-    trainer.save_checkpoint(str(checkpoint))
-    if test:
-        tested = trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics.update({k: as_number(v) for k, v in (tested[0] if tested else {}).items()})
+    metrics.update(validate_save_and_test(trainer, model, datamodule, checkpoint, test))
     metrics.update(epochs=0, train_time_s=round(solve_time, 3))
     if classifier.solver == "knn":
         metrics["k"] = head.k

@@ -226,6 +226,19 @@ def check_probe(
     _check_whole_splits(facts.name, trainer)
 
 
+def validate_save_and_test(trainer, model, datamodule, checkpoint: Path, test: bool) -> dict:
+    """After a solve: validation through the trainer (the metrics any run has), the checkpoint, then
+    the test; their metrics as plain numbers. Shared by the probe and the neighbour classifiers."""
+    metrics = {}
+    validated = trainer.validate(model, datamodule=datamodule, verbose=False)
+    metrics.update({k: as_number(v) for k, v in (validated[0] if validated else {}).items()})
+    trainer.save_checkpoint(str(checkpoint))
+    if test:
+        tested = trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics.update({k: as_number(v) for k, v in (tested[0] if tested else {}).items()})
+    return metrics
+
+
 def _check_whole_splits(name: str, trainer: Any) -> None:
     # The solve and the choice of its L2 strength read every training and validation feature; the
     # trainer's batch limits would cut only the reported val/acc and test/acc, which would then
@@ -251,12 +264,7 @@ def solve_instead_of_fit(
     trainer.callbacks.append(ProbeRecord(result.record()))  # into the checkpoint and run_info.json
     train_loss, train_acc = _loss_and_accuracy(model.head, datamodule.train)
     metrics = {"train/loss": train_loss, "train/acc": train_acc}
-    validated = trainer.validate(model, datamodule=datamodule, verbose=False)
-    metrics.update({k: as_number(v) for k, v in (validated[0] if validated else {}).items()})
-    trainer.save_checkpoint(str(checkpoint))
-    if test:
-        tested = trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics.update({k: as_number(v) for k, v in (tested[0] if tested else {}).items()})
+    metrics.update(validate_save_and_test(trainer, model, datamodule, checkpoint, test))
     metrics.update(
         epochs=0,  # no epochs: one L-BFGS solve per grid value (run_info.json: linear_probe)
         train_time_s=round(result.solve_time_s, 3),

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import OmegaConf
 from torch import nn
 
+from transferlab.callbacks.guards import state_dict_difference
 from transferlab.store.rundir import checkpoint_file, read_checkpoint, transferlab_record
 from transferlab.utils.errors import UserError, user_error_behind
 
@@ -148,7 +149,9 @@ def check_weights_fit(
     saved = {k: v for k, v in saved.items() if str(k).startswith(("backbone.", "head."))}
     junk = next((k for k, v in saved.items() if not hasattr(v, "shape")), None)
     difference = (
-        f"{junk} is a {type(saved[junk]).__name__}, not a tensor" if junk else _difference(saved, own)
+        f"{junk} is a {type(saved[junk]).__name__}, not a tensor"
+        if junk
+        else state_dict_difference(saved, own)
     )
     if difference:
         raise UserError(
@@ -169,19 +172,6 @@ def check_weights_fit(
             f"{outputs} outputs: its predictions could not be named; train it again, or give another checkpoint"
         )
     return outputs
-
-
-def _difference(saved: dict, own: dict) -> str | None:
-    missing = [key for key in own if key not in saved]
-    if missing:
-        return f"it has no {missing[0]} ({len(missing)} tensors missing)"
-    unexpected = [key for key in saved if key not in own]
-    if unexpected:
-        return f"it has {unexpected[0]}, which the network lacks ({len(unexpected)} such tensors)"
-    for key, tensor in own.items():
-        if tuple(saved[key].shape) != tuple(tensor.shape):
-            return f"{key} is {tuple(saved[key].shape)} in it but {tuple(tensor.shape)} in the network"
-    return None
 
 
 def _outputs(head: nn.Module, own: dict) -> int:
