@@ -64,7 +64,11 @@ NUMERIC_RANGES = {
     "optimizer.weight_decay": (0, 1, "a decay above 1 per unit rate shrinks every weight to 0"),
     # only an upper bound: the data module says "a positive integer" below 1
     "data.batch_size": (None, 2**20, "more images than any split here holds, almost surely a typo"),
-    "data.eval_batch_size": (None, 2**20, "more images than any split here holds, almost surely a typo"),
+    "data.eval_batch_size": (
+        1,
+        2**20,
+        "a batch holds at least one image, and 2^20 is more than any split here (null: data.batch_size)",
+    ),
 }
 #: settings that must be groups of settings (or null), as `++data.fewshot=5` would replace one by a number
 MAPPING_SETTINGS = {"data.fewshot": "data.fewshot.per_class=5 or data.fewshot.fraction=0.1"}
@@ -116,7 +120,11 @@ def check_numbers(cfg: DictConfig) -> None:
             if low is None and value > high:
                 raise UserError(f"{key}={value!r} is above {high}: {meaning}")
             if low is not None and not low <= value <= high:
-                raise UserError(f"{key}={value!r} is outside [{low:g}, {high:g}]: {meaning}")
+                raise UserError(f"{key}={value!r} is outside [{_bound(low)}, {_bound(high)}]: {meaning}")
+
+
+def _bound(number: float) -> str:
+    return str(number) if isinstance(number, int) else f"{number:g}"  # 1048576, not 1.04858e+06
 
 
 def _is_number(value: Any, kind: type) -> bool:

@@ -432,7 +432,8 @@ def test_command_line_mistakes_are_refused_before_hydra(extra, expected, tmp_pat
     ids=["sweep", "delete-a-group", "add-a-key", "list", "no-job"],
 )
 def test_command_line_check_accepts_what_composes(argv, tmp_path):
-    check_command_line([*argv, f"hydra.run.dir={tmp_path / 'run'}"])  # raises nothing
+    folder = "hydra.sweep.dir" if "-m" in argv else "hydra.run.dir"
+    check_command_line([*argv, f"{folder}={tmp_path / 'run'}"])  # raises nothing
 
 
 def test_optimized_metric_names_come_from_the_model():
@@ -580,6 +581,14 @@ def test_command_line_check_refuses_a_sweep_dir_that_holds_runs(tmp_path):
     with pytest.raises(UserError, match="already holds runs"):
         check_command_line(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=1,2"])
     check_command_line(["-m", f"hydra.sweep.dir={tmp_path / 'other'}", "seed=1,2"])
+
+
+@pytest.mark.parametrize("argv", [["-m", "seed=1,2", "hydra.run.dir={d}"], ["hydra.run.dir={d}", "-m"]])
+def test_a_sweep_given_a_run_dir_is_refused(argv, tmp_path):
+    # Hydra's jobs would go under hydra.sweep.dir (multirun/<date>/...), the run dir never written
+    with pytest.raises(UserError, match="jobs go under hydra.sweep.dir, not hydra.run.dir"):
+        check_command_line([a.format(d=tmp_path / "run") for a in argv])
+    assert not (tmp_path / "run").exists()
 
 
 def test_command_line_overrides_read_like_hydra():

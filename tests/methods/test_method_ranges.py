@@ -34,7 +34,12 @@ OUT_OF_RANGE = [
         ["data.batch_size=100000000000"],
         "data.batch_size=100000000000 is above 1048576: more images than any split here holds",
     ),
-    (["data.eval_batch_size=2000000"], "data.eval_batch_size=2000000 is above"),
+    (["data.eval_batch_size=2000000"], "data.eval_batch_size=2000000 is outside [1, 1048576]"),
+    (
+        ["data.eval_batch_size=0"],
+        "data.eval_batch_size=0 is outside [1, 1048576]: a batch holds at least one image",
+    ),
+    (["data.eval_batch_size=-8"], "data.eval_batch_size=-8 is outside [1, 1048576]"),
     # precision: fp16 on the CPU (Lightning would train bf16-mixed instead), and a name it lacks
     (
         ["trainer.accelerator=cpu", "trainer.precision=16-mixed"],

@@ -72,6 +72,11 @@ def check_command_line(argv: Sequence[str]) -> None:
     overrides = command_line_overrides(argv)
     resuming = resumes(overrides.get("ckpt_path"))
     if is_sweep(argv):
+        if "hydra.run.dir" in overrides:  # Hydra would write the sweep's jobs elsewhere without a word
+            raise UserError(
+                "-m runs a sweep, whose jobs go under hydra.sweep.dir, not hydra.run.dir; give "
+                "hydra.sweep.dir=... (or drop -m for one run)"
+            )
         _check_sweep_dir(overrides.get("hydra.sweep.dir"), resuming)
         return
     run_dir = overrides.get("hydra.run.dir")

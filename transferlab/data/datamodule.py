@@ -97,7 +97,11 @@ class TensorImageDataModule(L.LightningDataModule):
         self.augment = augment
         self.crop_padding = crop_padding
         self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
+        if eval_batch_size is not None and int(eval_batch_size) <= 0:  # 0 would silently mean "batch_size"
+            raise UserError(
+                f"data.eval_batch_size={eval_batch_size} must be a positive integer, or null (then data.batch_size)"
+            )
+        self.eval_batch_size = int(batch_size if eval_batch_size is None else eval_batch_size)
         self.num_workers = num_workers  # checked (and made an int) in _check_arguments
         self.classes = class_list(classes)
         self.fewshot = dict(fewshot or {})
