@@ -29,6 +29,9 @@ LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fa
 #: packages whose own deprecation notes are not the user's business
 THIRD_PARTY = r"(lightning|lightning_fabric|pytorch_lightning|torch|torchvision|torchmetrics|timm|hydra|omegaconf|tensorboard|matplotlib)(\..*)?$"
 LOGGING_INTERVAL_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval"
+#: on every resume: the checkpoints are the run's own (a fresh run into a folder that holds some is
+#: refused before Lightning starts: store.rundir.RunDir.check_writable)
+CHECKPOINT_DIR_WARNING = r"Checkpoint directory .* exists and is not empty"
 
 
 class _DropNoise(logging.Filter):
@@ -47,6 +50,7 @@ def quiet_third_party() -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY)
     warnings.filterwarnings("ignore", message=LOGGING_INTERVAL_WARNING)
+    warnings.filterwarnings("ignore", message=CHECKPOINT_DIR_WARNING)
 
 
 def route_lightning_logs_through_root() -> None:
