@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.store.rundir import read_json
+from transferlab.store.rundir import read_json, read_yaml
 from transferlab.utils.errors import UserError
 
 #: how deep below a sweep dir run folders are looked for (job folders, or sweep/group/job)
@@ -303,9 +303,10 @@ def overrides_text(overrides: dict[str, str]) -> str:
 
 
 def _read_config(config_file: Path):
-    if not config_file.is_file():
-        return None
-    return OmegaConf.load(config_file)
+    try:
+        return read_yaml(config_file)
+    except UserError as error:  # truncated or edited: the run is listed as failed, naming the file
+        raise BrokenRun(str(error)) from None
 
 
 def _read_choices(hydra_file: Path) -> dict[str, str]:
