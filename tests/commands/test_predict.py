@@ -338,3 +338,20 @@ def test_an_animated_gif_is_classified_by_its_first_frame(cnn_run, tmp_path, tor
     assert result.returncode == 0, result.stderr
     gif_row, frame_row = list(csv.reader(out.open()))[1:]
     assert gif_row[1:] == frame_row[1:]
+
+
+@pytest.mark.parametrize("name", ["checkpoints/last.ckpt", "metrics.json", ".hydra/config.yaml"])
+def test_force_never_overwrites_a_file_of_the_run_it_reads(name, tmp_path):
+    from transferlab.cli.args import check_not_an_input
+    from transferlab.utils.errors import UserError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    best = run / "checkpoints" / "best-epoch000.ckpt"
+    for path in (best, run / name, run / "predictions.csv"):
+        path.write_text("x")
+    with pytest.raises(UserError, match="would overwrite a file of the run"):
+        check_not_an_input(run / name, "--out", [best])
+    check_not_an_input(run / "predictions.csv", "--out", [best])  # an earlier prediction may be replaced
+    assert (run / name).read_text() == "x"

@@ -51,8 +51,32 @@ def check_not_an_input(out: Path, flag: str, inputs: Sequence[Path]) -> None:
     """--force overwrites an old output, never what the command reads (the checkpoint, an image)."""
     if not out.exists():
         return
+    run_dir = _run_dir_of(inputs[0]) if inputs else None
+    if run_dir is not None and _written_by_the_run(out, run_dir):
+        # its other checkpoint, metrics.json, ...: --force would break the run it reads from
+        raise UserError(
+            f"{flag} {out} would overwrite a file of the run {run_dir}, which this command reads; choose another {flag}"
+        )
     for path in inputs:
         if path.exists() and out.samefile(path):
             raise UserError(
                 f"{flag} {out} would overwrite {path}, which this command reads; choose another {flag}"
             )
+
+
+def _run_dir_of(model_file: Path) -> Path | None:
+    """The run dir a checkpoint belongs to (`RUN/checkpoints/x.ckpt`), else None."""
+    return model_file.parent.parent if model_file.parent.name == "checkpoints" else None
+
+
+#: what a training run writes into its run dir (an earlier prediction there may be replaced)
+RUN_FOLDERS = {"checkpoints", ".hydra", "tensorboard"}
+RUN_FILES = {"metrics.json", "run_info.json", "fewshot_indices.json", "train.log", ".transferlab.lock"}
+
+
+def _written_by_the_run(out: Path, run_dir: Path) -> bool:
+    try:
+        parts = out.resolve().relative_to(run_dir.resolve()).parts
+    except ValueError:
+        return False  # outside the run dir
+    return bool(parts) and (parts[0] in RUN_FOLDERS or (len(parts) == 1 and parts[0] in RUN_FILES))
