@@ -122,9 +122,9 @@ DEGENERATE_CASES = [
         ["trainer.limit_train_batches=0.0"],
         "trainer.limit_train_batches=0.0 trains nothing",
     ),
-    ("lr-negative", ["optimizer.lr=-0.1"], "optimizer: Invalid learning rate: -0.1"),
+    ("lr-negative", ["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is outside [1e-10, 10]"),
     ("head-hidden-zero", ["head=mlp", "head.hidden=0"], "head: hidden=0 must be a positive integer"),
-    ("precision-unknown", ["trainer.precision=fp7"], "trainer: Precision 'fp7' is invalid."),
+    ("precision-unknown", ["trainer.precision=fp7"], "trainer.precision=fp7 is not a precision"),
 ]
 IN_PROCESS_CASES = [
     ("fewshot-zero", ["data.fewshot.per_class=0"], "data.fewshot.per_class=0 must be a positive integer"),
