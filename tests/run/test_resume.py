@@ -645,3 +645,73 @@ def test_a_run_whose_preset_changed_since_resumes_as_recorded_with_its_own_comma
     (resume_config,) = run.path.glob(".hydra/resume-*/config.yaml")
     assert OmegaConf.load(resume_config).optimizer.lr == 0.02
     assert json.loads(run.metrics.read_text())["epochs"] == 3
+
+
+# ---- the checkpoint and the run dir's record must describe one run (issue 24, class 4) -------------
+def _copy_run(source: Path, tmp_path: Path, args: list[str]) -> tuple[Path, list[str]]:
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(source), str(run_dir)], check=True)
+    return run_dir, [a for a in args if not a.startswith("hydra.run.dir=")] + [f"hydra.run.dir={run_dir}"]
+
+
+def _truncate_to_valid_yaml(path: Path) -> None:
+    """Cut config.yaml at a top-level key so that what is left still parses: a prefix of the record."""
+    lines = path.read_text().splitlines(keepends=True)
+    cut = max(i for i, line in enumerate(lines) if i < len(lines) // 2 and line[:1].isalpha())
+    path.write_text("".join(lines[:cut]))
+
+
+def _edit_learning_rate(path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(path)
+    config.optimizer.lr = 0.7
+    OmegaConf.save(config, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, expected",
+    [(_edit_learning_rate, "optimizer.lr (0.01 -> 0.7)"), (_truncate_to_valid_yaml, "-> absent)")],
+    ids=["edited-learning-rate", "truncated-to-valid-yaml"],
+)
+def test_a_hand_edited_config_yaml_is_refused_on_resume(damage, expected, finished, torch_home, tmp_path):
+    """An edited or truncated-but-parseable .hydra/config.yaml no longer says what the checkpoint
+    trained: resumed with its own (edited) command or the original one, it is refused in one line,
+    nothing written; the fix the line names (restore the file) then resumes."""
+    run_dir, args = _copy_run(finished[0], tmp_path, finished[1])
+    original = (run_dir / ".hydra" / "config.yaml").read_text()
+    damage(run_dir / ".hydra" / "config.yaml")
+    before = file_hashes(run_dir)
+    result = cli([*args, "ckpt_path=last", "trainer.max_epochs=3"], tmp_path, torch_home)
+    assert result.returncode == 2, result.stderr
+    line = one_line(result)
+    assert "does not match its run dir's" in line and expected in line and "restore the run's own" in line
+    assert file_hashes(run_dir) == before
+    (run_dir / ".hydra" / "config.yaml").write_text(original)  # the suggested fix
+    resumed = cli([*args, "ckpt_path=last", "trainer.max_epochs=3"], tmp_path, torch_home)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_a_checkpoint_copied_in_from_another_run_is_refused(finished, cifar10_root, torch_home, tmp_path):
+    """A few-shot run's last.ckpt copied over a full-data run's: resumed in place with the run's own
+    command (which would take the checkpoint's settings as changed presets) or another run's
+    checkpoint named by path into this dir, it is refused in one line naming the difference."""
+    run_dir, args = _copy_run(finished[0], tmp_path, finished[1])
+    other = tmp_path / "fewshot"
+    fewshot = [a for a in args if not a.startswith("hydra.run.dir=")]
+    made = cli([*fewshot, "data.fewshot.per_class=5", "trainer.max_epochs=2", f"hydra.run.dir={other}"],
+               tmp_path, torch_home)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    subprocess.run(["cp", str(other / "checkpoints" / "last.ckpt"), str(run_dir / "checkpoints" / "last.ckpt")],
+                   check=True)  # fmt: skip
+    before = file_hashes(run_dir)
+    result = cli([*args, "ckpt_path=last", "trainer.max_epochs=3"], tmp_path, torch_home)
+    assert result.returncode == 2, result.stderr
+    line = one_line(result)
+    assert "does not match its run dir's" in line and "data.fewshot.per_class (5 -> None)" in line
+    assert "the checkpoint is from another run or the file was edited" in line
+    assert file_hashes(run_dir) == before
+    assert not (run_dir / "fewshot_indices.json").exists()

@@ -27,6 +27,7 @@ from transferlab.config import check_config_itself, check_required, compose, dot
 from transferlab.run.budget import check_training_budget
 from transferlab.run.resume import (
     ResumePlan,
+    check_record_agrees,
     check_resume,
     may_change_on_resume,
     settings_as_it_ran,
@@ -360,6 +361,7 @@ def resume_before_hydra(argv: Sequence[str]) -> tuple[list[str], ResumePlan | No
         cfg = compose(name, args.overrides)
     except Exception:
         return [], None
+    _check_checkpoint_belongs(cfg, Path(run_dir))  # before any setting is taken from the checkpoint
     added = _settings_of_an_older_run(cfg, overrides, Path(run_dir))
     if added:
         cfg = compose(name, [*args.overrides, *added])  # composed before with these settings' defaults
@@ -370,6 +372,17 @@ def resume_before_hydra(argv: Sequence[str]) -> tuple[list[str], ResumePlan | No
     if RunDir(run_dir).saved_config() is None:
         return added, None  # (a ckpt_path set in a config file is still checked in `run`)
     return added, check_resume(cfg, Path(run_dir))
+
+
+def _check_checkpoint_belongs(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse a checkpoint whose record disagrees with its run dir's config.yaml (`check_record_agrees`);
+    a checkpoint that cannot be read is left to `check_resume`, which says what is wrong."""
+    try:
+        source = resume_source(cfg.get("ckpt_path"), run_dir)
+    except Exception:
+        return
+    if source is not None:
+        check_record_agrees(source)
 
 
 def _settings_of_an_older_run(cfg: DictConfig, overrides: dict, run_dir: Path) -> list[str]:

@@ -90,6 +90,33 @@ def check_checkpoint_matches(source: ResumeSource, cfg: DictConfig) -> None:
         )
 
 
+def check_record_agrees(source: ResumeSource) -> None:
+    """The checkpoint's recorded config and its run dir's `.hydra/config.yaml` (how the run began)
+    must describe one experiment: a checkpoint copied in from another run, or a config.yaml edited
+    by hand, would otherwise resume as a run whose record says something else than what trained.
+
+    Settings a resume may change (RESUME_MAY_CHANGE, a raised `trainer.max_epochs`) may differ;
+    a checkpoint outside a run dir, or from before checkpoints recorded their config, has nothing
+    to disagree with.
+    """
+    recorded = source.record.get("config")
+    run_dir = source.checkpoint.resolve().parent.parent
+    if not isinstance(recorded, dict) or source.checkpoint.resolve().parent.name != "checkpoints":
+        return
+    began = RunDir(run_dir).saved_config()  # a broken file is refused here in one line
+    if began is None:
+        return
+    changed = config_changes(OmegaConf.create(recorded), began)
+    if changed:
+        raise UserError(
+            f"ckpt_path={source.checkpoint} does not match its run dir's {RunDir(run_dir).config}: "
+            f"{', '.join(changed[:4])}{f' (and {len(changed) - 4} more)' if len(changed) > 4 else ''} "
+            f"(checkpoint -> config.yaml); the checkpoint is from another run or the file was edited: restore the "
+            f"run's own checkpoint or config.yaml, or start a new run (a new hydra.run.dir) from "
+            f"backbone.weights={source.checkpoint}"
+        )
+
+
 def _dataset_name(data: DictConfig) -> str | None:
     return getattr(get_class(data._target_), "name", None)
 
@@ -140,6 +167,7 @@ def check_resume(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     if source is None:
         return None
     check_checkpoint_matches(source, cfg)
+    check_record_agrees(source)
     return resume_plan(cfg, output_dir, source)
 
 
