@@ -39,6 +39,7 @@ from transferlab.run.calibration import check_calibration
 from transferlab.run.precision import check_precision
 from transferlab.run.results import check_optimized_metric
 from transferlab.run.resume import ResumePlan, check_resume
+from transferlab.run.robustness import check_eval, check_eval_fits
 from transferlab.store.rundir import RunDir, resumes
 
 
@@ -56,6 +57,7 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     check_precision(cfg.trainer, cuda_available=torch.cuda.is_available)
     check_optimized_metric(cfg.get("optimized_metric"), test=test)
     check_calibration(cfg.get("calibration"), test=test)
+    check_eval(cfg.get("eval"), test=test)
     weights = cfg.backbone.get("weights")
     mode = check_mode(cfg.mode, cfg.trainer.get("max_epochs"), weights)
     cached = mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))
@@ -116,6 +118,7 @@ def build_datamodule(cfg: DictConfig, backbone, output_dir: Path | None) -> Tens
     # Read and check the data now: bad input must fail before the trainer starts.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_eval_fits(cfg.get("eval"), datamodule)  # the test images it corrupts, before any feature or epoch
     return datamodule
 
 

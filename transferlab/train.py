@@ -25,6 +25,7 @@ from transferlab.run.fit import fit_or_solve
 from transferlab.run.hparams import log_hyperparameters
 from transferlab.run.interrupts import ctrl_c_reported
 from transferlab.run.results import optimized_metric, whole_features_time, write_results
+from transferlab.run.robustness import evaluate_corruptions, without_corruption_results
 from transferlab.store.lock import TRAIN, owned
 from transferlab.utils.errors import user_errors_as_one_line
 from transferlab.utils.quietlogs import quiet_third_party, route_lightning_logs_through_root
@@ -76,6 +77,14 @@ def run(cfg: DictConfig) -> float | None:
         cfg.get("calibration"), trainer, model, datamodule, output_dir, metrics.get("best_checkpoint")
     )
     metrics.update(calibration.metrics)
+    # After a test, with eval.corruptions: the tested weights on corrupted test images (test_c/*); a
+    # finished run's earlier corruption results are replaced, never mixed with these.
+    use_disk = str(cfg.data.get("cache_features", "auto")).lower() != "false"
+    corruption_metrics, evaluation = evaluate_corruptions(
+        cfg.get("eval"), trainer, model, datamodule, use_disk
+    )
+    if evaluation is not None:
+        metrics = {**without_corruption_results(metrics), **corruption_metrics}
     metrics.update(
         # Computing (or loading) cached backbone features happens before fit: counted apart.
         # the whole run's: a resumed LP-FT run does not repeat the first process's probe features
@@ -92,6 +101,7 @@ def run(cfg: DictConfig) -> float | None:
             plan,
             probe=probe_record(trainer),
             calibration=calibration.record,
+            evaluation=evaluation,
             backbone_weights=model.backbone.weights_source,
         )
     return metrics.get(optimized_metric(cfg))

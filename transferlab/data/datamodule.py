@@ -113,6 +113,7 @@ class TensorImageDataModule(L.LightningDataModule):
         self.train: Split | None = None
         self.val: Split | None = None
         self.test: Split | None = None
+        self.test_images: Split | None = None  # the test split's images, also when features are served
         self.class_names: list[str] = []
         self.mean: tuple[float, ...] | None = None
         self.std: tuple[float, ...] | None = None
@@ -179,6 +180,7 @@ class TensorImageDataModule(L.LightningDataModule):
             train, val = full_train, _relabel(val, keep, len(names))
         train, _ = self._subsample(train)
         self.train, self.val, self.test = train, val, test
+        self.test_images = test
         resolved = resolve_normalization(self.normalization, self.weights, lambda: self._dataset_stats(train))
         self.mean, self.std, self.normalization_name = resolved.mean, resolved.std, resolved.name
         log.info("normalization: mean=%s std=%s, %s", list(self.mean), list(self.std), resolved.reason)

@@ -158,7 +158,19 @@ def feature_keys(backbone: nn.Module, dm: TensorImageDataModule) -> dict[str, st
     rewritten in place, or a subset chosen differently, gives new features. Where the data
     lives does not matter: the same images elsewhere reuse the same features.
     """
-    shared = [
+    shared = _shared_key_parts(backbone, dm)
+    return {name: split_key(shared, getattr(dm, name)) for name in SPLITS}
+
+
+def split_key(shared: list[str], split: Split) -> str:
+    """The cache file name of one split's features: the network and preprocessing (`shared`), and
+    the split's images and labels by content."""
+    parts = [*shared, f"images={_images_hash(split.images)}", f"labels={tensor_hash(split.labels)}"]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _shared_key_parts(backbone: nn.Module, dm: TensorImageDataModule) -> list[str]:
+    return [
         f"v{FORMAT_VERSION}",
         f"torch={torch.__version__}",
         f"class={type(backbone).__module__}.{type(backbone).__qualname__}",
@@ -170,12 +182,27 @@ def feature_keys(backbone: nn.Module, dm: TensorImageDataModule) -> dict[str, st
         f"mean={_floats(dm.mean)}",
         f"std={_floats(dm.std)}",
     ]
-    keys = {}
-    for name in SPLITS:
-        split: Split = getattr(dm, name)
-        parts = [*shared, f"images={_images_hash(split.images)}", f"labels={_tensor_hash(split.labels)}"]
-        keys[name] = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
-    return keys
+
+
+def images_features(
+    backbone: nn.Module,
+    datamodule: TensorImageDataModule,
+    split: Split,
+    device: torch.device | str,
+    use_disk: bool,
+) -> torch.Tensor:
+    """The backbone features of any images held in memory (`split`: e.g. corrupted copies of the
+    test split, `run.robustness`), from the feature cache when they are there, else computed and
+    stored; keyed like a split's (the network, the preprocessing, the images by content)."""
+    path = features_folder() / f"{split_key(_shared_key_parts(backbone, datamodule), split)}.pt"
+    features = _load(path, split) if use_disk else None
+    if features is not None:
+        return features
+    features = extract_features(backbone, datamodule, split, device)
+    if use_disk:
+        remove_orphaned_temp_files(features_folder())
+        _save(path, features, split)  # a failed write warns; the features are in memory
+    return features
 
 
 def _floats(values) -> str:
@@ -188,7 +215,7 @@ def _state_hash(backbone: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in backbone.state_dict().items():
         digest.update(name.encode())
-        digest.update(_tensor_hash(tensor).encode())
+        digest.update(tensor_hash(tensor).encode())
     return digest.hexdigest()
 
 
@@ -199,9 +226,9 @@ def _images_hash(images) -> str:
     core). Files decoded on demand are not read: a file rewritten in place gets a new mtime.
     """
     if isinstance(images, torch.Tensor):
-        return _tensor_hash(images)
+        return tensor_hash(images)
     if not hasattr(images, "paths"):  # some other lazy container: its decoded content
-        return _tensor_hash(images.load())
+        return tensor_hash(images.load())
     digest = hashlib.sha256(f"decoded at {getattr(images, 'size', '?')} px".encode())
     for path in images.paths:
         stat = Path(path).stat()
@@ -209,7 +236,7 @@ def _images_hash(images) -> str:
     return digest.hexdigest()
 
 
-def _tensor_hash(tensor: torch.Tensor) -> str:
+def tensor_hash(tensor: torch.Tensor) -> str:
     """Hash of a tensor's dtype, shape and raw bytes."""
     data = tensor.detach().cpu().contiguous()
     digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())

@@ -202,3 +202,30 @@ def fewshot_indices(
             rounded_up[0],
         )
     return torch.cat(chosen).sort().values
+
+
+def stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Sorted indices of `count` images drawn per class in proportion to the classes' sizes (largest
+    remainders get the images left over, ties to the lower class), the same for the same seed.
+
+    A fixed subset of the test split for a costly evaluation (`eval.images`, `run.robustness`): its
+    class balance is the split's, so its accuracy estimates the whole split's.
+    """
+    total = len(labels)
+    if not 0 < count <= total:
+        raise ValueError(f"stratified_subset: count must be in [1, {total}], got {count}")
+    if count == total:
+        return torch.arange(total)
+    sizes = torch.bincount(labels)
+    exact = sizes.double() * count / total
+    quota = exact.floor().long()
+    left = count - int(quota.sum())
+    order = sorted(range(len(sizes)), key=lambda c: (-(float(exact[c]) - int(quota[c])), c))
+    for c in order[:left]:
+        quota[c] += 1
+    generator = torch.Generator().manual_seed(int(seed))
+    chosen = []
+    for c in range(len(sizes)):
+        members = (labels == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[: int(quota[c])]])
+    return torch.cat(chosen).sort().values

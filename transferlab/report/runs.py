@@ -46,6 +46,8 @@ class Run:
     #: the weights the backbone started from, as loaded (run_info.json `backbone_weights`; "random init"
     #: for a mode that is not pretrained); None for an older run that recorded neither
     weights_loaded: str | None = field(default=None, repr=False)
+    #: the corruption evaluation its test_c/* numbers come from (run_info.json `eval`), None without one
+    evaluation: dict | None = field(default=None, repr=False)
 
     def component(self, group: str) -> str:
         """What a config group built: its `name` (a torchvision/timm backbone's model), else the
@@ -152,7 +154,19 @@ def load_run(path: Path) -> Run:
         fewshot_counts=_read_fewshot_counts(path / "fewshot_indices.json"),
         choices=_read_choices(path / ".hydra" / "hydra.yaml"),
         weights_loaded=_weights_loaded(path / "run_info.json", config),
+        evaluation=_evaluation(path / "run_info.json"),
     )
+
+
+def _evaluation(run_info_file: Path) -> dict | None:
+    """The settings of the run's corruption evaluation (`run.robustness`); one that is not a mapping
+    is a broken record (its test_c numbers could not be labelled)."""
+    recorded = read_run_file(run_info_file).get("eval")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise BrokenRun(
+            f"{run_info_file}: its eval record is a {type(recorded).__name__}, not a mapping: remove the run or rerun it"
+        )
+    return recorded
 
 
 def _weights_loaded(run_info_file: Path, config) -> str | None:

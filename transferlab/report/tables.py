@@ -95,6 +95,7 @@ def report_markdown(
         "- Accuracies in percent; time: training plus computing cached backbone features "
         "(`features_time_s`, frozen mode), in seconds",
         *tested_images_lines(runs),
+        *corruption_lines(runs),
         *(
             [
                 "- `test/ece`: top-label expected calibration error of the test's probabilities (15 equal-width "
@@ -133,6 +134,40 @@ def tested_images_lines(runs: list[Run]) -> list[str]:
         f"- **Test images differ between runs** ({shown}; `trainer.limit_test_batches`): their test numbers "
         "are not over the same images"
     ]
+
+
+def corruption_lines(runs: list[Run]) -> list[str]:
+    """What `test_c/acc` is (the corruptions, severities and images, from run_info.json `eval`), said
+    loudly when runs were evaluated differently: a mean over other corruptions is another number."""
+    evaluated = {run.name: run.evaluation for run in runs if "test_c/acc" in run.metrics}
+    if not evaluated:
+        return []
+    settings = {name: _corruption_setting(e) for name, e in evaluated.items()}
+    if len(set(settings.values())) == 1 and len(evaluated) == len(
+        [r for r in runs if "test/acc" in r.metrics]
+    ):
+        return [
+            f"- `test_c/acc`: mean accuracy over CIFAR-10-C-style corruptions ({next(iter(settings.values()))}); "
+            "`test_c/clean_acc`: the clean accuracy of the same images; not comparable with published "
+            "CIFAR-10-C tables (the images are corrupted here, not the published dataset)"
+        ]
+    shown = "; ".join(f"{name}: {setting}" for name, setting in settings.items())
+    return [
+        f"- **Corruption evaluations differ between runs** ({shown}; runs without `test_c/acc` were not "
+        "evaluated): their `test_c` numbers are not means over the same corrupted images"
+    ]
+
+
+def _corruption_setting(evaluation: dict | None) -> str:
+    if not evaluation:
+        return "settings unrecorded"
+    images = evaluation.get("images")
+    return (
+        f"{', '.join(map(str, evaluation.get('corruptions') or []))} at severities "
+        f"{', '.join(map(str, evaluation.get('severities') or []))}, "
+        f"{'all test images' if images is None else f'{images:,} test images'}, seed {evaluation.get('seed')}, "
+        f"{evaluation.get('implementation', 'implementation unrecorded')}"
+    )
 
 
 def summary_markdown(runs: list[Run], analysis: Analysis | None = None) -> str:

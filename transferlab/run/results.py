@@ -61,13 +61,17 @@ def write_results(
     probe: dict | None = None,
     calibration: dict | None = None,
     backbone_weights: str | None = None,
+    evaluation: dict | None = None,
 ) -> None:
     """`probe`: what a linear probe (mode=linear_probe, lp_ft) chose; `calibration`: the temperature
     fitted after the test and how (`run.calibration`); `backbone_weights`: what the backbone started
-    from, as loaded; all recorded in run_info.json."""
+    from, as loaded; `evaluation`: the corruption evaluation's settings (`run.robustness`); all
+    recorded in run_info.json."""
     run_dir = RunDir(output_dir)
     run_dir.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     record = run_record(cfg, output_dir, plan, probe, calibration)
+    if evaluation is not None:  # the corruption evaluation's settings (run.robustness); the latest stands
+        record["eval"] = evaluation
     if backbone_weights is not None:
         # The first process's record stands: a resume builds from the same starting weights.
         record.setdefault("backbone_weights", recorded_weights(backbone_weights))

@@ -51,6 +51,9 @@ RESUME_MAY_CHANGE = (
     # temperature scaling after the test (issue 21): no trained number changes, not even the accuracy;
     # a finished run resumed with ckpt_path=last test=true calibration.temperature=auto calibrates
     "calibration",
+    # the corruption evaluation after the test (issue 21): the tested weights on corrupted images; a
+    # finished run resumed with ckpt_path=last eval=corruptions evaluates them
+    "eval",
 )
 #: settings that moved: old key -> new key. A checkpoint written before the move recorded the
 #: old key (and the new one as an interpolation of it); it is compared under the new name.
@@ -134,6 +137,7 @@ class ResumePlan:
     finished: bool  # metrics.json is there
     test: bool  # this command tests the best checkpoint
     calibrates: bool = False  # and fits a temperature after the test (calibration.temperature=auto)
+    evaluation: dict | None = None  # and evaluates these corruptions after it (run_info.json's `eval`)
 
     @property
     def budget_raised(self) -> bool:
@@ -152,7 +156,12 @@ class ResumePlan:
         previous = self.previous_metrics()
         untested = self.test and not any(k.startswith("test/") for k in previous)
         uncalibrated = self.test and self.calibrates and "temperature" not in previous
-        return self.finished and not self.trains and not untested and not uncalibrated
+        unevaluated = (
+            self.test
+            and self.evaluation is not None
+            and RunDir(self.run_dir).read_run_info().get("eval") != self.evaluation
+        )
+        return self.finished and not self.trains and not untested and not uncalibrated and not unevaluated
 
     def describe(self) -> str:
         return (
@@ -209,6 +218,7 @@ def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumeP
         source.finished,
         bool(cfg.get("test", True)),
         calibrates=_fits_temperature(cfg.get("calibration")),
+        evaluation=_evaluation(cfg.get("eval")),
     )
 
 
@@ -348,6 +358,13 @@ def _fits_temperature(calibration: Any) -> bool:
     from transferlab.run.calibration import fits_temperature
 
     return fits_temperature(calibration)
+
+
+def _evaluation(node: Any) -> dict | None:
+    from transferlab.run.robustness import eval_settings
+
+    settings = eval_settings(node)
+    return None if settings is None else settings.record()
 
 
 def _under_current_names(settings: dict[str, Any]) -> dict[str, Any]:
