@@ -131,8 +131,9 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
         raise ValueError("fit_temperature: no logits to fit on")
     if not torch.isfinite(logits).all():
         raise ValueError("fit_temperature: the logits are not all finite numbers")
-    x = logits.detach().double().cpu()
-    y = labels.detach().long().cpu()
+    # copies: tensors made under torch.inference_mode (an evaluation loop's) cannot take part in autograd
+    x = logits.detach().double().cpu().clone()
+    y = labels.detach().long().cpu().clone()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     solver = torch.optim.LBFGS(
         [log_t],

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,9 +217,7 @@ def evaluate_corruptions(node: Any, trainer, model, datamodule, use_disk: bool) 
         return {}, None
     from transferlab.run.calibration import split_logits  # the test's own forward pass
 
-    test = datamodule.test_images
-    if settings.images is not None:
-        test = test.take(stratified_subset(test.labels, settings.images, settings.seed))
+    test = eval_subset(settings, datamodule.test_images)
 
     def accuracy(images: torch.Tensor) -> float:
         split = Split(images, test.labels, test.positions)
@@ -228,7 +227,25 @@ def evaluate_corruptions(node: Any, trainer, model, datamodule, use_disk: bool) 
         logits, labels = split_logits(trainer, model, datamodule, split)
         return float((logits.argmax(dim=1) == labels).double().mean())
 
-    metrics = {f"{PREFIX}images": len(test), f"{PREFIX}clean_acc": accuracy(test.images)}
+    metrics = corruption_metrics(settings, test, accuracy, use_disk)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+    return metrics, settings.record()
+
+
+def eval_subset(settings: CorruptionEval, test: Split) -> Split:
+    """The test images the corruptions are evaluated on: all, or the fixed stratified `eval.images`."""
+    if settings.images is None:
+        return test
+    return test.take(stratified_subset(test.labels, settings.images, settings.seed))
+
+
+def corruption_metrics(
+    settings: CorruptionEval, test: Split, accuracy: Callable[[torch.Tensor], float], use_disk: bool
+) -> dict[str, float]:
+    """The `test_c/*` metrics of `accuracy` (uint8 images of `test`, in its order -> accuracy) on
+    `test` (already the eval subset) clean and under each (corruption, severity) pair."""
+    metrics: dict[str, float] = {f"{PREFIX}images": len(test), f"{PREFIX}clean_acc": accuracy(test.images)}
     log.info(
         "corruptions: %d pairs on %d test images (clean accuracy of these: %.2f%%)",
         len(settings.pairs),
@@ -250,9 +267,7 @@ def evaluate_corruptions(node: Any, trainer, model, datamodule, use_disk: bool) 
     pairs = [metrics[f"{PREFIX}acc/{name}/{severity}"] for name, severity in settings.pairs]
     metrics[f"{PREFIX}acc"] = sum(pairs) / len(pairs)
     log.info("corruptions: test_c/acc %.2f%% (mean over the pairs)", 100 * metrics[f"{PREFIX}acc"])
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
-    return metrics, settings.record()
+    return metrics
 
 
 def without_corruption_results(metrics: dict) -> dict:

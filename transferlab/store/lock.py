@@ -16,8 +16,8 @@ replacing it happen under `flock` on the folder, so two commands that find the s
 not both take it.
 
 The first owner also records which kind of command made the folder (`.transferlab.made-by`:
-train or rank); a command of the other kind is refused there (a folder from before the record is
-judged by what it holds). Every refusal is one line and leaves the folder as it was.
+train, rank or interpolate); a command of another kind is refused there (a folder from before the
+record is judged by what it holds). Every refusal is one line and leaves the folder as it was.
 
 Only rank zero of a distributed run owns its run dir: the other ranks (Lightning's DDP children,
 the tasks of srun or torchrun: a nonzero rank in the environment) write under rank zero's lock and
@@ -49,10 +49,15 @@ log = logging.getLogger("transferlab")
 
 TRAIN = "train"
 RANK = "rank"
+INTERPOLATE = "interpolate"
 #: the commands that own run dirs, as the user types them
-COMMANDS = {TRAIN: "python -m transferlab", RANK: "python -m transferlab.rank"}
+COMMANDS = {
+    TRAIN: "python -m transferlab",
+    RANK: "python -m transferlab.rank",
+    INTERPOLATE: "python -m transferlab.interpolate",
+}
 #: what a folder made by each command holds, in a refusal
-HOLDS = {TRAIN: "a training run", RANK: "a ranking"}
+HOLDS = {TRAIN: "a training run", RANK: "a ranking", INTERPOLATE: "a WiSE-FT interpolation"}
 #: environment variables that give a process its rank in a distributed run (Lightning, torchrun, SLURM)
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
@@ -62,8 +67,8 @@ _HELD: dict[Path, list] = {}
 
 @contextmanager
 def owned(folder: str | os.PathLike, command: str, setting: str = "hydra.run.dir") -> Iterator[None]:
-    """Own `folder` (created if missing) for the block, for `command` (TRAIN, RANK); refuse in one
-    line (UserError) a folder that another live command owns or another kind of command made.
+    """Own `folder` (created if missing) for the block, for `command` (TRAIN, RANK, INTERPOLATE); refuse
+    in one line (UserError) a folder that another live command owns or another kind of command made.
     `setting` is what the user changes. Nested blocks on one folder share the outer block's lock."""
     lock = RunDirLock(folder, command, setting)
     lock.acquire()
@@ -307,8 +312,8 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 # ---- what a folder holds, and whether its owner is gone ------------------------------------------
 def made_by(folder: str | os.PathLike) -> str | None:
-    """The kind of command (TRAIN, RANK) that made `folder`: its record, else what it holds; None for
-    a folder that holds nothing of either."""
+    """The kind of command (TRAIN, RANK, INTERPOLATE) that made `folder`: its record, else what it
+    holds; None for a folder that holds nothing of either (a folder from before the record)."""
     run = RunDir(folder)
     recorded = read_json(run.made_by).get("command")
     if recorded in COMMANDS:

@@ -13,9 +13,11 @@
                                            best-knn.ckpt, best-ncm.ckpt: mode=knn, mode=ncm)
       checkpoints/probe-lbfgs.ckpt         LP-FT's probe state (before fine-tuning), validated: the best
                                            checkpoint until an epoch beats its val/acc
+      checkpoints/best-wise.ckpt           a WiSE-FT interpolation's chosen network (transferlab.interpolate),
+                                           beside interpolate.csv, .md, .png: its results per alpha
       tensorboard/                         the curves
       .transferlab.lock                    the command writing here now (store.lock; gone when it ends)
-      .transferlab.made-by                 which kind of command made the folder (train, rank)
+      .transferlab.made-by                 which kind of command made the folder (train, rank, interpolate)
 
 `RunDir(path)` names them; the readers and writers of the package go through it. Checkpoints
 are read here too (`read_checkpoint`: one load per file version, memory-mapped), so the record
@@ -60,6 +62,11 @@ class RunDir:
     # LP-FT's probe state: the pretrained backbone and the solved head, before any fine-tuning epoch. Not a
     # best-*.ckpt: it stays when an epoch beats it, and last.ckpt records which of them is the best.
     PROBE_STATE = "probe-lbfgs.ckpt"
+    # WiSE-FT (python -m transferlab.interpolate): the network at the chosen alpha, and the results per alpha
+    WISE = "best-wise.ckpt"
+    INTERPOLATE_CSV = "interpolate.csv"
+    INTERPOLATE_MD = "interpolate.md"
+    INTERPOLATE_PNG = "interpolate.png"
     TENSORBOARD = "tensorboard"
     LOCK = ".transferlab.lock"  # who writes here now (transferlab.store.lock)
     MADE_BY = ".transferlab.made-by"  # which kind of command made the folder
@@ -130,6 +137,22 @@ class RunDir:
     @property
     def probe_state(self) -> Path:
         return self.checkpoints / self.PROBE_STATE
+
+    @property
+    def wise(self) -> Path:
+        return self.checkpoints / self.WISE
+
+    @property
+    def interpolate_csv(self) -> Path:
+        return self.path / self.INTERPOLATE_CSV
+
+    @property
+    def interpolate_md(self) -> Path:
+        return self.path / self.INTERPOLATE_MD
+
+    @property
+    def interpolate_png(self) -> Path:
+        return self.path / self.INTERPOLATE_PNG
 
     @property
     def tensorboard(self) -> Path:
