@@ -36,6 +36,7 @@ from transferlab.models.architecture import architecture_record
 from transferlab.models.module import check_components, check_label_smoothing, check_learning_rate_ratios
 from transferlab.run.budget import check_training_budget
 from transferlab.run.calibration import check_calibration
+from transferlab.run.devices import check_devices
 from transferlab.run.precision import check_precision
 from transferlab.run.results import check_optimized_metric
 from transferlab.run.resume import ResumePlan, check_resume
@@ -55,6 +56,7 @@ def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     test = bool(cfg.get("test", True))
     check_training_budget(cfg.trainer, test=test)
     check_precision(cfg.trainer, cuda_available=torch.cuda.is_available)
+    check_devices(cfg.trainer)
     check_optimized_metric(cfg.get("optimized_metric"), test=test)
     check_calibration(cfg.get("calibration"), test=test)
     check_eval(cfg.get("eval"), test=test)
