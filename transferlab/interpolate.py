@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.cli.args import CommandLine, check_folder_writable
+from transferlab.cli.args import CommandLine, check_folder_writable, pick_device
 from transferlab.store.files import write_atomically
 from transferlab.store.lock import INTERPOLATE, check_owner, owned
 from transferlab.store.rundir import (
@@ -584,16 +584,6 @@ def interpolate(args: argparse.Namespace) -> None:
             f"{chosen.test.accuracy:.4f}): {RunDir(args.out).wise}"
         )
         write_run(args.out, run, results, time.perf_counter() - started)
-
-
-def pick_device(choice: str) -> "torch.device":
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def warn(message: str) -> None:

@@ -22,7 +22,13 @@ from typing import Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from transferlab.cli.args import CommandLine, check_folder_writable, check_not_an_input, positive_int
+from transferlab.cli.args import (
+    CommandLine,
+    check_folder_writable,
+    check_not_an_input,
+    pick_device,
+    positive_int,
+)
 from transferlab.store.files import write_atomically
 from transferlab.store.rundir import checkpoint_file
 from transferlab.utils.errors import UserError, exit_with
@@ -148,14 +154,6 @@ def check_writable(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists; choose another --out, or add --force to overwrite it")
     check_folder_writable(out, "--out")
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def warn(message: str) -> None:

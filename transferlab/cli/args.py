@@ -80,3 +80,15 @@ def _written_by_the_run(out: Path, run_dir: Path) -> bool:
     except ValueError:
         return False  # outside the run dir
     return bool(parts) and (parts[0] in RUN_FOLDERS or (len(parts) == 1 and parts[0] in RUN_FILES))
+
+
+def pick_device(choice: str):
+    """`--device auto|cpu|cuda` -> a torch.device (auto: the GPU when there is one); cuda without one
+    is refused in one line."""
+    import torch  # here: the command line is parsed before torch is needed
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
