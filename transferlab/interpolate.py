@@ -244,6 +244,12 @@ def read_source(given: str, role: str) -> Source:
         )
     mode = recorded_mode(config, f"{role}={file}")
     run = RunDir(run_dir) if run_dir else None
+    if run is not None and not run.metrics.is_file():
+        # a run still training, or killed: its checkpoints are not the network it will stand for
+        raise UserError(
+            f"{role}={given}: its run {run_dir} has not finished (no metrics.json); finish it first "
+            f"(python -m transferlab <its overrides> hydra.run.dir={run_dir} ckpt_path=last)"
+        )
     info = run.read_run_info() if run else {}
     weights = info.get("backbone_weights") or configured_weights(config, mode)
     fewshot = read_json(run.fewshot_indices).get("indices") if run else None
@@ -464,7 +470,7 @@ def data_difference(start: Source, finetuned: Source, data_root_given: bool) -> 
     a, b = resolved_data(start), resolved_data(finetuned)
     if start.record["data"].get("dataset") != finetuned.record["data"].get("dataset"):
         return f"dataset {start.record['data'].get('dataset')} vs {finetuned.record['data'].get('dataset')}"
-    difference = _first_difference(_without(a, DATA_MAY_DIFFER), _without(b, DATA_MAY_DIFFER), "data")
+    difference = _first_difference(_without(a, DATA_MAY_DIFFER), _without(b, DATA_MAY_DIFFER), "data.")
     if difference:
         return difference
     if fewshot_seed(a) != fewshot_seed(b):

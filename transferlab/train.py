@@ -84,6 +84,14 @@ def run(cfg: DictConfig) -> float | None:
         cfg.get("eval"), trainer, model, datamodule, use_disk
     )
     if evaluation is not None:
+        replaced = sorted(set(metrics) - set(without_corruption_results(metrics)) - set(corruption_metrics))
+        if replaced:  # a finished run resumed with other eval.* settings: its earlier results go
+            log.warning(
+                "eval: this run's earlier corruption results are replaced by this evaluation's (%d of them "
+                "are not in it, e.g. %s); run_info.json records the settings of the ones kept",
+                len(replaced),
+                replaced[0],
+            )
         metrics = {**without_corruption_results(metrics), **corruption_metrics}
     metrics.update(
         # Computing (or loading) cached backbone features happens before fit: counted apart.

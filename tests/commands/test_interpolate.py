@@ -246,3 +246,25 @@ def test_a_training_run_dir_is_not_an_interpolation_dir(runs, tmp_path, torch_ho
     shutil.copytree(runs["scratch"], copy)
     result = _interpolate([runs["probe"], runs["finetune"], "--out", copy, "--force"], tmp_path, torch_home)
     _one_line_refusal(result, "training run")
+
+
+def test_a_run_that_has_not_finished_is_refused(runs, tmp_path, torch_home):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs["finetune"], unfinished)
+    (unfinished / "metrics.json").unlink()
+    out = tmp_path / "wise"
+    _one_line_refusal(
+        _interpolate([runs["probe"], unfinished, "--out", out], tmp_path, torch_home), "has not finished"
+    )
+    assert not out.exists()
+
+
+def test_a_copied_run_whose_best_checkpoint_is_gone_never_reads_the_originals(runs, tmp_path, torch_home):
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["finetune"], copy)
+    best = json.loads((copy / "metrics.json").read_text())["best_checkpoint"]
+    (copy / best).unlink()  # the original run still has its file, at the path last.ckpt recorded
+    out = tmp_path / "wise"
+    result = _interpolate([runs["probe"], copy, "--out", out], tmp_path, torch_home)
+    _one_line_refusal(result, "is missing from", "last.ckpt")
+    assert not out.exists() and (runs["finetune"] / best).is_file()

@@ -210,3 +210,26 @@ def test_a_finished_run_resumed_with_corruptions_evaluates_only_them(cnn_run, ci
     assert list(_pair_keys(metrics)) == ["test_c/acc/fog/2"]
     assert metrics["test_c/acc"] == metrics["test_c/acc/fog/2"] and "test_c/acc/severity5" not in metrics
     assert json.loads(RunDir(run_dir).run_info.read_text())["eval"]["corruptions"] == ["fog"]
+
+
+def test_the_report_says_what_test_c_is_and_when_runs_differ_or_lack_it():
+    from types import SimpleNamespace
+
+    from transferlab.report.tables import corruption_lines
+
+    record = {"corruptions": ["fog"], "severities": [1], "images": 60, "seed": 0, "implementation": "v1"}
+
+    def run(name, evaluation, test_c=True):
+        metrics = {"test/acc": 0.5, **({"test_c/acc": 0.4} if test_c else {})}
+        return SimpleNamespace(name=name, metrics=metrics, evaluation=evaluation)
+
+    same = corruption_lines([run("a", record), run("b", dict(record))])
+    assert len(same) == 1 and "fog at severities 1, 60 test images, seed 0" in same[0]
+    lacking = corruption_lines([run("a", record), run("probe", None, test_c=False)])
+    assert (
+        "differ" not in " ".join(lacking)
+        and "1 tested run(s) were not evaluated on corruptions** (probe)" in lacking[1]
+    )
+    differ = corruption_lines([run("a", record), run("b", {**record, "seed": 1})])
+    assert len(differ) == 1 and "Corruption evaluations differ between runs" in differ[0]
+    assert corruption_lines([run("probe", None, test_c=False)]) == []

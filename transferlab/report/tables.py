@@ -143,14 +143,19 @@ def corruption_lines(runs: list[Run]) -> list[str]:
     if not evaluated:
         return []
     settings = {name: _corruption_setting(e) for name, e in evaluated.items()}
-    if len(set(settings.values())) == 1 and len(evaluated) == len(
-        [r for r in runs if "test/acc" in r.metrics]
-    ):
-        return [
+    if len(set(settings.values())) == 1:
+        lines = [
             f"- `test_c/acc`: mean accuracy over CIFAR-10-C-style corruptions ({next(iter(settings.values()))}); "
             "`test_c/clean_acc`: the clean accuracy of the same images; not comparable with published "
             "CIFAR-10-C tables (the images are corrupted here, not the published dataset)"
         ]
+        missing = [r.name for r in runs if "test/acc" in r.metrics and r.name not in evaluated]
+        if missing:
+            lines.append(
+                f"- **{len(missing)} tested run(s) were not evaluated on corruptions** ({', '.join(missing)}): "
+                "no `test_c` numbers"
+            )
+        return lines
     shown = "; ".join(f"{name}: {setting}" for name, setting in settings.items())
     return [
         f"- **Corruption evaluations differ between runs** ({shown}; runs without `test_c/acc` were not "

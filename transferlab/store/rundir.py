@@ -200,7 +200,15 @@ class RunDir:
         probe state of an LP-FT run stopped before its first epoch ended.
         """
         last = self.last
-        best = recorded_best(last) if last.is_file() else None
+        recorded = recorded_best_path(last) if last.is_file() else None
+        if recorded is not None and not recorded.is_file():
+            # the metrics.json of this run describe that file: another checkpoint would answer for it
+            raise UserError(
+                f"{setting}={self.path}: its best checkpoint {recorded.name}, which last.ckpt records and "
+                f"metrics.json describes, is missing from {self.checkpoints}; restore it, or give "
+                f"{last} to use the last epoch's weights"
+            )
+        best = recorded
         candidates = sorted(self.checkpoints.glob(self.BEST_PATTERN))
         probe_state = self.probe_state if self.probe_state.is_file() else None
         best = (
@@ -308,16 +316,21 @@ def add_to_record(path: Path, entries: dict[str, Any]) -> None:
 
 def recorded_best(last: Path) -> Path | None:
     """The best checkpoint by val/acc that `last` records (ModelCheckpoint's state), if it is still there."""
+    path = recorded_best_path(last)
+    return path if path is not None and path.is_file() else None
+
+
+def recorded_best_path(last: Path) -> Path | None:
+    """Where the best checkpoint `last` records lies: always in `last`'s own folder (a moved or copied
+    run dir's best is next to its `last`, never the file at the path recorded before the move, which
+    may be another run's); None when `last` records none or cannot be read."""
     try:
         checkpoint = _load(*_version(last))
     except Exception:  # a broken last.ckpt (empty, truncated): the best-*.ckpt files still tell
         return None
     for state in (checkpoint.get("callbacks") or {}).values():
         if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path"):
-            # A moved run dir: the best file is next to `last`, not at the path recorded before the move.
-            path = Path(relocated(state["best_model_path"], state.get("dirpath") or "", last.parent))
-            if path.is_file():
-                return path
+            return last.parent / Path(state["best_model_path"]).name
     return None
 
 
