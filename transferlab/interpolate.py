@@ -701,13 +701,14 @@ class Interpolation:
 
     def corrupted(self) -> dict[str, float]:
         """The network as it is now on the corrupted test subset (`run.robustness`'s test_c/* metrics)."""
+        from transferlab.data.features import feature_cache_on
         from transferlab.data.subsets import Split
         from transferlab.methods.wise import batches, evaluate
         from transferlab.run.robustness import corruption_metrics, eval_subset
 
         test = eval_subset(self.corruptions, self.datamodule.test_images)
         batch_size = self.datamodule.eval_batch_size
-        use_disk = bool(self.data.get("cache_features", True))
+        use_disk = feature_cache_on(self.data)
 
         def accuracy(images: "torch.Tensor") -> float:
             split = Split(images, test.labels, test.positions)

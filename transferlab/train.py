@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from transferlab.build import build, check_config
 from transferlab.cli.sweeps import job_failures_handled
+from transferlab.data.features import feature_cache_on
 from transferlab.methods.probe import probe_record
 from transferlab.run.budget import check_validates
 from transferlab.run.calibration import calibrate_after_test
@@ -25,7 +26,7 @@ from transferlab.run.fit import fit_or_solve
 from transferlab.run.hparams import log_hyperparameters
 from transferlab.run.interrupts import ctrl_c_reported
 from transferlab.run.results import optimized_metric, whole_features_time, write_results
-from transferlab.run.robustness import evaluate_corruptions, without_corruption_results
+from transferlab.run.robustness import evaluate_corruptions, with_corruption_results
 from transferlab.store.lock import TRAIN, owned
 from transferlab.utils.errors import user_errors_as_one_line
 from transferlab.utils.quietlogs import quiet_third_party, route_lightning_logs_through_root
@@ -79,20 +80,12 @@ def run(cfg: DictConfig) -> float | None:
     metrics.update(calibration.metrics)
     # After a test, with eval.corruptions: the tested weights on corrupted test images (test_c/*); a
     # finished run's earlier corruption results are replaced, never mixed with these.
-    use_disk = str(cfg.data.get("cache_features", "auto")).lower() != "false"
+    use_disk = feature_cache_on(cfg.data)
     corruption_metrics, evaluation = evaluate_corruptions(
         cfg.get("eval"), trainer, model, datamodule, use_disk
     )
     if evaluation is not None:
-        replaced = sorted(set(metrics) - set(without_corruption_results(metrics)) - set(corruption_metrics))
-        if replaced:  # a finished run resumed with other eval.* settings: its earlier results go
-            log.warning(
-                "eval: this run's earlier corruption results are replaced by this evaluation's (%d of them "
-                "are not in it, e.g. %s); run_info.json records the settings of the ones kept",
-                len(replaced),
-                replaced[0],
-            )
-        metrics = {**without_corruption_results(metrics), **corruption_metrics}
+        metrics = with_corruption_results(metrics, corruption_metrics)
     metrics.update(
         # Computing (or loading) cached backbone features happens before fit: counted apart.
         # the whole run's: a resumed LP-FT run does not repeat the first process's probe features

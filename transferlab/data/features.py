@@ -76,6 +76,12 @@ def feature_splits(
     return {name: Split(features[name], split.labels, split.positions) for name, split in splits.items()}
 
 
+def feature_cache_on(data) -> bool:
+    """`data.cache_features` as every command reads it for the disk cache: false keeps features (and
+    corrupted images) in memory only; true and auto may use the cache."""
+    return str(data.get("cache_features", "auto")).lower() != "false"
+
+
 def features_folder() -> Path:
     return cache_root() / "features"
 

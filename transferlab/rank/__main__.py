@@ -249,6 +249,7 @@ class Candidate:
 
 def run(cfg: DictConfig) -> list[dict]:
     from transferlab.data.datamodule import check_data_root  # heavy: Lightning (see check_command_line)
+    from transferlab.data.features import feature_cache_on
 
     output_dir = Path(cfg.paths.output_dir)
     check_run_dir(output_dir)
@@ -364,11 +365,6 @@ def feature_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if _cuda() else "cpu"
     return setting
-
-
-def feature_cache_on(data) -> bool:
-    """`data.cache_features`, as a training run reads it: false keeps the features in memory only."""
-    return str(data.get("cache_features", "auto")).lower() != "false"
 
 
 def score(candidate: Candidate, device: str, shrinkage, use_disk: bool = True) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from transferlab.callbacks.guards import TrainingClock
+from transferlab.data.features import feature_cache_on
 from transferlab.methods.neighbors import (
     is_neighbor_mode,
     neighbors_from_config,
@@ -53,7 +54,7 @@ def fit_or_solve(cfg: DictConfig, built, output_dir: Path, plan: ResumePlan | No
         )
         return {**metrics, **best_checkpoint_entry(checkpoint, output_dir)}
     if mode.head_solve == "before_fit":  # LP-FT: the probe sets the head, then an ordinary fit
-        use_disk = str(cfg.data.get("cache_features", "auto")).lower() != "false"
+        use_disk = feature_cache_on(cfg.data)
         built.features_time_s += probe_head_before_fit(
             trainer,
             model,

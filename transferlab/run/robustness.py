@@ -270,6 +270,21 @@ def corruption_metrics(
     return metrics
 
 
+def with_corruption_results(metrics: dict, corruption_metrics: dict) -> dict:
+    """`metrics` with this evaluation's test_c/* in place of any earlier one's (a finished run resumed
+    with other eval.* settings: said once, naming what goes)."""
+    kept = without_corruption_results(metrics)
+    replaced = sorted(set(metrics) - set(kept) - set(corruption_metrics))
+    if replaced:
+        log.warning(
+            "eval: this run's earlier corruption results are replaced by this evaluation's (%d of them "
+            "are not in it, e.g. %s); run_info.json records the settings of the ones kept",
+            len(replaced),
+            replaced[0],
+        )
+    return {**kept, **corruption_metrics}
+
+
 def without_corruption_results(metrics: dict) -> dict:
     """A finished run's metrics without an earlier corruption evaluation's (a new one replaces it)."""
     return {key: value for key, value in metrics.items() if not key.startswith(PREFIX)}
