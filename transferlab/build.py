@@ -14,6 +14,7 @@ features (the one expensive step).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from transferlab.callbacks.guards import AtomicCheckpointIO, TrainingClock
+from transferlab.callbacks.guards import AtomicCheckpointIO, FrozenBackboneSavedOnce, TrainingClock
 from transferlab.config import check_config_itself
 from transferlab.data.datamodule import TensorImageDataModule, check_data_root
 from transferlab.data.features import feature_device, feature_splits
@@ -37,11 +38,13 @@ from transferlab.models.module import check_components, check_label_smoothing, c
 from transferlab.run.budget import check_training_budget
 from transferlab.run.calibration import check_calibration
 from transferlab.run.devices import check_devices
-from transferlab.run.precision import check_precision
+from transferlab.run.precision import AUTO, check_precision, resolve_precision, why_resolved
 from transferlab.run.results import check_optimized_metric
 from transferlab.run.resume import ResumePlan, check_resume
 from transferlab.run.robustness import check_eval, check_eval_fits
 from transferlab.store.rundir import RunDir, resumes
+
+log = logging.getLogger("transferlab")
 
 
 # ---- the one check list --------------------------------------------------------------------
@@ -99,7 +102,10 @@ def build(cfg: DictConfig, output_dir: Path | None = None, with_trainer: bool = 
     built = Assembly(datamodule, model, trainer, mode, feature_device(cfg.trainer.get("accelerator")))
     if cached:
         started = time.perf_counter()
-        datamodule.serve_features(feature_splits(model.backbone, datamodule, built.feature_device))
+        precision = str(trainer.precision) if trainer is not None else "32-true"  # the fit's arithmetic
+        datamodule.serve_features(
+            feature_splits(model.backbone, datamodule, built.feature_device, precision=precision)
+        )
         built.features_time_s = time.perf_counter() - started
         model.inputs_are_features = True
     return built
@@ -155,7 +161,13 @@ def build_trainer(cfg: DictConfig, output_dir: Path | None) -> L.Trainer:
         # LearningRateMonitor logs the epoch.
         callbacks.insert(0, hydra.utils.instantiate(cfg.mode.callback))
     callbacks.append(TrainingClock())  # train_time_s of the whole run, across resumes
+    callbacks.append(FrozenBackboneSavedOnce())  # a fit on cached features saves its backbone once
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c] if cfg.get("logger") else False
+    precision = resolve_precision(cfg.trainer, cuda_available=torch.cuda.is_available)
+    if (
+        str(cfg.trainer.get("precision")) == AUTO
+    ):  # resolved once, here; run_info.json and checkpoints record it
+        log.info("trainer.precision=auto: %s (%s)", precision, why_resolved(precision))
     return hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], precision=precision
     )

@@ -104,6 +104,7 @@ def run(cfg: DictConfig) -> float | None:
             calibration=calibration.record,
             evaluation=evaluation,
             backbone_weights=model.backbone.weights_source,
+            precision=str(trainer.precision),
         )
     return metrics.get(optimized_metric(cfg))
 

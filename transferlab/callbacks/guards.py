@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from transferlab.store.backbone_file import BY_REFERENCE, BackboneFile, make_standalone, with_backbone
 from transferlab.store.files import STORAGE_ERRNOS, storage_error_behind, write_atomically
 from transferlab.store.rundir import RunDir, checkpoint_path, read_checkpoint, relocated, transferlab_record
 from transferlab.utils.errors import TrainingDiverged, UserError
@@ -378,12 +379,64 @@ def state_dict_difference(saved: dict[str, torch.Tensor], own: dict[str, torch.T
     return None
 
 
+class FrozenBackboneSavedOnce(Callback):
+    """During a fit on cached features, checkpoints refer to one backbone file instead of holding
+    the backbone (`store.backbone_file`: the head's epochs are otherwise mostly checkpoint writing);
+    when the fit ends, or stops on Ctrl-C or an error, every checkpoint gets its backbone back."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == "fit" and backbone_never_changes(pl_module):
+            checkpoint[BY_REFERENCE] = True  # AtomicCheckpointIO strips it, knowing the file's folder
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for folder in _checkpoint_folders(trainer):
+            make_standalone(folder)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        for folder in _checkpoint_folders(trainer):
+            try:
+                make_standalone(folder)
+            except (OSError, RuntimeError, UserError) as error:  # a full disk: the checkpoints still resume
+                warnings.warn(
+                    f"the checkpoints in {folder} still refer to their backbone file ({error}); "
+                    f"resume the run with ckpt_path=last to finish it",
+                    stacklevel=1,
+                )
+
+
+def backbone_never_changes(pl_module: L.LightningModule) -> bool:
+    """A head trained on cached features: the backbone is never run, and none of it trains."""
+    backbone = getattr(pl_module, "backbone", None)
+    return (
+        bool(getattr(pl_module, "inputs_are_features", False))
+        and backbone is not None
+        and not any(p.requires_grad for p in backbone.parameters())
+    )
+
+
+def _checkpoint_folders(trainer: L.Trainer) -> list[Path]:
+    folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+    return sorted(folders)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints through `write_atomically`: a run killed during a save keeps its
-    previous `last.ckpt` intact instead of a truncated one."""
+    previous `last.ckpt` intact instead of a truncated one. A checkpoint that may refer to its
+    backbone (`FrozenBackboneSavedOnce`) is saved without it, and resolved again when read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._backbone_file = BackboneFile()
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict[str, Any]:
+        return with_backbone(super().load_checkpoint(path, *args, **kwargs), Path(path))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
+        if checkpoint.pop(BY_REFERENCE, False):
+            checkpoint = self._backbone_file.refer(checkpoint, path.parent)
         try:
             write_atomically(path, lambda f: torch.save(checkpoint, f))
         except Exception as error:  # write_atomically has removed its temporary file

@@ -9,6 +9,7 @@ The model keeps its backbone: checkpoints still hold backbone + head and predict
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -41,12 +42,14 @@ def feature_splits(
     device: torch.device | str = "cpu",
     use_disk: bool = True,
     names: tuple[str, ...] = SPLITS,
+    precision: str = "32-true",
 ) -> dict[str, Split]:
     """The train/val/test splits of `datamodule` (or those in `names`) as `backbone` features (labels
     and positions kept); `transferlab.rank` scores the training split only.
 
     Features found in the cache are loaded; the others are computed, after checking that the
     cache folder can take them (a full or read-only folder is refused before any computing).
+    `precision`: the run's (resolved) trainer precision; bf16 runs extract under bf16 autocast.
     `build` hands them to the data module (`TensorImageDataModule.serve_features`), which then
     serves them instead of images.
     """
@@ -55,7 +58,8 @@ def feature_splits(
         raise ValueError(f"feature_splits: names must be some of {SPLITS}, got {names}")
     splits = {name: getattr(datamodule, name) for name in names}
     paths = {
-        name: features_folder() / f"{key}.pt" for name, key in feature_keys(backbone, datamodule).items()
+        name: features_folder() / f"{key}.pt"
+        for name, key in feature_keys(backbone, datamodule, precision).items()
     }
     features = {name: _load(paths[name], splits[name]) for name in names} if use_disk else {}
     missing = [name for name in names if features.get(name) is None]
@@ -70,7 +74,7 @@ def feature_splits(
             name,
             len(splits[name]),
         )
-        features[name] = extract_features(backbone, datamodule, splits[name], device)
+        features[name] = extract_features(backbone, datamodule, splits[name], device, precision)
         if use_disk:  # after a failed write, the rest stays in memory too
             use_disk = _save(paths[name], features[name], splits[name])
     return {name: Split(features[name], split.labels, split.positions) for name, split in splits.items()}
@@ -121,9 +125,14 @@ def _megabytes(size: int) -> str:
 
 @torch.inference_mode()
 def extract_features(
-    backbone: nn.Module, datamodule: TensorImageDataModule, split: Split, device: torch.device | str
+    backbone: nn.Module,
+    datamodule: TensorImageDataModule,
+    split: Split,
+    device: torch.device | str,
+    precision: str = "32-true",
 ) -> torch.Tensor:
-    """Backbone features of every image of a split, in eval mode, preprocessed as for eval."""
+    """Backbone features of every image of a split, in eval mode, preprocessed as for eval, under
+    the autocast of `precision` (`extraction_autocast`); stored as float32 whatever it is."""
     was_training = backbone.training
     backbone.eval().to(device)
     out = []
@@ -137,7 +146,8 @@ def extract_features(
             if not isinstance(images, torch.Tensor):
                 images = images.load()
             inputs = datamodule.preprocess(images.to(device), train=False)
-            out.append(backbone(inputs).float().cpu())
+            with extraction_autocast(precision, device):
+                out.append(backbone(inputs).float().cpu())
     finally:
         backbone.train(was_training).to("cpu")
     return torch.cat(out) if out else torch.empty(0, 0)
@@ -155,16 +165,19 @@ def _progress(steps: range, description: str):
         yield step
 
 
-def feature_keys(backbone: nn.Module, dm: TensorImageDataModule) -> dict[str, str]:
+def feature_keys(
+    backbone: nn.Module, dm: TensorImageDataModule, precision: str = "32-true"
+) -> dict[str, str]:
     """The cache file name of each split's features: a hash of everything they depend on.
 
     The network (its class, name, full architecture as printed, which includes the global
     pool, and every weight and buffer), the eval preprocessing (image size, mean, std), the
     library that computes them, and the images and labels themselves, by content: a folder
     rewritten in place, or a subset chosen differently, gives new features. Where the data
-    lives does not matter: the same images elsewhere reuse the same features.
+    lives does not matter: the same images elsewhere reuse the same features. The arithmetic too
+    (`extraction_tag` of the run's precision): bf16 features are never served to an fp32 run.
     """
-    shared = _shared_key_parts(backbone, dm)
+    shared = _shared_key_parts(backbone, dm, precision)
     return {name: split_key(shared, getattr(dm, name)) for name in SPLITS}
 
 
@@ -175,9 +188,14 @@ def split_key(shared: list[str], split: Split) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def _shared_key_parts(backbone: nn.Module, dm: TensorImageDataModule) -> list[str]:
+def _shared_key_parts(
+    backbone: nn.Module, dm: TensorImageDataModule, precision: str = "32-true"
+) -> list[str]:
+    tag = extraction_tag(precision)
     return [
         f"v{FORMAT_VERSION}",
+        # fp32 keys stay as they were: the features cached before precision was part of the key
+        *([] if tag == "fp32" else [f"arithmetic={tag}"]),
         f"torch={torch.__version__}",
         f"class={type(backbone).__module__}.{type(backbone).__qualname__}",
         f"name={getattr(backbone, 'name', '')}",
@@ -196,15 +214,16 @@ def images_features(
     split: Split,
     device: torch.device | str,
     use_disk: bool,
+    precision: str = "32-true",
 ) -> torch.Tensor:
     """The backbone features of any images held in memory (`split`: e.g. corrupted copies of the
     test split, `run.robustness`), from the feature cache when they are there, else computed and
     stored; keyed like a split's (the network, the preprocessing, the images by content)."""
-    path = features_folder() / f"{split_key(_shared_key_parts(backbone, datamodule), split)}.pt"
+    path = features_folder() / f"{split_key(_shared_key_parts(backbone, datamodule, precision), split)}.pt"
     features = _load(path, split) if use_disk else None
     if features is not None:
         return features
-    features = extract_features(backbone, datamodule, split, device)
+    features = extract_features(backbone, datamodule, split, device, precision)
     if use_disk:
         remove_orphaned_temp_files(features_folder())
         _save(path, features, split)  # a failed write warns; the features are in memory
@@ -306,3 +325,23 @@ def feature_device(accelerator: Any) -> str:
     Resolved once per run (`build`), from `trainer.accelerator`."""
     wants_gpu = str(accelerator or "auto") in ("auto", "gpu", "cuda")
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def extraction_tag(precision: str) -> str:
+    """How cached features are computed at `precision` (part of their cache key)."""
+    if precision.startswith("bf16"):
+        return "bf16-autocast"
+    if precision.startswith("16"):
+        return "fp16-autocast"
+    return "fp32"
+
+
+def extraction_autocast(precision: str, device: Any):
+    """The autocast a run at `precision` extracts its features under (none for 32/64-bit runs)."""
+    tag = extraction_tag(precision)
+    if tag == "fp32":
+        return contextlib.nullcontext()
+    import torch
+
+    dtype = torch.bfloat16 if tag == "bf16-autocast" else torch.float16
+    return torch.autocast(device_type=str(getattr(device, "type", device)).split(":")[0], dtype=dtype)

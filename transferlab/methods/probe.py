@@ -333,7 +333,12 @@ def probe_head_before_fit(
         return 0.0
     started = time.perf_counter()
     splits = feature_splits(
-        model.backbone, datamodule, device=device, use_disk=use_disk, names=("train", "val")
+        model.backbone,
+        datamodule,
+        device=device,
+        use_disk=use_disk,
+        names=("train", "val"),
+        precision=str(trainer.precision),  # the fit's: LP-FT's probe reads what its epochs would see
     )
     features_time = time.perf_counter() - started
     result = solve_for_head(probe, splits["train"], splits["val"], datamodule.num_classes, device)

@@ -25,6 +25,7 @@ from transferlab.models.calibration import (
     LogitsAndLabels,
     MulticlassBrierScore,
 )
+from transferlab.store.backbone_file import loadable
 from transferlab.store.rundir import current_run_config
 from transferlab.utils.errors import UserError, bad_argument
 
@@ -89,6 +90,7 @@ class TransferModule(L.LightningModule):
         # transferlab/run/calibration.py), recorded in the checkpoint; None: uncalibrated. `forward`
         # returns the raw logits; `probabilities` and the exported model divide them by it.
         self.temperature = None if temperature is None else float(temperature)
+        self._logged: dict[str, set[str]] = {}  # per stage, the metrics logged this epoch (_log_epoch_metric)
 
         def accuracy(top_k: int = 1) -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
@@ -142,33 +144,48 @@ class TransferModule(L.LightningModule):
         loss, logits, labels, features = self._step_with_features(batch)
         # Metric objects accumulate on device; Lightning reads them once per epoch (no per-step sync).
         # Weighted by the batch's size: the epoch's loss is the mean over images, whatever the batch size.
-        self.train_loss(loss.detach(), weight=labels.shape[0])
-        self.train_acc(logits.detach(), labels)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.train_loss.update(loss.detach(), weight=labels.shape[0])
+        self.train_acc.update(logits.detach(), labels)
+        self._log_epoch_metric("train/loss", self.train_loss, prog_bar=True)
+        self._log_epoch_metric("train/acc", self.train_acc, prog_bar=True)
         if self.label_smoothing:
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if self.regularizer is not None:
             # train/loss stays the cross-entropy (comparable across methods); the optimizer sees both.
             penalty = self.regularizer(self, features)
-            self.train_penalty(penalty.detach(), weight=labels.shape[0])
-            self.log("train/penalty", self.train_penalty, on_step=False, on_epoch=True)
+            self.train_penalty.update(penalty.detach(), weight=labels.shape[0])
+            self._log_epoch_metric("train/penalty", self.train_penalty)
             loss = loss + penalty
         return loss
 
+    def _log_epoch_metric(self, name: str, metric, prog_bar: bool = False) -> None:
+        """`self.log(name, metric)` for the epoch, once per epoch and stage: Lightning computes the
+        metric object (updated at every step) at the epoch's end, and each call costs about a
+        millisecond (it moves the metric's state to the device), more than a step's arithmetic on
+        cached features. Each stage's epoch start clears its names (`_logged`)."""
+        stage = name.split("/", 1)[0]
+        if name in self._logged.setdefault(stage, set()):
+            return
+        self._logged[stage].add(name)
+        self.log(name, metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
+
+    def on_train_epoch_start(self) -> None:
+        self._logged["train"] = set()
+
     def on_validation_epoch_start(self) -> None:
+        self._logged["val"] = set()
         self.val_loss.reset()
         self.val_acc.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, labels = self._step(batch)
-        self.val_loss(loss, weight=labels.shape[0])
-        self.val_acc(logits, labels)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.val_loss.update(loss, weight=labels.shape[0])
+        self.val_acc.update(logits, labels)
+        self._log_epoch_metric("val/loss", self.val_loss, prog_bar=True)
+        self._log_epoch_metric("val/acc", self.val_acc, prog_bar=True)
         if self.top5:
-            self.val_acc5(logits, labels)
-            self.log("val/acc_top5", self.val_acc5, on_step=False, on_epoch=True)
+            self.val_acc5.update(logits, labels)
+            self._log_epoch_metric("val/acc_top5", self.val_acc5)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -178,24 +195,25 @@ class TransferModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, logits, labels = self._step(batch)
-        self.test_loss(loss, weight=labels.shape[0])
-        self.test_acc(logits, labels)
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.test_loss.update(loss, weight=labels.shape[0])
+        self.test_acc.update(logits, labels)
+        self._log_epoch_metric("test/loss", self.test_loss)
+        self._log_epoch_metric("test/acc", self.test_acc)
         if self.top5:
-            self.test_acc5(logits, labels)
-            self.log("test/acc_top5", self.test_acc5, on_step=False, on_epoch=True)
+            self.test_acc5.update(logits, labels)
+            self._log_epoch_metric("test/acc_top5", self.test_acc5)
         self.test_confusion.update(logits.detach(), labels)
         probabilities = logits.detach().float().softmax(dim=1)
-        self.test_nll(loss, weight=labels.shape[0])
-        self.log("test/nll", self.test_nll, on_step=False, on_epoch=True)
-        self.test_ece(probabilities, labels)
-        self.log("test/ece", self.test_ece, on_step=False, on_epoch=True)
-        self.test_brier(probabilities, labels)
-        self.log("test/brier", self.test_brier, on_step=False, on_epoch=True)
+        self.test_nll.update(loss, weight=labels.shape[0])
+        self._log_epoch_metric("test/nll", self.test_nll)
+        self.test_ece.update(probabilities, labels)
+        self._log_epoch_metric("test/ece", self.test_ece)
+        self.test_brier.update(probabilities, labels)
+        self._log_epoch_metric("test/brier", self.test_brier)
         self.test_outputs.update(logits, labels)
 
     def on_test_epoch_start(self) -> None:
+        self._logged["test"] = set()
         self.test_confusion.reset()
         self.test_outputs.reset()
         self.test_logits = None
@@ -282,6 +300,8 @@ class TransferModule(L.LightningModule):
             # What `load_from_checkpoint(path)` rebuilds the network from, without the config.
             "architecture": self.architecture,
             "channels_last": self.channels_last,
+            # The precision it trained in, as resolved (trainer.precision=auto): a resume must train in it.
+            "precision": None if self._trainer is None else str(self._trainer.precision),
             # Fitted on validation after the test (calibration.temperature=auto); predict and export apply it.
             "temperature": self.temperature,
             # The experiment's settings: a resume from this checkpoint, in any run dir, is compared with them.
@@ -307,6 +327,8 @@ class TransferModule(L.LightningModule):
         ):
             checkpoint_path, rebuilt = rebuild_arguments(checkpoint_path)
             kwargs = {**rebuilt, **kwargs}
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            checkpoint_path = loadable(checkpoint_path)  # a cached-feature fit's, with its backbone in a file
         return super().load_from_checkpoint(
             checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
         )

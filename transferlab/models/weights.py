@@ -26,6 +26,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from transferlab.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from transferlab.store.backbone_file import with_backbone
 from transferlab.store.rundir import RunDir, transferlab_record
 from transferlab.utils.errors import UserError
 from transferlab.utils.network import fail_fast_when_offline, reachable
@@ -132,6 +133,7 @@ def load_weights_file(path: str | os.PathLike) -> LoadedWeights:
         raise UserError(
             f"backbone.weights={path} holds a {type(obj).__name__}, not a state dict or checkpoint"
         )
+    obj = with_backbone(obj, path)  # a checkpoint of a cached-feature fit that did not finish
     meta = transferlab_record(obj) or None
     state = obj.get("state_dict", obj)
     if (

@@ -1,18 +1,32 @@
-"""`trainer.precision`, checked against the device the run will use.
+"""`trainer.precision`: checked against the device the run will use, and `auto` resolved.
 
 Lightning turns `16-mixed` on a CPU into `bf16-mixed` with a warning, so a run asked for fp16
 would train and report numbers in another precision; on a CPU fp16 has no fast kernels either.
 Refused instead, before anything is built.
+
+`auto` is resolved once per run (`resolve_precision`): bf16-mixed on a CPU with AMX-bf16 units
+(`amx_bf16` in /proc/cpuinfo) and on a GPU that supports bf16, 32-true elsewhere (on CPUs with
+only AVX-512-bf16 or AVX2, bf16 is no faster: benchmarks/RESULTS.md). The resolved value is
+logged, recorded in run_info.json and in every checkpoint, and a resume is compared by it.
+Cached features are computed under the run's autocast and keyed by it (`data.features.extraction_tag`):
+an fp32 run never reuses bf16 features.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any, Callable
 
 from transferlab.utils.errors import UserError
 
+AUTO = "auto"
+#: Lightning's short spellings, as the full names a run records
+CANONICAL = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
 #: the precisions a run accepts (Lightning's names; 16 and 32 and 64 are its short spellings)
 PRECISIONS = (
+    AUTO,
     "32-true",
     "32",
     "64-true",
@@ -47,3 +61,56 @@ def _runs_on_cpu(accelerator: Any, cuda_available: Callable[[], bool]) -> bool:
     if accelerator == "cpu":
         return True
     return accelerator == "auto" and not cuda_available()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(
+    trainer: Any, cuda_available: Callable[[], bool], flags: frozenset[str] | None = None
+) -> str:
+    """The precision the run trains in: `auto` decided for this machine, short spellings written out."""
+    precision = str(trainer.get("precision", "32-true"))
+    if precision != AUTO:
+        return CANONICAL.get(precision, precision)
+    if _runs_on_cpu(trainer.get("accelerator", "auto"), cuda_available):
+        return "bf16-mixed" if "amx_bf16" in (cpu_flags() if flags is None else flags) else "32-true"
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+
+
+def why_resolved(precision: str, flags: frozenset[str] | None = None) -> str:
+    """Why `auto` resolved to `precision`, for the run's log line."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "this CPU has AMX-bf16"
+    if precision == "32-true" and "avx512_bf16" in flags:
+        return "this CPU has AVX-512-bf16 but no AMX, where bf16 is no faster"
+    return "no bf16 units on this CPU" if precision == "32-true" else "this GPU supports bf16"
+
+
+def same_precision(saved: Any, current: Any) -> bool:
+    """Two `trainer.precision` settings that train alike (`32` and `32-true`); `auto` equals only itself
+    here: what it resolved to is compared through the checkpoint (`check_resumed_precision`)."""
+    return CANONICAL.get(str(saved), str(saved)) == CANONICAL.get(str(current), str(current))
+
+
+def check_resumed_precision(recorded: Any, resolved: str, checkpoint: Path) -> None:
+    """A resume trains in the precision the checkpoint was trained in (`auto` may resolve otherwise
+    on another machine); checkpoints from before precision was recorded are compared by config only."""
+    if recorded is None or recorded == resolved:
+        return
+    raise UserError(
+        f"ckpt_path={checkpoint} was trained in {recorded}, but this run would train in {resolved}; "
+        f"resume with trainer.precision={recorded}"
+    )

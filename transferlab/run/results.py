@@ -62,16 +62,19 @@ def write_results(
     calibration: dict | None = None,
     backbone_weights: str | None = None,
     evaluation: dict | None = None,
+    precision: str | None = None,
 ) -> None:
     """`probe`: what a linear probe (mode=linear_probe, lp_ft) chose; `calibration`: the temperature
     fitted after the test and how (`run.calibration`); `backbone_weights`: what the backbone started
     from, as loaded; `evaluation`: the corruption evaluation's settings (`run.robustness`); all
-    recorded in run_info.json."""
+    recorded in run_info.json; `precision`: the precision it trained in, as resolved (trainer.precision=auto)."""
     run_dir = RunDir(output_dir)
     run_dir.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     record = run_record(cfg, output_dir, plan, probe, calibration)
     if evaluation is not None:  # the corruption evaluation's settings (run.robustness); the latest stands
         record["eval"] = evaluation
+    if precision is not None:
+        record.setdefault("precision", precision)  # a resume trains in the same (run.precision)
     if backbone_weights is not None:
         # The first process's record stands: a resume builds from the same starting weights.
         record.setdefault("backbone_weights", recorded_weights(backbone_weights))

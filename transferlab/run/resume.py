@@ -18,6 +18,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import config_dir, dotted_settings
+from transferlab.run.precision import check_resumed_precision, resolve_precision, same_precision
 from transferlab.store.rundir import ResumeSource, RunDir, resume_source
 from transferlab.utils.errors import UserError
 
@@ -120,6 +121,12 @@ def check_record_agrees(source: ResumeSource) -> None:
         )
 
 
+def _cuda_available() -> bool:
+    import torch  # here: the command line's resume checks run before torch is imported
+
+    return torch.cuda.is_available()
+
+
 def _dataset_name(data: DictConfig) -> str | None:
     return getattr(get_class(data._target_), "name", None)
 
@@ -177,7 +184,11 @@ def check_resume(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
         return None
     check_checkpoint_matches(source, cfg)
     check_record_agrees(source)
-    return resume_plan(cfg, output_dir, source)
+    plan = resume_plan(cfg, output_dir, source)
+    # trainer.precision=auto may resolve otherwise on another machine: the resolved values must agree
+    resolved = resolve_precision(cfg.trainer, cuda_available=_cuda_available)
+    check_resumed_precision(source.record.get("precision"), resolved, source.checkpoint)
+    return plan
 
 
 def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumePlan:
@@ -189,7 +200,10 @@ def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumeP
     """
     checkpoint, saved, epochs_done = source.checkpoint, source.trained_config, source.epochs_done
     if saved is not None:
-        changed = config_changes(saved, cfg)
+        # a checkpoint that records the precision it trained in is judged by it (check_resumed_precision):
+        # `auto` and the value it resolved to are the same setting
+        judged_apart = ("trainer.precision",) if source.record.get("precision") is not None else ()
+        changed = config_changes(saved, cfg, judged_apart)
         if changed:
             raise UserError(
                 f"resuming {checkpoint} with settings that change the experiment: {', '.join(changed[:6])}"
@@ -222,7 +236,7 @@ def resume_plan(cfg: DictConfig, run_dir: Path, source: ResumeSource) -> ResumeP
     )
 
 
-def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
+def config_changes(saved: DictConfig, current: DictConfig, judged_apart: tuple[str, ...] = ()) -> list[str]:
     """The keys (dotted) whose value differs, or that only one of the configs has, outside RESUME_MAY_CHANGE.
 
     Compared unresolved, as written: `scheduler.T_max: ${trainer.max_epochs}` is the same
@@ -230,6 +244,7 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
     setting moved is read under the new names (RENAMED_SETTINGS), and so is the current one;
     one from before a setting existed has that setting's old behaviour (ADDED_SETTINGS), and a
     class that moved is compared under its current `_target_` (`models.architecture.RENAMED_TARGETS`).
+    `judged_apart`: keys another check compares (the precision a checkpoint records).
     """
     settings = [dotted_settings(OmegaConf.to_container(c, resolve=False)) for c in (saved, current)]
     # a hand-made current config may lack the added settings too: both sides get them
@@ -238,7 +253,10 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
     return [
         f"{key} ({_shown(before.get(key, _ABSENT))} -> {_shown(after.get(key, _ABSENT))})"
         for key in keys
-        if before.get(key, _ABSENT) != after.get(key, _ABSENT) and not _may_change(key)
+        if before.get(key, _ABSENT) != after.get(key, _ABSENT)
+        and not _may_change(key)
+        and key not in judged_apart
+        and not (key == "trainer.precision" and same_precision(before.get(key), after.get(key)))
     ]
 
 

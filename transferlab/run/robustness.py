@@ -222,7 +222,14 @@ def evaluate_corruptions(node: Any, trainer, model, datamodule, use_disk: bool) 
     def accuracy(images: torch.Tensor) -> float:
         split = Split(images, test.labels, test.positions)
         if model.inputs_are_features:  # a head on cached features: the corrupted images' features
-            features = _features(model.backbone, datamodule, split, trainer.strategy.root_device, use_disk)
+            features = _features(
+                model.backbone,
+                datamodule,
+                split,
+                trainer.strategy.root_device,
+                use_disk,
+                str(trainer.precision),
+            )
             split = Split(features, test.labels, test.positions)
         logits, labels = split_logits(trainer, model, datamodule, split)
         return float((logits.argmax(dim=1) == labels).double().mean())
@@ -290,10 +297,10 @@ def without_corruption_results(metrics: dict) -> dict:
     return {key: value for key, value in metrics.items() if not key.startswith(PREFIX)}
 
 
-def _features(backbone, datamodule, split: Split, device, use_disk: bool) -> torch.Tensor:
+def _features(backbone, datamodule, split: Split, device, use_disk: bool, precision: str) -> torch.Tensor:
     from transferlab.data.features import images_features
 
-    return images_features(backbone, datamodule, split, device, use_disk)
+    return images_features(backbone, datamodule, split, device, use_disk, precision)
 
 
 # ---- the corrupted images, cached ---------------------------------------------------------------

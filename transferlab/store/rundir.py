@@ -38,6 +38,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from transferlab.store.backbone_file import with_backbone
 from transferlab.store.files import write_atomically
 from transferlab.utils.errors import UserError
 
@@ -279,7 +280,8 @@ def read_checkpoint(path: Path, setting: str) -> dict:
         raise UserError(
             f"{setting}={path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by transferlab or its run dir"
         )
-    return checkpoint
+    # a checkpoint saved during a cached-feature fit that did not finish: its backbone is in a file beside it
+    return with_backbone(checkpoint, Path(path))
 
 
 def _version(path: Path) -> tuple[str, int, int]:
