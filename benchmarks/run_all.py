@@ -6,7 +6,7 @@
 2. training throughput (images/s) of mode=finetune: transferlab's Trainer.fit vs a bare loop
 3. inference throughput per backbone at 32 and 224 px
 4. peak RSS of a full CIFAR-10 frozen run
-5. GPU only: bf16-mixed + channels_last + compile (skipped, with the reason, on a CPU)
+5. GPU: moved to benchmarks/gpu.py (self-contained: AMP bf16, channels-last, torch.compile on and off)
 
 Every figure is the median of --reps repetitions. Random weights stand in for ImageNet
 weights: speed does not depend on the values. Not part of the unit tests.
@@ -226,17 +226,6 @@ def bench_inference(reps: int) -> None:
             row(f"3. inference {name} {size}px (img/s)", f"{statistics.median(rates):.0f}")
 
 
-def bench_gpu() -> None:
-    if not torch.cuda.is_available():
-        row("5. GPU: bf16-mixed + channels_last + compile", "skipped", "(no CUDA device on this machine)")
-        return
-    row(
-        "5. GPU",
-        "not measured",
-        "(run the cached/loop benchmarks with trainer.precision=bf16-mixed model.channels_last=true model.compile=true)",
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -268,7 +257,7 @@ def main() -> None:
     if "3" in only:
         bench_inference(args.reps)
     if "5" in only:
-        bench_gpu()
+        row("5. GPU", "see benchmarks/gpu.py", "(python benchmarks/gpu.py on a machine with a CUDA device)")
     print()
     print("| benchmark | result | |")
     print("|---|---|---|")
