@@ -122,6 +122,7 @@ def export(model: str, fmt: str, out: Path, force: bool, calibrated: bool = True
     print(
         f"wrote {targets[1]}: the {len(trained.class_names)} class names in output order, and the preprocessing"
     )
+    print(f"precision: {trained.precision_line()}")
     calibration = trained.calibration_line(calibrated)
     if calibration:
         print(calibration)

@@ -141,3 +141,18 @@ def test_a_resume_in_another_precision_is_refused_in_one_line(cifar10_root, tmp_
     ]
     with pytest.raises(UserError, match="trainer.precision"):
         run(compose_config(changed, run_dir))
+
+
+def test_export_of_a_bf16_run_writes_float32_and_says_so(cifar10_root, tmp_path, capsys):
+    from transferlab.export import main as export_main
+
+    run_dir = tmp_path / "run"
+    run_training([*BASE, "mode=finetune", "trainer.precision=bf16-mixed", f"data.root={cifar10_root}"], run_dir)
+    out = tmp_path / "model.pt"
+    export_main([str(run_dir), "--format", "torchscript", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "precision: float32 weights and arithmetic (the run trained in bf16-mixed" in printed
+    exported = torch.jit.load(str(out))
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
+    probabilities = exported(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert probabilities.dtype == torch.float32

@@ -20,6 +20,7 @@ from torch import nn
 from transferlab.data import transforms as T
 from transferlab.models.architecture import rebuild_arguments
 from transferlab.models.module import TransferModule
+from transferlab.store.rundir import read_checkpoint, transferlab_record
 
 
 # ---- the trained model, ready for new images -------------------------------------------------
@@ -79,6 +80,17 @@ class TrainedModel:
     normalization: str
     #: fitted on the run's validation split after its test (calibration.temperature=auto); None: uncalibrated
     temperature: float | None = None
+    #: the precision the run trained in, as its checkpoint records it (None: before it was recorded)
+    trained_precision: str | None = None
+
+    def precision_line(self) -> str:
+        """What an exported or predicting model computes in: float32, whatever the run trained in."""
+        if self.trained_precision is None or self.trained_precision.startswith(("32", "64")):
+            return "float32 weights and arithmetic"
+        return (
+            f"float32 weights and arithmetic (the run trained in {self.trained_precision}, whose checkpoint "
+            f"keeps float32 weights)"
+        )
 
     def preprocess(self) -> Preprocess:
         return Preprocess(self.image_size, self.mean, self.std)
@@ -134,4 +146,5 @@ def load_trained(path: str | os.PathLike, setting: str = "checkpoint_path") -> T
         std=tuple(float(s) for s in data["std"]),
         normalization=str(data.get("normalization") or "recorded"),
         temperature=model.temperature,
+        trained_precision=transferlab_record(read_checkpoint(file, setting)).get("precision"),
     )

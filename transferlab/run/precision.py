@@ -26,7 +26,6 @@ CANONICAL = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-m
 
 #: the precisions a run accepts (Lightning's names; 16 and 32 and 64 are its short spellings)
 PRECISIONS = (
-    AUTO,
     "32-true",
     "32",
     "64-true",
@@ -37,6 +36,7 @@ PRECISIONS = (
     "16-mixed",
     "16-true",
     "16",
+    AUTO,  # resolved per machine (resolve_precision)
 )
 FP16 = ("16-mixed", "16-true", "16")
 
