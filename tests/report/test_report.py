@@ -778,3 +778,32 @@ def test_the_report_says_when_runs_were_tested_on_different_numbers_of_images(tm
     assert (
         tested_images_lines([run("a", {}), run("b", {})]) == []
     )  # runs that predate the count: nothing said
+
+
+def test_the_report_says_when_runs_trained_in_different_precisions(tmp_path):
+    """As resolved (run_info.json `precision`): trainer.precision=auto differs between machines."""
+    import json as _json
+
+    from omegaconf import OmegaConf
+
+    from transferlab.report.runs import Run, _precision
+    from transferlab.report.tables import precision_lines
+
+    def run(name, precision):
+        return Run(tmp_path / name, {}, None, {"test/acc": 0.5}, name=name, precision=precision)
+
+    assert precision_lines([run("a", "32-true"), run("b", "32-true")]) == []  # the default: nothing said
+    assert precision_lines([run("a", "bf16-mixed"), run("b", "bf16-mixed")]) == [
+        "- Every run trained in bf16-mixed"
+    ]
+    (differ,) = precision_lines([run("a", "bf16-mixed"), run("b", "32-true")])
+    assert "**Precisions differ between runs** (a bf16-mixed, b 32-true;" in differ
+    (unknown,) = precision_lines([run("a", "bf16-mixed"), run("b", None)])
+    assert "b unrecorded" in unknown
+    # where a run's precision comes from: run_info.json's, else an explicit config value, never `auto`
+    info = tmp_path / "run_info.json"
+    info.write_text(_json.dumps({"precision": "bf16-mixed"}))
+    assert _precision(info, OmegaConf.create({"trainer": {"precision": "auto"}})) == "bf16-mixed"
+    info.write_text("{}")
+    assert _precision(info, OmegaConf.create({"trainer": {"precision": "auto"}})) is None
+    assert _precision(info, OmegaConf.create({"trainer": {"precision": 32}})) == "32-true"

@@ -147,7 +147,9 @@ def test_export_of_a_bf16_run_writes_float32_and_says_so(cifar10_root, tmp_path,
     from transferlab.export import main as export_main
 
     run_dir = tmp_path / "run"
-    run_training([*BASE, "mode=finetune", "trainer.precision=bf16-mixed", f"data.root={cifar10_root}"], run_dir)
+    run_training(
+        [*BASE, "mode=finetune", "trainer.precision=bf16-mixed", f"data.root={cifar10_root}"], run_dir
+    )
     out = tmp_path / "model.pt"
     export_main([str(run_dir), "--format", "torchscript", "--out", str(out)])
     printed = capsys.readouterr().out

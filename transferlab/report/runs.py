@@ -48,6 +48,9 @@ class Run:
     weights_loaded: str | None = field(default=None, repr=False)
     #: the corruption evaluation its test_c/* numbers come from (run_info.json `eval`), None without one
     evaluation: dict | None = field(default=None, repr=False)
+    #: the precision it trained in, as resolved (run_info.json `precision`; trainer.precision=auto
+    #: resolves per machine); else the config's value, None when neither says
+    precision: str | None = field(default=None, repr=False)
 
     def component(self, group: str) -> str:
         """What a config group built: its `name` (a torchvision/timm backbone's model), else the
@@ -155,6 +158,20 @@ def load_run(path: Path) -> Run:
         choices=_read_choices(path / ".hydra" / "hydra.yaml"),
         weights_loaded=_weights_loaded(path / "run_info.json", config),
         evaluation=_evaluation(path / "run_info.json"),
+        precision=_precision(path / "run_info.json", config),
+    )
+
+
+def _precision(run_info_file: Path, config) -> str | None:
+    recorded = read_run_file(run_info_file).get("precision")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    configured = _config_value(config, "trainer.precision")
+    # an older run's explicit setting is what it trained in; `auto` before it was recorded is unknown
+    return (
+        None
+        if configured in (MISSING, "null", "auto")
+        else {"32": "32-true", "bf16": "bf16-mixed"}.get(configured, configured)
     )
 
 

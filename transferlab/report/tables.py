@@ -95,6 +95,7 @@ def report_markdown(
         "- Accuracies in percent; time: training plus computing cached backbone features "
         "(`features_time_s`, frozen mode), in seconds",
         *tested_images_lines(runs),
+        *precision_lines(runs),
         *corruption_lines(runs),
         *(
             [
@@ -133,6 +134,22 @@ def tested_images_lines(runs: list[Run]) -> list[str]:
     return [
         f"- **Test images differ between runs** ({shown}; `trainer.limit_test_batches`): their test numbers "
         "are not over the same images"
+    ]
+
+
+def precision_lines(runs: list[Run]) -> list[str]:
+    """The precision the runs trained in (as resolved: trainer.precision=auto differs per machine),
+    said loudly when they differ; nothing when every run trained in the default fp32."""
+    trained = {run.name: run.precision for run in runs}
+    known = {p for p in trained.values() if p}
+    if known <= {"32-true"}:
+        return []  # the default (runs without a record: a folder without its config)
+    if len(known) == 1 and None not in trained.values():
+        return [f"- Every run trained in {known.pop()}"]
+    shown = ", ".join(f"{name} {p or 'unrecorded'}" for name, p in trained.items())
+    return [
+        f"- **Precisions differ between runs** ({shown}; `trainer.precision`, `auto` as resolved): the "
+        "arithmetic differs along with whatever else the table compares"
     ]
 
 
