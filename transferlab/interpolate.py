@@ -152,7 +152,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="where the networks run (default: auto, the GPU when there is one)",
     )
-    return parser.parse_args(argv)
+    return parser.parse_args(_alphas_joined(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _alphas_joined(argv: list[str]) -> list[str]:
+    """`--alphas -0.1,1` as `--alphas=-0.1,1`: argparse takes a value that starts with `-` (and is not
+    one number) for an option and would answer "expected one argument" instead of the range refusal."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--alphas" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            joined.append(f"--alphas={argv[i + 1]}")
+            i += 2
+            continue
+        joined.append(argv[i])
+        i += 1
+    return joined
 
 
 def alpha_list(text: str) -> list[float]:

@@ -177,6 +177,7 @@ def _one_line_refusal(result, *words: str) -> None:
     "alphas, words",
     [
         ("-0.1", "outside [0, 1]"),
+        ("-0.1,1", "outside [0, 1]"),  # a list that starts with "-": argparse took it for an option
         ("0,1.5", "outside [0, 1]"),
         ("nan", "outside [0, 1]"),
         ("inf", "outside [0, 1]"),
