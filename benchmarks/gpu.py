@@ -67,7 +67,9 @@ def row(label: str, make_step, batch: int, device: str, cap: float, warmup: int)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cap", type=float, default=40.0, help="timed seconds per row (default 40)")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up steps per row (default 10)")
     parser.add_argument("--batch", type=int, default=128)

@@ -113,7 +113,9 @@ def measure(name: str, size: int, batch: int, bf16: bool, train: bool, args) -> 
 
 
 def speed(args) -> None:
-    print("\n| backbone | size | batch | what | fp32 img/s | bf16 img/s | bf16 / fp32 | warm-up steps fp32 / bf16 |")
+    print(
+        "\n| backbone | size | batch | what | fp32 img/s | bf16 img/s | bf16 / fp32 | warm-up steps fp32 / bf16 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, size, batch in ROWS:
         for train in (True, False):
@@ -163,7 +165,11 @@ def accuracy(args) -> None:
                         sys.exit(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-3000:]}")
                     (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
                 metrics = json.loads((run_dir / "metrics.json").read_text())
-                wall = (run_dir / "wall_s.txt").read_text().strip() if (run_dir / "wall_s.txt").is_file() else "?"
+                wall = (
+                    (run_dir / "wall_s.txt").read_text().strip()
+                    if (run_dir / "wall_s.txt").is_file()
+                    else "?"
+                )
                 results[precision] = (metrics["test/acc"], wall)
             (fp32, wall32), (bf16, wall16) = results["32-true"], results["bf16-mixed"]
             differences.append(100 * (bf16 - fp32))
@@ -180,7 +186,9 @@ def accuracy(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--warmup", type=int, default=8, help="warm-up steps per row (default 8)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row (default 10)")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds per row at most (default 60)")

@@ -160,7 +160,12 @@ def _alphas_joined(argv: list[str]) -> list[str]:
     one number) for an option and would answer "expected one argument" instead of the range refusal."""
     joined, i = [], 0
     while i < len(argv):
-        if argv[i] == "--alphas" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+        if (
+            argv[i] == "--alphas"
+            and i + 1 < len(argv)
+            and argv[i + 1].startswith("-")
+            and argv[i + 1] != "--"
+        ):
             joined.append(f"--alphas={argv[i + 1]}")
             i += 2
             continue

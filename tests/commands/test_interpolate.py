@@ -72,6 +72,7 @@ def _rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_the_ends_reproduce_both_runs_and_the_chosen_network_is_a_run(runs, tmp_path, torch_home):
     out = tmp_path / "wise"
     result = _interpolate(
@@ -132,6 +133,7 @@ def test_the_ends_reproduce_both_runs_and_the_chosen_network_is_a_run(runs, tmp_
     assert "wise_ft" in (tmp_path / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_batchnorm_statistics_are_reestimated_between_the_ends(runs, tmp_path, torch_home):
     out = tmp_path / "wise"
     result = _interpolate(
@@ -152,6 +154,7 @@ def test_batchnorm_statistics_are_reestimated_between_the_ends(runs, tmp_path, t
     assert all(torch.isfinite(v).all() for v in mixed.values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_an_lp_ft_runs_probe_state_and_its_fine_tuned_network_pair_without_a_warning(
     runs, tmp_path, torch_home
 ):
@@ -187,15 +190,17 @@ def _one_line_refusal(result, *words: str) -> None:
         ("0.5,0.5", "given twice"),
     ],
 )
-def test_bad_alphas_are_refused_in_one_line(runs, tmp_path, torch_home, alphas, words):
+def test_bad_alphas_are_refused_in_one_line(tmp_path, torch_home, alphas, words):
+    # refused from the command line alone: the runs named are never read
     out = tmp_path / "wise"
     result = _interpolate(
-        [runs["probe"], runs["finetune"], "--out", out, "--alphas", alphas], tmp_path, torch_home
+        [tmp_path / "probe", tmp_path / "finetune", "--out", out, "--alphas", alphas], tmp_path, torch_home
     )
     _one_line_refusal(result, words)
     assert not out.exists()
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_pairs_that_do_not_mix_are_refused_in_one_line(runs, tmp_path, torch_home, cifar10_root):
     out = tmp_path / "wise"
     lp_ft = RunDir(runs["lp_ft"])
@@ -212,6 +217,7 @@ def test_pairs_that_do_not_mix_are_refused_in_one_line(runs, tmp_path, torch_hom
         assert not out.exists()
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_runs_on_other_data_are_refused(runs, tmp_path, torch_home, cifar10_root, transferlab_cache):
     other = _train(
         _run(cifar10_root, "mode=finetune", "data.fewshot.per_class=5"),
@@ -226,6 +232,7 @@ def test_runs_on_other_data_are_refused(runs, tmp_path, torch_home, cifar10_root
     assert not out.exists()
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_an_existing_out_is_kept_unless_forced_and_a_source_is_never_the_out(runs, tmp_path, torch_home):
     out = tmp_path / "wise"
     out.mkdir()
@@ -242,6 +249,7 @@ def test_an_existing_out_is_kept_unless_forced_and_a_source_is_never_the_out(run
     assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_a_training_run_dir_is_not_an_interpolation_dir(runs, tmp_path, torch_home):
     copy = tmp_path / "trained"
     shutil.copytree(runs["scratch"], copy)
@@ -249,6 +257,7 @@ def test_a_training_run_dir_is_not_an_interpolation_dir(runs, tmp_path, torch_ho
     _one_line_refusal(result, "training run")
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_a_run_that_has_not_finished_is_refused(runs, tmp_path, torch_home):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(runs["finetune"], unfinished)
@@ -260,6 +269,7 @@ def test_a_run_that_has_not_finished_is_refused(runs, tmp_path, torch_home):
     assert not out.exists()
 
 
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
 def test_a_copied_run_whose_best_checkpoint_is_gone_never_reads_the_originals(runs, tmp_path, torch_home):
     copy = tmp_path / "copy"
     shutil.copytree(runs["finetune"], copy)

@@ -44,6 +44,17 @@ def test_explicit_precisions_resolve_to_their_full_names(given, resolved):
     assert resolve_precision({"precision": given, "accelerator": "cpu"}, no_cuda, AMX) == resolved
 
 
+def test_an_older_fp32_run_resumes_under_a_preset_now_at_auto(monkeypatch):
+    """lite0_frozen and lite0_linear_probe moved from 32-true to auto: where auto is fp32 the setting is
+    the same; where it is bf16 (AMX) an older run's resume is refused (its overrides resume it as it ran)."""
+    import transferlab.run.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: AVX512_BF16)
+    assert same_precision("32-true", "auto", no_cuda) and same_precision("auto", "32", no_cuda)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: AMX)
+    assert not same_precision("32-true", "auto", no_cuda) and same_precision("bf16-mixed", "auto", no_cuda)
+
+
 def test_resume_compares_the_resolved_precision():
     check_resumed_precision(None, "bf16-mixed", "x.ckpt")  # a checkpoint from before it was recorded
     check_resumed_precision("32-true", "32-true", "x.ckpt")

@@ -5,8 +5,10 @@ would train and report numbers in another precision; on a CPU fp16 has no fast k
 Refused instead, before anything is built.
 
 `auto` is resolved once per run (`resolve_precision`): bf16-mixed on a CPU with AMX-bf16 units
-(`amx_bf16` in /proc/cpuinfo) and on a GPU that supports bf16, 32-true elsewhere (on CPUs with
-only AVX-512-bf16 or AVX2, bf16 is no faster: benchmarks/RESULTS.md). The resolved value is
+(`amx_bf16` in /proc/cpuinfo) and on a GPU that supports bf16, 32-true elsewhere: on an
+AVX-512-bf16 CPU without AMX, bf16-mixed extracts faster but trains EfficientNet-Lite0 slower
+(benchmarks/RESULTS.md), so `auto` keeps what the runs measured so far. It is the default of the
+presets whose work is extraction (lite0_frozen, lite0_linear_probe). The resolved value is
 logged, recorded in run_info.json and in every checkpoint, and a resume is compared by it.
 Cached features are computed under the run's autocast and keyed by it (`data.features.extraction_tag`):
 an fp32 run never reuses bf16 features.
@@ -95,14 +97,29 @@ def why_resolved(precision: str, flags: frozenset[str] | None = None) -> str:
     if "amx_bf16" in flags:
         return "this CPU has AMX-bf16"
     if precision == "32-true" and "avx512_bf16" in flags:
-        return "this CPU has AVX-512-bf16 but no AMX, where bf16 is no faster"
+        return (
+            "this CPU has AVX-512-bf16 but no AMX: auto stays fp32 (benchmarks/precision.py measures bf16-mixed "
+            "here: faster extraction, slower EfficientNet training; trainer.precision=bf16-mixed to choose it)"
+        )
     return "no bf16 units on this CPU" if precision == "32-true" else "this GPU supports bf16"
 
 
-def same_precision(saved: Any, current: Any) -> bool:
-    """Two `trainer.precision` settings that train alike (`32` and `32-true`); `auto` equals only itself
-    here: what it resolved to is compared through the checkpoint (`check_resumed_precision`)."""
-    return CANONICAL.get(str(saved), str(saved)) == CANONICAL.get(str(current), str(current))
+def same_precision(saved: Any, current: Any, cuda_available: Callable[[], bool] | None = None) -> bool:
+    """Two `trainer.precision` settings that train alike here: `32` and `32-true`, and `auto` and what it
+    resolves to on this machine (an older run's `32-true` resumes under a preset now at `auto`, where
+    auto is fp32). What a checkpoint trained in is compared through its record (`check_resumed_precision`)."""
+    a, b = str(saved), str(current)
+    if AUTO in (a, b) and a != b:
+        check = cuda_available or cuda_available_now
+        resolved = [resolve_precision({"precision": v, "accelerator": "auto"}, check) for v in (a, b)]
+        return resolved[0] == resolved[1]
+    return CANONICAL.get(a, a) == CANONICAL.get(b, b)
+
+
+def cuda_available_now() -> bool:
+    import torch  # here: the command line's resume checks run before torch is imported
+
+    return torch.cuda.is_available()
 
 
 def check_resumed_precision(recorded: Any, resolved: str, checkpoint: Path) -> None:

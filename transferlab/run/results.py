@@ -187,7 +187,7 @@ def check_optimized_metric(metric: str | None, test: bool) -> None:
 
 
 def logged_metrics() -> list[str]:
-    """The names TransferModule logs (its `self.log("...")` calls), read from its source so the
-    list cannot drift from the model."""
+    """The names TransferModule logs (its `self.log("...")` and `self._log_epoch_metric("...")` calls),
+    read from its source so the list cannot drift from the model."""
     source = Path(model_module.__file__).read_text()
-    return sorted(set(re.findall(r"""self\.log\(\s*["']([^"']+)["']""", source)))
+    return sorted(set(re.findall(r"""self\.(?:log|_log_epoch_metric)\(\s*["']([^"']+)["']""", source)))

@@ -18,7 +18,12 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab.config import config_dir, dotted_settings
-from transferlab.run.precision import check_resumed_precision, resolve_precision, same_precision
+from transferlab.run.precision import (
+    check_resumed_precision,
+    cuda_available_now,
+    resolve_precision,
+    same_precision,
+)
 from transferlab.store.rundir import ResumeSource, RunDir, resume_source
 from transferlab.utils.errors import UserError
 
@@ -121,12 +126,6 @@ def check_record_agrees(source: ResumeSource) -> None:
         )
 
 
-def _cuda_available() -> bool:
-    import torch  # here: the command line's resume checks run before torch is imported
-
-    return torch.cuda.is_available()
-
-
 def _dataset_name(data: DictConfig) -> str | None:
     return getattr(get_class(data._target_), "name", None)
 
@@ -186,7 +185,7 @@ def check_resume(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     check_record_agrees(source)
     plan = resume_plan(cfg, output_dir, source)
     # trainer.precision=auto may resolve otherwise on another machine: the resolved values must agree
-    resolved = resolve_precision(cfg.trainer, cuda_available=_cuda_available)
+    resolved = resolve_precision(cfg.trainer, cuda_available=cuda_available_now)
     check_resumed_precision(source.record.get("precision"), resolved, source.checkpoint)
     return plan
 
