@@ -99,13 +99,23 @@ def test_a_changed_backbone_file_is_refused_never_used(tmp_path, tamper):
 
 
 @pytest.mark.parametrize(
-    "reference", [None, "x.pt", {"file": "../elsewhere.pt", "sha256": "0"}, {"file": "a.pt"}]
+    "damage", ["none", "a string", "a path with ..", "no sha256", "no keys", "keys not a list"]
 )
-def test_a_damaged_reference_is_refused(tmp_path, reference):
+def test_a_damaged_reference_is_refused_in_a_short_line(tmp_path, damage):
     saved = BackboneFile().refer(a_checkpoint(), tmp_path)
-    saved[BACKBONE_REFERENCE] = reference
-    with pytest.raises(UserError, match="damaged"):
+    reference = dict(saved[BACKBONE_REFERENCE], keys=[f"backbone.layer{i}.weight" for i in range(500)])
+    damaged = {
+        "none": None,
+        "a string": reference["file"],
+        "a path with ..": dict(reference, file=f"../{reference['file']}"),
+        "no sha256": {k: v for k, v in reference.items() if k != "sha256"},
+        "no keys": {k: v for k, v in reference.items() if k != "keys"},
+        "keys not a list": dict(reference, keys="backbone.*"),
+    }[damage]
+    saved[BACKBONE_REFERENCE] = damaged
+    with pytest.raises(UserError, match="damaged") as refusal:
         with_backbone(saved, tmp_path / "last.ckpt")
+    assert len(str(refusal.value)) < 400  # not the 500 key names
 
 
 def test_make_standalone_writes_the_backbone_back_and_removes_the_file(tmp_path):
@@ -212,3 +222,69 @@ def test_a_killed_cached_feature_fit_resolves_resumes_and_refuses_a_changed_back
     assert not list((run_dir / "checkpoints").glob("frozen-backbone-*.pt"))
     raw = torch.load(last, map_location="cpu", weights_only=False)
     assert BACKBONE_REFERENCE not in raw
+
+
+def test_a_backbone_file_that_cannot_be_written_is_one_storage_line(tmp_path, monkeypatch):
+    import errno
+
+    from transferlab.callbacks.guards import AtomicCheckpointIO
+    from transferlab.store.backbone_file import BY_REFERENCE
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if (
+            isinstance(obj, dict) and "head.weight" not in obj and "state_dict" not in obj
+        ):  # the backbone file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(UserError, match="no space left on") as refusal:
+        AtomicCheckpointIO().save_checkpoint({**a_checkpoint(), BY_REFERENCE: True}, tmp_path / "last.ckpt")
+    assert "\n" not in str(refusal.value)
+    assert list(tmp_path.iterdir()) == []  # no temporary file, no half checkpoint
+
+
+def test_checkpoints_that_cannot_be_made_standalone_warn_and_stay_readable(tmp_path, monkeypatch, caplog):
+    import errno
+    from types import SimpleNamespace
+
+    import transferlab.store.backbone_file as backbone_file
+    from transferlab.callbacks.guards import standalone_checkpoints
+
+    torch.save(BackboneFile().refer(a_checkpoint(), tmp_path), tmp_path / "last.ckpt")
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(backbone_file, "write_atomically", full)
+    trainer = SimpleNamespace(checkpoint_callbacks=[SimpleNamespace(dirpath=str(tmp_path))])
+    with caplog.at_level("WARNING", logger="transferlab"):
+        standalone_checkpoints(trainer)  # no exception: the run goes on to its test
+    assert "still refer to their backbone file (No space left on device)" in caplog.text
+    assert list(tmp_path.glob("frozen-backbone-*.pt"))
+    assert torch.equal(
+        read_checkpoint(tmp_path / "last.ckpt", "x")["state_dict"]["backbone.conv.weight"],
+        a_checkpoint()["state_dict"]["backbone.conv.weight"],
+    )
+
+
+def test_a_test_only_resume_of_a_killed_fit_leaves_standalone_checkpoints(cifar10_root, torch_home, tmp_path):
+    """Killed after its last epoch (in the final rewrite, or the test): the resume has nothing to
+    train, so no fit makes the checkpoints stand alone; it does, and counts what the mode trains."""
+    data = f"data.root={cifar10_root}"
+    run_dir = tmp_path / "run"
+    finished = run_training([data, *FROZEN], run_dir)
+    writer = BackboneFile()
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):  # as a kill mid-rewrite leaves them
+        torch.save(writer.refer(torch.load(path, map_location="cpu", weights_only=False), path.parent), path)
+    (run_dir / "metrics.json").unlink()
+    resumed = cli([data, *FROZEN, "ckpt_path=last", f"hydra.run.dir={run_dir}"], tmp_path, torch_home)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list((run_dir / "checkpoints").glob("frozen-backbone-*.pt"))
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+        assert BACKBONE_REFERENCE not in torch.load(path, map_location="cpu", weights_only=False)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/acc"] == finished["test/acc"]
+    assert metrics["params_trainable"] == finished["params_trainable"] < metrics["params_total"]

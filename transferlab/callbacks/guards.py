@@ -8,6 +8,7 @@ to every run (they are bookkeeping, not settings).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -26,6 +27,8 @@ from transferlab.store.backbone_file import BY_REFERENCE, BackboneFile, make_sta
 from transferlab.store.files import STORAGE_ERRNOS, storage_error_behind, write_atomically
 from transferlab.store.rundir import RunDir, checkpoint_path, read_checkpoint, relocated, transferlab_record
 from transferlab.utils.errors import TrainingDiverged, UserError
+
+log = logging.getLogger("transferlab")
 
 
 class StopOnNonFiniteLoss(Callback):
@@ -389,21 +392,29 @@ class FrozenBackboneSavedOnce(Callback):
             checkpoint[BY_REFERENCE] = True  # AtomicCheckpointIO strips it, knowing the file's folder
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for folder in _checkpoint_folders(trainer):
-            make_standalone(folder)
+        standalone_checkpoints(trainer)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        for folder in _checkpoint_folders(trainer):
-            try:
-                make_standalone(folder)
-            except (OSError, RuntimeError, UserError) as error:  # a full disk: the checkpoints still resume
-                warnings.warn(
-                    f"the checkpoints in {folder} still refer to their backbone file ({error}); "
-                    f"resume the run with ckpt_path=last to finish it",
-                    stacklevel=1,
-                )
+        standalone_checkpoints(trainer)
+
+
+def standalone_checkpoints(trainer: L.Trainer) -> None:
+    """Every checkpoint of the run holds its backbone again (`store.backbone_file.make_standalone`).
+    Where that cannot be written (a full disk) they keep referring to the backbone file, which every
+    reader resolves: one warning line, and the run goes on (its test still reads them)."""
+    for folder in _checkpoint_folders(trainer):
+        try:
+            make_standalone(folder)
+        except (OSError, RuntimeError, UserError) as error:
+            reason = storage_error_behind(error) or error
+            log.warning(
+                "the checkpoints in %s still refer to their backbone file (%s); they are read through it, "
+                "and a resume with ckpt_path=last where there is room makes them stand alone",
+                folder,
+                getattr(reason, "strerror", None) or type(reason).__name__,
+            )
 
 
 def backbone_never_changes(pl_module: L.LightningModule) -> bool:
@@ -435,9 +446,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        if checkpoint.pop(BY_REFERENCE, False):
-            checkpoint = self._backbone_file.refer(checkpoint, path.parent)
         try:
+            if checkpoint.pop(BY_REFERENCE, False):  # the backbone file is written here, once
+                checkpoint = self._backbone_file.refer(checkpoint, path.parent)
             write_atomically(path, lambda f: torch.save(checkpoint, f))
         except Exception as error:  # write_atomically has removed its temporary file
             full = storage_error_behind(error)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transferlab.callbacks.guards import TrainingClock
+from transferlab.callbacks.guards import TrainingClock, standalone_checkpoints
 from transferlab.data.features import feature_cache_on
+from transferlab.methods.modes import TransferMode
 from transferlab.methods.neighbors import (
     is_neighbor_mode,
     neighbors_from_config,
@@ -69,6 +70,12 @@ def fit_or_solve(cfg: DictConfig, built, output_dir: Path, plan: ResumePlan | No
             validate_probe_state(trainer, model, datamodule, RunDir(output_dir).probe_state)
     if plan is not None and not plan.trains:
         # A finished run resumed to be tested (e.g. the chosen trial of a search): nothing to train.
+        # A fit killed after its last epoch may have left checkpoints that refer to their backbone file
+        # (store.backbone_file), and no fit runs here to make them stand alone; what trains is the
+        # mode's at the last epoch (params_trainable), as a fit would have left it.
+        standalone_checkpoints(trainer)
+        for callback in (c for c in trainer.callbacks if isinstance(c, TransferMode)):
+            callback.apply(model, epoch=max(plan.epochs_done - 1, 0))
         return test_without_training(trainer, model, datamodule, plan)
     resume_from = checkpoint_path(cfg.ckpt_path, output_dir)
     training_clock(trainer).features = built.features_time_s  # into every checkpoint the fit saves

@@ -101,6 +101,15 @@ def refers_to_backbone(checkpoint: Any) -> bool:
     return isinstance(checkpoint, dict) and BACKBONE_REFERENCE in checkpoint
 
 
+def _described(reference: Any) -> str:
+    """A damaged reference in a few words (its key list alone can be thousands of characters)."""
+    if not isinstance(reference, dict):
+        return f"a {type(reference).__name__}, not a mapping"
+    shown = {k: reference.get(k) for k in ("file", "sha256") if k in reference}
+    keys = reference.get("keys")
+    return f"{shown}, keys: {f'{len(keys)} names' if isinstance(keys, list) else 'missing'}"
+
+
 def with_backbone(checkpoint: dict, path: Path) -> dict:
     """`checkpoint` (read from `path`) with its backbone back in its state dict; a checkpoint that
     holds its backbone is returned as it is. Refuses a missing, unreadable or changed backbone file."""
@@ -109,10 +118,15 @@ def with_backbone(checkpoint: dict, path: Path) -> dict:
     path = Path(path)
     reference = checkpoint[BACKBONE_REFERENCE]
     name = reference.get("file") if isinstance(reference, dict) else None
-    if not isinstance(name, str) or Path(name).name != name or not isinstance(reference.get("sha256"), str):
+    if (
+        not isinstance(name, str)
+        or Path(name).name != name
+        or not isinstance(reference.get("sha256"), str)
+        or not isinstance(reference.get("keys"), list)
+    ):
         raise UserError(
-            f"{path}: its reference to a backbone file is damaged ({reference!r}); it cannot be used, "
-            f"start the run again in a new hydra.run.dir"
+            f"{path}: its reference to a backbone file is damaged ({_described(reference)}); it cannot be "
+            f"used, start the run again in a new hydra.run.dir"
         )
     file = path.parent / name
     saved = (
