@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab.run.precision import CANONICAL
 from transferlab.store.rundir import read_json, read_yaml
 from transferlab.utils.errors import UserError
 
@@ -168,11 +169,7 @@ def _precision(run_info_file: Path, config) -> str | None:
         return recorded
     configured = _config_value(config, "trainer.precision")
     # an older run's explicit setting is what it trained in; `auto` before it was recorded is unknown
-    return (
-        None
-        if configured in (MISSING, "null", "auto")
-        else {"32": "32-true", "bf16": "bf16-mixed"}.get(configured, configured)
-    )
+    return None if configured in (MISSING, "null", "auto") else CANONICAL.get(configured, configured)
 
 
 def _evaluation(run_info_file: Path) -> dict | None:

@@ -108,12 +108,11 @@ def same_precision(saved: Any, current: Any, cuda_available: Callable[[], bool] 
     """Two `trainer.precision` settings that train alike here: `32` and `32-true`, and `auto` and what it
     resolves to on this machine (an older run's `32-true` resumes under a preset now at `auto`, where
     auto is fp32). What a checkpoint trained in is compared through its record (`check_resumed_precision`)."""
-    a, b = str(saved), str(current)
-    if AUTO in (a, b) and a != b:
-        check = cuda_available or cuda_available_now
-        resolved = [resolve_precision({"precision": v, "accelerator": "auto"}, check) for v in (a, b)]
-        return resolved[0] == resolved[1]
-    return CANONICAL.get(a, a) == CANONICAL.get(b, b)
+    check = cuda_available or cuda_available_now  # only asked when one side is `auto`
+    saved, current = (
+        resolve_precision({"precision": v, "accelerator": "auto"}, check) for v in (saved, current)
+    )
+    return saved == current
 
 
 def cuda_available_now() -> bool:
