@@ -125,15 +125,18 @@ def predict(args: argparse.Namespace) -> None:
             f"--top-k {args.top_k} is more than the model's {len(trained.class_names)} classes; use --top-k {len(trained.class_names)} or less"
         )
     calibrated = not args.uncalibrated
-    rows, unreadable = classify(
+    rows, unreadable, read_problems = classify(
         trained, found.files, args.batch_size, args.top_k, pick_device(args.device), calibrated
     )
-    skipped = found.skipped + unreadable
-    if not rows:
+    skipped, problems = found.skipped + unreadable, found.problems + read_problems
+    if not rows:  # one line: what is wrong with the first file, not a warning per file and then an error
+        more = f", and {plural(len(problems) - 1, 'more problem')}" if len(problems) > 1 else ""
         raise UserError(
             f"nothing to predict: no readable image among the {plural(found.count(), 'file')} given "
-            f"(see the warnings above); give image files, or folders that hold them"
+            f"({problems[0]}{more}); give image files, or folders that hold them"
         )
+    for problem in problems:  # what was skipped, said once something was predicted
+        warn(f"{problem} (skipped)")
     write_csv(args.out, rows, args.top_k)
     print_table(rows, args.top_k, args.out)
     calibration = trained.calibration_line(calibrated)
@@ -165,7 +168,8 @@ def warn(message: str) -> None:
 @dataclass
 class FoundFiles:
     files: list[Path] = field(default_factory=list)  # to read, in the order given, each once
-    skipped: list[Path] = field(default_factory=list)  # warned about already: missing, or not image files
+    skipped: list[Path] = field(default_factory=list)  # missing, or not image files
+    problems: list[str] = field(default_factory=list)  # what is wrong with them, in words (warned later)
 
     def count(self) -> int:
         return len(self.files) + len(self.skipped)
@@ -182,7 +186,7 @@ def find_images(patterns: Sequence[str]) -> FoundFiles:
         )
     found, seen = FoundFiles(), set()
     for pattern in patterns:
-        for path, named in _expand(pattern):
+        for path, named in _expand(pattern, found.problems):
             if path is _MISSING:
                 found.skipped.append(Path(pattern))
                 continue
@@ -192,7 +196,9 @@ def find_images(patterns: Sequence[str]) -> FoundFiles:
             if named or path.suffix.lower() in IMAGE_EXTENSIONS:
                 found.files.append(path)  # a file named on the command line is tried whatever its name
             else:
-                warn(f"skipped {path}: not an image file (image files end in {', '.join(IMAGE_EXTENSIONS)})")
+                found.problems.append(
+                    f"{path} is not an image file (image files end in {', '.join(IMAGE_EXTENSIONS)})"
+                )
                 found.skipped.append(path)
     return found
 
@@ -205,36 +211,36 @@ def _names_something(pattern: str) -> bool:
     return path.exists() or (glob.has_magic(pattern) and bool(glob.glob(str(path), recursive=True)))
 
 
-def _expand(pattern: str) -> Iterator[tuple[Path, bool]]:
-    """(file, named on the command line) for one PATH argument; warns about and yields _MISSING for nothing."""
+def _expand(pattern: str, problems: list[str]) -> Iterator[tuple[Path, bool]]:
+    """(file, named on the command line) for one PATH argument; notes in `problems` and yields _MISSING for nothing."""
     path = Path(pattern).expanduser()
     if path.is_file():
         yield path, True
     elif path.is_dir():
-        yield from ((f, False) for f in _files_under(path))
+        yield from ((f, False) for f in _files_under(path, problems))
     elif glob.has_magic(pattern):
         matches = sorted(glob.glob(str(path), recursive=True))
         if not matches:
-            warn(f"no file matches {pattern}")
+            problems.append(f"no file matches {pattern}")
             yield _MISSING, True
         for match in map(Path, matches):
             if match.is_dir():
-                yield from ((f, False) for f in _files_under(match))
+                yield from ((f, False) for f in _files_under(match, problems))
             else:
                 yield match, False
     else:
-        warn(f"no such file or folder: {pattern}")
+        problems.append(f"no such file or folder: {pattern}")
         yield _MISSING, True
 
 
-def _files_under(folder: Path) -> list[Path]:
+def _files_under(folder: Path, problems: list[str]) -> list[Path]:
     files = [
         p
         for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     ]
     if not files:
-        warn(f"folder {folder} holds no files")
+        problems.append(f"folder {folder} holds no files")
     return sorted(files)
 
 
@@ -248,11 +254,11 @@ class Prediction:
 
 def classify(
     trained, files: list[Path], batch_size: int, top_k: int, device: torch.device, calibrated: bool = True
-) -> tuple[list[Prediction], list[Path]]:
-    """Predictions for the readable files, and the files that could not be read (each warned about);
+) -> tuple[list[Prediction], list[Path], list[str]]:
+    """Predictions for the readable files, the files that could not be read and why, in words;
     `calibrated`: with the checkpoint's temperature, if it has one."""
     classifier = trained.classifier(calibrated).to(device)
-    rows, unreadable = [], []
+    rows, unreadable, problems = [], [], []
     # A bar only when there is more than one batch to wait for (and only on a terminal: disable=None).
     with tqdm(
         total=len(files),
@@ -263,30 +269,33 @@ def classify(
     ) as bar:
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
-            images, readable = read_images(batch, trained.image_size)
+            images, readable, why = read_images(batch, trained.image_size)
             unreadable += [f for f in batch if f not in readable]
+            problems += why
             if readable:
                 with torch.inference_mode():
                     probabilities = classifier(images.to(device)).float().cpu()
                 rows += predictions(readable, probabilities, trained.class_names, top_k)
             bar.update(len(batch))
-    return rows, unreadable
+    return rows, unreadable, problems
 
 
-def read_images(files: list[Path], size: int) -> tuple[torch.Tensor, list[Path]]:
-    """uint8 (N, 3, size, size) of the files that decode, as `data=imagefolder` reads its images; warns about the rest."""
+def read_images(files: list[Path], size: int) -> tuple[torch.Tensor, list[Path], list[str]]:
+    """uint8 (N, 3, size, size) of the files that decode, as `data=imagefolder` reads its images, those
+    files, and why each of the rest cannot be read."""
     from transferlab.data.imagefolder import decode_image  # heavy: transferlab.data imports Lightning
 
-    images, readable = [], []
+    images, readable, problems = [], [], []
     for file in files:
         try:
             image = decode_image(file, size)
         except UserError as error:
-            warn(f"{error} (skipped)")
+            problems.append(str(error))
             continue
         images.append(image)
         readable.append(file)
-    return (torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)), readable
+    stacked = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return stacked, readable, problems
 
 
 def predictions(

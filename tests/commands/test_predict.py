@@ -107,9 +107,18 @@ def test_nothing_readable_is_one_error_line_and_no_file(cnn_run, tmp_path, torch
     )
 
     assert result.returncode == 2
-    assert error_lines(result.stderr) == [result.stderr.splitlines()[-1]]
-    assert "nothing to predict: no readable image among the 3 files given" in result.stderr
+    # one line in all: no warning per file before it (the line names the first problem and counts the rest)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == error_lines(result.stderr) and len(lines) == 1, result.stderr
+    assert "nothing to predict: no readable image among the 3 files given" in lines[0]
+    assert "readme.md is not an image file" in lines[0] and "and 2 more problems" in lines[0]
     assert not (tmp_path / "predictions.csv").exists()
+
+    only_broken = cli([str(cnn_run), str(tmp_path / "junk" / "broken.jpg")], tmp_path, torch_home,
+                      module="transferlab.predict")  # fmt: skip
+    lines = [line for line in only_broken.stderr.splitlines() if line.strip()]
+    assert only_broken.returncode == 2 and len(lines) == 1, only_broken.stderr
+    assert "cannot read image" in lines[0] and "broken.jpg" in lines[0] and "more" not in lines[0]
 
 
 @pytest.mark.parametrize("paths", [["missing.png"], ["missing.png", "nowhere", "*.nomatch"]])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import cli, compose_config, run_training, tiny_run
 
-from transferlab.methods.modes import mode_facts
+from transferlab.methods.mode_facts import mode_facts
 from transferlab.utils.errors import UserError
 
 FROZEN = [
@@ -239,3 +239,24 @@ def test_the_same_images_elsewhere_reuse_the_features(cifar10_root, tmp_path, mo
         second = run_training([*base, f"data.root={copy}"], tmp_path / "b")
     assert caplog.text.count(REUSED) == 3 and COMPUTED not in caplog.text
     assert second["test/loss"] == pytest.approx(first["test/loss"], abs=1e-6)
+
+
+def test_a_cache_file_of_the_wrong_kind_is_rebuilt_with_one_log_line(tmp_path, caplog):
+    import warnings
+
+    from transferlab.data.features import _load
+    from transferlab.data.subsets import Split
+
+    split = Split(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), torch.arange(4))
+    path = tmp_path / "0123abcd.pt"
+    good = {"key": path.stem, "features": torch.ones(4, 5), "labels": split.labels}
+    torch.save(good, path)
+    assert torch.equal(_load(path, split), good["features"])
+    for foreign in (torch.zeros(3), [1, 2], {**good, "labels": [0, 1, 2, 3]}, {**good, "features": "x"}):
+        torch.save(foreign, path)
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as shown, caplog.at_level("WARNING"):
+            warnings.simplefilter("always")
+            assert _load(path, split) is None
+        assert not shown, [str(w.message) for w in shown]  # no torch warning on the way to the log line
+        assert len(caplog.records) == 1 and "rebuilding it" in caplog.text

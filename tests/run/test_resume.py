@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -715,3 +716,31 @@ def test_a_checkpoint_copied_in_from_another_run_is_refused(finished, cifar10_ro
     assert "the checkpoint is from another run or the file was edited" in line
     assert file_hashes(run_dir) == before
     assert not (run_dir / "fewshot_indices.json").exists()
+
+
+@pytest.mark.parametrize("finished_run", [True, False], ids=["finished", "killed"])
+def test_a_copied_run_whose_best_checkpoint_is_gone_is_refused_and_never_reads_the_original(
+    finished, finished_run, torch_home, tmp_path
+):
+    """The copy's last.ckpt records the original's best by its absolute path: resumed (to train more,
+    or only to test), the copy tested the original run's file and reported it, exit 0."""
+    run_dir, args = _copy_run(finished[0], tmp_path, finished[1])
+    best = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
+    (run_dir / best).unlink()
+    if not finished_run:
+        (run_dir / "metrics.json").unlink()
+    before = file_hashes(run_dir)
+    for budget in ("trainer.max_epochs=3", "trainer.max_epochs=2"):
+        result = cli([*args, "ckpt_path=last", budget], tmp_path, torch_home)
+        assert result.returncode == 2, result.stderr
+        line = one_line(result)
+        assert f"records {Path(best).name} as the run's best checkpoint, which is missing" in line, line
+        assert file_hashes(run_dir) == before
+    # the fix it names: restore the file from the run it was copied from
+    shutil.copy(finished[0] / best, run_dir / best)
+    result = cli([*args, "ckpt_path=last", "trainer.max_epochs=3"], tmp_path, torch_home)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (run_dir / metrics["best_checkpoint"]).is_file() and not Path(
+        metrics["best_checkpoint"]
+    ).is_absolute()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,12 @@ def test_corrupted_images_are_cached_and_a_damaged_cache_file_is_recomputed(tmp_
     path.write_bytes(b"not a tensor file")
     assert torch.equal(corrupted_images(images, "gaussian_noise", 3, seed=0, use_disk=True), first)
     assert len(list((Path(_cache()) / "corruptions").glob("*.pt"))) == 1
+    for foreign in (torch.zeros(3), [1, 2], {"key": "other", "images": first}):  # files of the wrong kind
+        torch.save(foreign, path)
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            assert torch.equal(corrupted_images(images, "gaussian_noise", 3, seed=0, use_disk=True), first)
+        assert not shown, [str(w.message) for w in shown]  # the one log line, no torch warning on the way
     other_seed = corrupted_images(images, "gaussian_noise", 3, seed=1, use_disk=True)
     assert (
         not torch.equal(other_seed, first) and len(list((Path(_cache()) / "corruptions").glob("*.pt"))) == 2

@@ -279,7 +279,9 @@ def _load(path: Path, split: Split) -> torch.Tensor | None:
         return None
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-        features, labels = record["features"], record["labels"]
+        if not isinstance(record, dict):  # a bare tensor: indexing it by name would warn, not fail
+            record = {}
+        features, labels = record.get("features"), record.get("labels")
         valid = (
             record.get("key") == key
             and isinstance(features, torch.Tensor)

@@ -24,7 +24,7 @@ from transferlab.run.precision import (
     resolve_precision,
     same_precision,
 )
-from transferlab.store.rundir import ResumeSource, RunDir, resume_source
+from transferlab.store.rundir import ResumeSource, RunDir, recorded_best_path, resume_source
 from transferlab.utils.errors import UserError
 
 #: settings a resume may change: where the run reads its data and executes, what it prints,
@@ -126,6 +126,22 @@ def check_record_agrees(source: ResumeSource) -> None:
         )
 
 
+def check_best_is_there(source: ResumeSource, run_dir: Path) -> None:
+    """A checkpoint of this run dir whose recorded best checkpoint is gone: Lightning would keep the
+    path it records, and the run would test (and report) that file, which in a copied run dir is
+    the original run's. Another folder's checkpoint keeps its best beside it, where the resume finds it."""
+    checkpoint = source.checkpoint.resolve()
+    if checkpoint.parent != RunDir(run_dir).checkpoints.resolve():
+        return
+    best = recorded_best_path(checkpoint)
+    if best is not None and not best.is_file():
+        raise UserError(
+            f"ckpt_path={source.checkpoint} records {best.name} as the run's best checkpoint, which is missing "
+            f"from {best.parent}; restore it (a copied run dir: from the run it was copied from), or start a "
+            f"new run (a new hydra.run.dir)"
+        )
+
+
 def _dataset_name(data: DictConfig) -> str | None:
     return getattr(get_class(data._target_), "name", None)
 
@@ -183,6 +199,7 @@ def check_resume(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
         return None
     check_checkpoint_matches(source, cfg)
     check_record_agrees(source)
+    check_best_is_there(source, output_dir)
     plan = resume_plan(cfg, output_dir, source)
     # trainer.precision=auto may resolve otherwise on another machine: the resolved values must agree
     resolved = resolve_precision(cfg.trainer, cuda_available=cuda_available_now)
@@ -360,7 +377,7 @@ def _as_settings_are_now(settings: dict[str, Any]) -> dict[str, Any]:
 # Imported when used, not with this module: the command line's checks (cli.overrides, before Hydra)
 # run before Lightning and torch are imported (transferlab.__main__), and these modules import them.
 def _facts_of(mode_name: Any) -> dict[str, Any]:
-    from transferlab.methods.modes import facts_before_they_were_stated
+    from transferlab.methods.mode_facts import facts_before_they_were_stated
 
     return facts_before_they_were_stated(mode_name)
 

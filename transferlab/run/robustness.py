@@ -342,7 +342,9 @@ def _load(path, key: str, images: torch.Tensor) -> torch.Tensor | None:
     """The cached corrupted images, or None when the file is damaged or not what its name says."""
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-        cached = record["images"]
+        if not isinstance(record, dict):  # a bare tensor: indexing it by name would warn, not fail
+            record = {}
+        cached = record.get("images")
         valid = (
             record.get("key") == key
             and isinstance(cached, torch.Tensor)
