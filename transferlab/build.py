@@ -25,23 +25,17 @@ import torch
 from omegaconf import DictConfig
 
 from transferlab.callbacks.guards import AtomicCheckpointIO, FrozenBackboneSavedOnce, TrainingClock
-from transferlab.config import check_config_itself
 from transferlab.data.datamodule import TensorImageDataModule, check_data_root
 from transferlab.data.features import feature_device, feature_splits
 from transferlab.data.normalization import describe_weights
-from transferlab.methods.modes import Mode, check_mode, mode_facts
-from transferlab.methods.probe import check_probe
-from transferlab.methods.regularizers import build_regularizer, check_regularizer
+from transferlab.methods.mode_facts import Mode, mode_facts
+from transferlab.methods.regularizers import build_regularizer
 from transferlab.models import TransferModule
 from transferlab.models.architecture import architecture_record
-from transferlab.models.module import check_components, check_label_smoothing, check_learning_rate_ratios
-from transferlab.run.budget import check_training_budget
-from transferlab.run.calibration import check_calibration
-from transferlab.run.devices import check_devices
-from transferlab.run.precision import AUTO, check_precision, resolve_precision, why_resolved
-from transferlab.run.results import check_optimized_metric
+from transferlab.run.checks import check_settings
+from transferlab.run.precision import AUTO, resolve_precision, why_resolved
 from transferlab.run.resume import ResumePlan, check_resume
-from transferlab.run.robustness import check_eval, check_eval_fits
+from transferlab.run.robustness import check_eval_fits
 from transferlab.store.rundir import RunDir, resumes
 
 log = logging.getLogger("transferlab")
@@ -51,28 +45,11 @@ log = logging.getLogger("transferlab")
 def check_config(cfg: DictConfig, output_dir: Path) -> ResumePlan | None:
     """Every check on the composed config, before anything is built; for a resume, what is left to do.
 
-    The config's own checks first, then each owner once with its slice, from the layers above to
-    the ones below (the run's budget, the mode, the model's parts, the data), then the resume
-    (it reads the checkpoint) and the run dir.
+    The checks of the config alone first (`run.checks.check_settings`: the config's own, then each
+    owner once with its slice; transferlab.cli ran them before the job too), then the data root, the
+    resume (it reads the checkpoint) and the run dir.
     """
-    check_config_itself(cfg)
-    test = bool(cfg.get("test", True))
-    check_training_budget(cfg.trainer, test=test)
-    check_precision(cfg.trainer, cuda_available=torch.cuda.is_available)
-    check_devices(cfg.trainer)
-    check_optimized_metric(cfg.get("optimized_metric"), test=test)
-    check_calibration(cfg.get("calibration"), test=test)
-    check_eval(cfg.get("eval"), test=test)
-    weights = cfg.backbone.get("weights")
-    mode = check_mode(cfg.mode, cfg.trainer.get("max_epochs"), weights)
-    cached = mode.caches_features(cfg.data.get("cache_features", "auto"), bool(cfg.data.augment))
-    check_probe(mode, cfg.mode, cfg.head.get("_target_", ""), cfg.get("ckpt_path"), cached, cfg.trainer)
-    check_regularizer(
-        cfg.get("regularizer"), mode, mode.starting_weights(weights), cfg.data.get("batch_size")
-    )
-    check_components(cfg.optimizer, cfg.get("scheduler"), cfg.head)
-    check_learning_rate_ratios(cfg.model.backbone_lr_ratio, cfg.model.layer_decay)
-    check_label_smoothing(cfg.model.get("label_smoothing", 0.0), solved_by=None if mode.fits else mode.name)
+    check_settings(cfg)
     check_data_root(cfg.data)
     # After the mode's: a probe has nothing to resume, which says more than a missing last.ckpt.
     plan = check_resume(cfg, output_dir)

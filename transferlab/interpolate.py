@@ -50,7 +50,7 @@ from transferlab.utils.errors import UserError, exit_with, first_line
 if TYPE_CHECKING:
     import torch
 
-    from transferlab.methods.modes import Mode
+    from transferlab.methods.mode_facts import Mode
     from transferlab.methods.wise import AlphaResult
 
 #: 0, 0.1, ..., 1
@@ -288,9 +288,9 @@ def read_source(given: str, role: str) -> Source:
 
 
 def recorded_mode(config: DictConfig, what: str) -> "Mode":
-    """The facts of the mode a run recorded (`methods.modes.mode_facts`); a config from before the
+    """The facts of the mode a run recorded (`methods.mode_facts.mode_facts`); a config from before the
     facts were stated gets those of its built-in mode."""
-    from transferlab.methods.modes import facts_before_they_were_stated, mode_facts  # heavy: Lightning
+    from transferlab.methods.mode_facts import facts_before_they_were_stated, mode_facts
 
     try:
         node = OmegaConf.to_container(config.mode, resolve=True)
@@ -318,6 +318,15 @@ def check_out(out: Path, force: bool, sources: Sequence[Source]) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the interpolation's run dir")
     for source in sources:
+        if (
+            source.run_dir is None
+        ):  # a checkpoint file of its own: only its folder and the file are off limits
+            if out.resolve() in (source.checkpoint.resolve(), source.folder.resolve()):
+                raise UserError(
+                    f"--out {out} is the folder that holds {source.role}'s checkpoint {source.checkpoint}, which "
+                    "this command reads; choose another --out (a new folder)"
+                )
+            continue
         if _within(out, source.folder):
             raise UserError(
                 f"--out {out} is {'' if out.resolve() == source.folder.resolve() else 'inside '}the {source.role} "
@@ -562,8 +571,20 @@ def build_data(data: dict, recorded: dict):
         refusal = bad_argument("data", error)
         if refusal is None:
             raise
-        raise refusal from None
+        raise in_interpolate_terms(refusal) from None
     return datamodule
+
+
+def in_interpolate_terms(refusal: UserError) -> UserError:
+    """A data refusal with the fix this command takes: its advice names `data.*` settings (set
+    data.download=true, point data.root at ...), which interpolate has no way to give."""
+    what, _, advice = str(refusal).rpartition("; ")
+    if not what or "data." not in advice:
+        return refusal
+    return UserError(
+        f"the runs' data cannot be read ({what}); give --data-root the folder that holds their dataset "
+        "(interpolate never downloads)"
+    )
 
 
 def check_images(datamodule, data: dict, sources: Sequence[Source]) -> None:
@@ -593,15 +614,20 @@ def interpolate(args: argparse.Namespace) -> None:
     data = data_config(finetuned, args.data_root)
     from transferlab.data.datamodule import check_data_root  # heavy: Lightning (loaded by the checks already)
 
-    check_data_root(OmegaConf.create(data))
+    try:
+        check_data_root(OmegaConf.create(data))
+    except UserError as refusal:
+        raise in_interpolate_terms(refusal) from None
     device = pick_device(args.device)
+    # Reads the data and the runs' network: what cannot be read is refused before --out is made
+    # and before the warnings, which describe a mix that will then be made.
+    run = Interpolation(start, finetuned, data, device, args.bn_recompute, args.corruptions)
     for warning in warnings:
         warn(warning)
     with owned(args.out, INTERPOLATE, setting="--out"):
         RunDir(args.out).metrics.unlink(
             missing_ok=True
         )  # an earlier interpolation's (--force): until this one ends
-        run = Interpolation(start, finetuned, data, device, args.bn_recompute, args.corruptions)
         results = run.sweep(args.alphas)
         chosen = run.chosen
         print(

@@ -462,7 +462,7 @@ def test_tiny_fewshot_fraction_warns_that_it_keeps_one_image(caplog):
 def test_frozen_random_backbone_is_allowed_with_a_warning(extra, warns, files, caplog, tmp_path):
     from conftest import compose_config
 
-    from transferlab.methods.modes import check_mode
+    from transferlab.methods.mode_facts import check_mode
 
     cfg = compose_config(
         ["backbone=cnn_small", *[a.format(ckpt=files["cnn_small_ckpt"]) for a in extra]], tmp_path

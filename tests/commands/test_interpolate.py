@@ -279,3 +279,40 @@ def test_a_copied_run_whose_best_checkpoint_is_gone_never_reads_the_originals(ru
     result = _interpolate([runs["probe"], copy, "--out", out], tmp_path, torch_home)
     _one_line_refusal(result, "is missing from", "last.ckpt")
     assert not out.exists() and (runs["finetune"] / best).is_file()
+
+
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
+def test_data_that_cannot_be_read_is_refused_with_the_fix_this_command_takes(
+    runs, tmp_path, torch_home, cifar10_root
+):
+    empty, unrelated = tmp_path / "empty", tmp_path / "unrelated"
+    empty.mkdir()
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("not a dataset")
+    args = [runs["probe"], runs["finetune"], "--alphas", "0,1", "--no-corruptions"]
+    for root in (empty, unrelated):
+        out = tmp_path / f"wise_{root.name}"
+        result = _interpolate([*args, "--out", out, "--data-root", root], tmp_path, torch_home)
+        _one_line_refusal(result, "--data-root", str(root))
+        assert "data.download" not in result.stderr and not out.exists()
+    # the fix the line names, applied
+    result = _interpolate(
+        [*args, "--out", tmp_path / "wise", "--data-root", cifar10_root], tmp_path, torch_home
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow  # the module's trained runs (about two minutes, shared by these tests)
+def test_checkpoints_copied_into_a_plain_folder_are_read_and_only_that_folder_is_refused(
+    runs, tmp_path, torch_home, cifar10_root
+):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for name in ("probe", "finetune"):
+        shutil.copy(runs[name] / _metrics(runs[name])["best_checkpoint"], loose / f"{name}.ckpt")
+    args = ["probe.ckpt", "finetune.ckpt", "--alphas", "0,1", "--no-corruptions", "--data-root", cifar10_root]
+    _one_line_refusal(_interpolate([*args, "--out", "."], loose, torch_home), "holds START's checkpoint")
+    result = _interpolate([*args, "--out", "wise"], loose, torch_home)  # a new folder beside them
+    assert result.returncode == 0, result.stderr
+    assert (loose / "wise" / "metrics.json").is_file()
+    assert sorted(p.name for p in loose.iterdir()) == ["finetune.ckpt", "probe.ckpt", "wise"]

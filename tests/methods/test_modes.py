@@ -339,7 +339,7 @@ FACT_REFUSALS = [
 
 @pytest.mark.parametrize("overrides, message", FACT_REFUSALS)
 def test_a_mode_whose_facts_contradict_each_other_is_refused_in_one_line(overrides, message, tmp_path):
-    from transferlab.methods.modes import mode_facts
+    from transferlab.methods.mode_facts import mode_facts
 
     with pytest.raises(UserError, match=re.escape(message)):
         mode_facts(compose_config(overrides, tmp_path).mode)
@@ -358,7 +358,7 @@ def test_a_mode_whose_facts_contradict_each_other_is_refused_in_one_line(overrid
     ],
 )
 def test_each_modes_yaml_states_the_facts_its_name_meant(mode, fixed, solve, tmp_path):
-    from transferlab.methods.modes import facts_before_they_were_stated, mode_facts
+    from transferlab.methods.mode_facts import facts_before_they_were_stated, mode_facts
 
     facts = mode_facts(compose_config([f"mode={mode}"], tmp_path).mode)
     assert (facts.backbone_fixed, facts.head_solve, facts.pretrained) == (fixed, solve, mode != "scratch")

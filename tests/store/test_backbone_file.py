@@ -288,3 +288,5 @@ def test_a_test_only_resume_of_a_killed_fit_leaves_standalone_checkpoints(cifar1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/acc"] == finished["test/acc"]
     assert metrics["params_trainable"] == finished["params_trainable"] < metrics["params_total"]
+    # what the deleted metrics.json held and no checkpoint keeps is said to be missing, never made up
+    assert "metrics.json is missing" in resumed.stdout + resumed.stderr and "train/loss" not in metrics

@@ -310,6 +310,20 @@ def stretch_cosine(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, t_max:
             group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * factor
 
 
+class ProbeRecord(Callback):
+    """A probe stage's record (methods.probe: the linear probe's, or LP-FT's LP stage), kept in every
+    checkpoint: a resumed LP-FT run still reports its probe."""
+
+    def __init__(self, record: dict | None = None):
+        self.record = dict(record or {})
+
+    def state_dict(self) -> dict:
+        return dict(self.record)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.record = dict(state_dict)
+
+
 class TrainingClock(Callback):
     """The training time of the whole run, across resumes, and the time its cached features took.
 

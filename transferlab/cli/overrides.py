@@ -10,6 +10,7 @@ traceback. Checks of the composed config belong to the components (`transferlab.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -144,10 +145,24 @@ def check_overrides_compose(argv: Sequence[str]) -> None:
     check_required(cfg)  # before the interpolations: `${source}` of an unset source says "set source"
     _check_interpolations(cfg, args.overrides)
     if (args.config_name or "train") == "train":
-        # The checks that read the composed config alone, here too: answered before torch and
-        # Lightning are imported (the job repeats them, build.check_config, with the rest).
+        # The checks that read the composed config alone, here too, answered before Lightning is
+        # imported (the job repeats them, build.check_config, with the rest): the cheapest first,
+        # before torch is imported, then the whole list (run.checks: torch at most).
         check_config_itself(cfg)
         check_training_budget(cfg.trainer, test=bool(cfg.get("test", True)))
+        from transferlab.run.checks import check_settings  # torch: a second or two
+
+        with _logging_off():  # its warnings (random weights, ...) are the job's to log, once, in train.log
+            check_settings(cfg)
+
+
+@contextmanager
+def _logging_off() -> Iterator[None]:
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def command_line_overrides(argv: Sequence[str]) -> dict[str, str | None]:

@@ -4,14 +4,21 @@ and the cached features of a fixed backbone (`data.features`).
 Imported by `models` (normalization), `methods`, `build` and the commands; named by conf/data.
 """
 
-from transferlab.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
-from transferlab.data.datamodule import TensorImageDataModule
-from transferlab.data.imagefolder import ImageFolderDataModule
+import importlib
 
-__all__ = [
-    "CIFAR10DataModule",
-    "CIFAR100DataModule",
-    "CIFARDataModule",
-    "ImageFolderDataModule",
-    "TensorImageDataModule",
-]
+#: each public name and the module that defines it, imported on first use (see transferlab.models)
+_HOMES = {
+    "CIFAR10DataModule": "transferlab.data.cifar",
+    "CIFAR100DataModule": "transferlab.data.cifar",
+    "CIFARDataModule": "transferlab.data.cifar",
+    "ImageFolderDataModule": "transferlab.data.imagefolder",
+    "TensorImageDataModule": "transferlab.data.datamodule",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'transferlab.data' has no attribute {name!r}")

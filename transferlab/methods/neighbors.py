@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from transferlab.methods.modes import freeze
 from transferlab.models.heads import KnnHead, NcmHead, votes_as_logits
 from transferlab.utils.errors import UserError
 
@@ -82,8 +81,9 @@ def solve_neighbors_instead_of_fit(
     trainer, model, datamodule, classifier: NeighborClassifier, checkpoint: Path, test: bool
 ) -> dict:
     """Store, choose k (kNN), validate, checkpoint, test; returns the metrics (written like any run's)."""
+    from transferlab.callbacks.guards import ProbeRecord  # heavy: Lightning (the checks import this module)
+    from transferlab.methods.modes import freeze
     from transferlab.methods.probe import (
-        ProbeRecord,
         validate_save_and_test,
     )  # probe checks this mode's settings through here
 

@@ -35,13 +35,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from omegaconf import ListConfig
 from torch import nn
 
-from transferlab.callbacks.guards import TrainingClock, rank_checkpoint
-from transferlab.data.features import feature_splits
-from transferlab.methods.modes import Mode, freeze
+from transferlab.methods.mode_facts import Mode
 from transferlab.store.rundir import resumes
 from transferlab.utils.errors import UserError
 from transferlab.utils.numbers import as_number
@@ -258,6 +255,11 @@ def solve_instead_of_fit(
     trainer, model, datamodule, probe: LinearProbe, device: str, checkpoint: Path, test: bool
 ) -> dict:
     """Solve, validate, checkpoint, test; returns the metrics (written like any run's)."""
+    from transferlab.callbacks.guards import (
+        ProbeRecord,
+    )  # heavy: Lightning (this module stays light for the checks)
+    from transferlab.methods.modes import freeze
+
     freeze([model.backbone])  # the backbone never trains here; params_trainable counts the head
     result = solve_for_head(probe, datamodule.train, datamodule.val, datamodule.num_classes, device)
     set_linear_head(model.head, result.weight, result.bias)
@@ -302,19 +304,6 @@ def _loss_and_accuracy(head: nn.Module, split) -> tuple[float, float]:
 
 
 # ---- mode=lp_ft ---------------------------------------------------------------------------------
-class ProbeRecord(Callback):
-    """The LP stage's record, kept in every checkpoint: a resumed LP-FT run still reports its probe."""
-
-    def __init__(self, record: dict | None = None):
-        self.record = dict(record or {})
-
-    def state_dict(self) -> dict:
-        return dict(self.record)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.record = dict(state_dict)
-
-
 def probe_head_before_fit(
     trainer, model, datamodule, probe: LinearProbe, device: str, use_disk: bool, resuming: bool
 ) -> float:
@@ -326,6 +315,9 @@ def probe_head_before_fit(
     linear_probe runs of the same data); their time counts in features_time_s, the solve in
     train_time_s (added to the training clock, which checkpoints carry across resumes).
     """
+    from transferlab.callbacks.guards import ProbeRecord, TrainingClock  # heavy: Lightning
+    from transferlab.data.features import feature_splits
+
     callback = ProbeRecord()
     trainer.callbacks.append(callback)
     if resuming:
@@ -354,6 +346,8 @@ def validate_probe_state(trainer, model, datamodule, checkpoint: Path) -> dict[s
     epoch (val/acc, val/loss, and val/acc_best counts it), entered as a candidate for the best
     checkpoint and saved as `checkpoint`, a standalone checkpoint of 0 epochs (a run stopped before
     its first epoch's save resumes from it). Returns the validation metrics."""
+    from transferlab.callbacks.guards import rank_checkpoint  # heavy: Lightning
+
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {k: as_number(v) for k, v in (validated[0] if validated else {}).items()}
     ranked = rank_checkpoint(trainer, checkpoint, metrics)  # before the save: the file records itself as best
@@ -372,5 +366,7 @@ def validate_probe_state(trainer, model, datamodule, checkpoint: Path) -> dict[s
 
 def probe_record(trainer) -> dict | None:
     """What the probe stage chose (the linear probe's, or LP-FT's, restored from its checkpoint on a resume)."""
+    from transferlab.callbacks.guards import ProbeRecord  # heavy: Lightning
+
     callback = next((c for c in (trainer.callbacks if trainer else []) if isinstance(c, ProbeRecord)), None)
     return callback.record if callback and callback.record else None

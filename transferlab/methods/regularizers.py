@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from transferlab.methods.modes import Mode
+from transferlab.methods.mode_facts import Mode
 from transferlab.models.weights import wants_weights
 from transferlab.utils.errors import UserError
 

@@ -1,33 +1,34 @@
 """Models: backbones cut at their features (and the weights they start from), heads, the
 LightningModule around them, the architecture record a checkpoint keeps, and a trained model
 loaded back (`models.trained.load_trained`).
-
 Imported by `methods`, `run`, `build` and the commands, and named by conf/backbone, conf/head and
 conf/model (`transferlab.models.<builder>`): the names below are the public face.
 """
 
-from transferlab.models.backbones import (
-    Backbone,
-    cnn_small,
-    torchvision_backbone,
-    truncated_resnet,
-    vgg_blocks,
-)
-from transferlab.models.heads import knn_head, linear_head, mlp_head, ncm_head
-from transferlab.models.module import TransferModule
-from transferlab.models.timm_backbones import efficientnet_lite, timm_backbone
+import importlib
 
-__all__ = [
-    "Backbone",
-    "TransferModule",
-    "cnn_small",
-    "efficientnet_lite",
-    "knn_head",
-    "linear_head",
-    "mlp_head",
-    "ncm_head",
-    "timm_backbone",
-    "torchvision_backbone",
-    "truncated_resnet",
-    "vgg_blocks",
-]
+#: each public name and the module that defines it, imported on first use: the light parts of this
+#: package (models.weights, models.architecture) and the checks before a run (transferlab.cli) must
+#: not pay for Lightning, which models.module imports
+_HOMES = {
+    "Backbone": "transferlab.models.backbones",
+    "cnn_small": "transferlab.models.backbones",
+    "torchvision_backbone": "transferlab.models.backbones",
+    "truncated_resnet": "transferlab.models.backbones",
+    "vgg_blocks": "transferlab.models.backbones",
+    "knn_head": "transferlab.models.heads",
+    "linear_head": "transferlab.models.heads",
+    "mlp_head": "transferlab.models.heads",
+    "ncm_head": "transferlab.models.heads",
+    "TransferModule": "transferlab.models.module",
+    "efficientnet_lite": "transferlab.models.timm_backbones",
+    "timm_backbone": "transferlab.models.timm_backbones",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'transferlab.models' has no attribute {name!r}")

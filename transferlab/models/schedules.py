@@ -28,7 +28,7 @@ class WarmupCosine(LRScheduler):
         start_factor: float = 0.1,
         last_epoch: int = -1,
     ):
-        # ValueError: the config check reports it in one line, "scheduler: ..." (models.module.check_components)
+        # ValueError: the config check reports it in one line, "scheduler: ..." (models.checks.check_components)
         if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max < 1:
             raise ValueError(f"T_max={T_max!r} must be a whole number of epochs >= 1 (trainer.max_epochs)")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:

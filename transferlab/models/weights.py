@@ -22,7 +22,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision.models as tvm
 from torch import nn
 
 from transferlab.data.normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -54,6 +53,8 @@ def wants_weights(spec: Any) -> bool:
 
 def torchvision_weights_enum(model_name: str, spec: str):
     """`imagenet`/`DEFAULT` -> the model's default enum member; an explicit member name -> it."""
+    import torchvision.models as tvm  # heavy (about a second): only where torchvision weights are named
+
     try:
         enum = tvm.get_model_weights(model_name)
     except (ValueError, KeyError):
@@ -197,6 +198,8 @@ _PUBLISHED: dict[str, dict[str, Any]] | None = None
 
 
 def _torchvision_files() -> dict[str, dict[str, Any]]:
+    import torchvision.models as tvm  # heavy: see torchvision_weights_enum
+
     files = {}
     for model_name in tvm.list_models():
         try:

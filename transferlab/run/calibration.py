@@ -25,13 +25,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from transferlab.models.calibration import (
-    ECE_BINS,
-    calibration_measures,
-    fit_temperature,
-    reliability_bins,
-)
-from transferlab.run.confusion import log_figure
 from transferlab.store.rundir import RunDir, add_to_record
 from transferlab.utils.errors import UserError
 
@@ -106,6 +99,10 @@ def calibrate_after_test(
     outputs = getattr(model, "test_logits", None)
     if outputs is None:
         return Calibration()
+    from transferlab.models.calibration import (
+        calibration_measures,
+    )  # heavy: torchmetrics (the setting's checks above stay light: transferlab.cli runs them)
+
     logits, labels = outputs
     result = Calibration()
     temperature = None
@@ -125,6 +122,8 @@ def calibrate_after_test(
 
 
 def _fit_on_validation(trainer, model, datamodule) -> tuple[float, dict[str, Any]]:
+    from transferlab.models.calibration import calibration_measures, fit_temperature  # heavy: torchmetrics
+
     val_logits, val_labels = split_logits(trainer, model, datamodule, datamodule.val)
     temperature = fit_temperature(val_logits, val_labels)
     before = calibration_measures(val_logits, val_labels)
@@ -205,6 +204,8 @@ def _log_scalars(trainer, metrics: dict[str, float]) -> None:
 # ---- the reliability diagram ------------------------------------------------------------------
 def draw_reliability(model, logits, labels, temperature: float | None, trainer, path: Path) -> None:
     """reliability.png and the TensorBoard picture: before and (with a temperature) after."""
+    from transferlab.run.confusion import log_figure  # heavy: Lightning
+
     panels = [("before calibration", logits, 1.0)]
     if temperature is not None:
         panels.append((f"after temperature scaling (T = {temperature:.3g})", logits, temperature))
@@ -226,6 +227,8 @@ def draw(panels: list[tuple[str, torch.Tensor, torch.Tensor]], title: str = ""):
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+
+    from transferlab.models.calibration import ECE_BINS, calibration_measures, reliability_bins
 
     figure, axes = plt.subplots(
         1, len(panels), figsize=(5.0 * len(panels), 5.8), squeeze=False, layout="constrained"
@@ -269,6 +272,8 @@ def draw(panels: list[tuple[str, torch.Tensor, torch.Tensor]], title: str = ""):
 
 def _title(model, images: int) -> str:
     """`Reliability: cifar10, cnn_small (100 test images, 15 bins)` from what the model recorded."""
+    from transferlab.models.calibration import ECE_BINS
+
     dataset = (getattr(model, "data_info", None) or {}).get("dataset")
     backbone = getattr(model.backbone, "name", None) or type(model.backbone).__name__
     parts = ", ".join(str(part) for part in (dataset, backbone) if part)

@@ -1,6 +1,6 @@
 """Fit, solve, or solve then fit: what a run does between building and writing its results.
 
-The mode's facts decide (`methods.modes.Mode.head_solve`): a linear probe solves for its head
+The mode's facts decide (`methods.mode_facts.Mode.head_solve`): a linear probe solves for its head
 instead of a fit, LP-FT solves for it before an ordinary fit (its probe state validated, saved and
 ranked with the epochs' checkpoints), every other mode fits. A finished run resumed with no epoch
 left to train is only tested. metrics.json's `best_checkpoint` names the checkpoint tested.

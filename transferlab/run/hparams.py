@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab.methods.modes import mode_facts
+from transferlab.methods.mode_facts import mode_facts
 
 
 def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig) -> None:

@@ -7,22 +7,25 @@ finished run's best checkpoint, and the training time its checkpoints recorded.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 from omegaconf import DictConfig
 
-from transferlab.callbacks.guards import TrainingClock
-from transferlab.models import TransferModule
-from transferlab.models import module as model_module
 from transferlab.run.provenance import run_info
 from transferlab.run.resume import ResumePlan
 from transferlab.store.rundir import RunDir, read_checkpoint, recorded_best
 from transferlab.utils.errors import UserError
 from transferlab.utils.numbers import as_number
+
+if TYPE_CHECKING:  # heavy: Lightning; this module stays light for check_optimized_metric (transferlab.cli)
+    import lightning as L
+
+    from transferlab.models import TransferModule
 
 log = logging.getLogger("transferlab")
 
@@ -128,7 +131,14 @@ def run_record(
 
 def test_without_training(trainer: L.Trainer, model: TransferModule, datamodule, plan: ResumePlan) -> dict:
     """Test the best checkpoint of a run with no epoch left to train; its training metrics stay."""
-    metrics = {k: v for k, v in plan.previous_metrics().items() if not k.startswith("test/")}
+    previous = plan.previous_metrics()
+    if not previous and plan.epochs_done:  # killed after its last epoch, or metrics.json deleted
+        log.warning(
+            "%s is missing: the new one has this test, val/acc_best, epochs and train_time_s, not the last "
+            "epoch's train/* and val/* (checkpoints do not keep them; the run's TensorBoard curves do)",
+            RunDir(plan.run_dir).metrics,
+        )
+    metrics = {k: v for k, v in previous.items() if not k.startswith("test/")}
     best = recorded_best(plan.checkpoint) or plan.checkpoint
     metrics.update(best_checkpoint_entry(best, plan.run_dir))
     if plan.test:
@@ -151,6 +161,8 @@ def _checkpoint_train_time(path: Path) -> float:
 def whole_train_time(trainer: L.Trainer, plan: ResumePlan | None) -> float:
     """Training time of the whole run: a finished run resumed for a longer budget adds this part to
     its metrics.json time (its checkpoint's clock stopped at the last save, before the run ended)."""
+    from transferlab.callbacks.guards import TrainingClock  # heavy: Lightning
+
     clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
     previous = plan.previous_metrics().get("train_time_s") if plan is not None else None
     return clock.elapsed() + previous if previous is not None else clock.total()
@@ -161,6 +173,8 @@ def whole_features_time(trainer: L.Trainer, plan: ResumePlan | None, this_proces
     run's metrics.json, else the checkpoint's clock), as train_time_s counts training."""
     previous = plan.previous_metrics().get("features_time_s") if plan is not None else None
     if previous is None:
+        from transferlab.callbacks.guards import TrainingClock  # heavy: Lightning
+
         clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
         previous = clock.features_before if clock is not None else 0.0
     return float(previous) + this_process
@@ -189,5 +203,7 @@ def check_optimized_metric(metric: str | None, test: bool) -> None:
 def logged_metrics() -> list[str]:
     """The names TransferModule logs (its `self.log("...")` and `self._log_epoch_metric("...")` calls),
     read from its source so the list cannot drift from the model."""
-    source = Path(model_module.__file__).read_text()
+    source = Path(
+        importlib.util.find_spec("transferlab.models.module").origin
+    ).read_text()  # not imported: Lightning
     return sorted(set(re.findall(r"""self\.(?:log|_log_epoch_metric)\(\s*["']([^"']+)["']""", source)))
