@@ -4,7 +4,7 @@ and the cached features of a fixed backbone (`data.features`).
 Imported by `models` (normalization), `methods`, `build` and the commands; named by conf/data.
 """
 
-import importlib
+from transferlab.utils.lazy import lazy_names
 
 #: each public name and the module that defines it, imported on first use (see transferlab.models)
 _HOMES = {
@@ -17,8 +17,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'transferlab.data' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _HOMES)

@@ -5,7 +5,7 @@ Imported by `methods`, `run`, `build` and the commands, and named by conf/backbo
 conf/model (`transferlab.models.<builder>`): the names below are the public face.
 """
 
-import importlib
+from transferlab.utils.lazy import lazy_names
 
 #: each public name and the module that defines it, imported on first use: the light parts of this
 #: package (models.weights, models.architecture) and the checks before a run (transferlab.cli) must
@@ -27,8 +27,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'transferlab.models' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _HOMES)
